@@ -1,0 +1,1 @@
+"""Diffusion models from scratch on MNIST."""

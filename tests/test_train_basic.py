@@ -1,0 +1,74 @@
+"""train-basic on a few hundred real MNIST images for a few steps, logged into a real SQLite MLflow store."""
+
+import json
+import sys
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+from safetensors.torch import load_file
+
+from scratch_diffusion.models import BasicUNet
+from tests.conftest import REPO, run, write_params
+
+
+@pytest.fixture
+def trained(project, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    run([sys.executable, str(REPO / "stages/download.py")], cwd=project)
+    proc = run(
+        [sys.executable, str(REPO / "stages/train_basic.py")], cwd=project, env={"MLFLOW_TRACKING_URI": uri}
+    )
+    return project, uri, proc
+
+
+def test_outputs_and_metrics(trained):
+    project, _, proc = trained
+    metrics = json.loads((project / "metrics/train_basic.json").read_text())
+    assert metrics["steps"] == 6 and len(metrics["epoch_losses"]) == 1
+    assert 0 < metrics["final_loss"] < 0.5 and metrics["images_per_s"] > 0
+    rows = (project / "plots/train_basic/loss.tsv").read_text().splitlines()
+    assert rows[0] == "step\tloss" and [r.split("\t")[0] for r in rows[1:]] == ["2", "4", "6"]
+    assert (project / "plots/train_basic/samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    state = load_file(project / "models/basic/model.safetensors")
+    net = BasicUNet()
+    net.load_state_dict(state)  # strict: every key and shape matches
+    assert "step 6/6" in proc.stdout  # plain progress lines off a terminal
+
+
+def test_mlflow_run_is_complete(trained):
+    project, uri, _ = trained
+    info = json.loads((project / "models/basic/run.json").read_text())
+    client = MlflowClient(tracking_uri=uri)
+    r = client.get_run(info["run_id"])
+    assert r.info.status == "FINISHED" and r.info.run_name == "train-basic"
+    assert r.data.params["basic.batch_size"] == "32" and r.data.params["data.n_train"] == "256"
+    assert r.data.params["seed"] == "42"
+    assert len(r.data.tags["params_hash"]) == 12 and r.data.tags["dvc_stage"] == "train-basic"
+    assert [m.step for m in client.get_metric_history(r.info.run_id, "loss")] == [2, 4, 6]
+    assert len(client.get_metric_history(r.info.run_id, "epoch_loss")) == 1
+    images = [f.path for f in client.list_artifacts(r.info.run_id, "images")]
+    assert any("samples+step+3+" in p for p in images) and any("samples+step+6+" in p for p in images)
+
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pytorch.load_model(info["model_uri"])
+    x = torch.rand(2, 1, 28, 28)
+    reference = BasicUNet()
+    reference.load_state_dict(load_file(project / "models/basic/model.safetensors"))
+    with torch.no_grad():
+        np.testing.assert_allclose(model(x).numpy(), reference(x).numpy(), atol=1e-6)
+
+
+def test_bad_param_is_one_line_and_writes_nothing(project):
+    write_params(project, {"basic": {"mixed_precision": "fp8"}})
+    proc = run([sys.executable, str(REPO / "stages/train_basic.py")], cwd=project, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("error: basic.mixed_precision: got 'fp8', allowed: 'no', 'bf16', 'fp16'")
+    assert not (project / "models").exists() and not (project / "mlflow.db").exists()
+
+
+def test_missing_dataset_names_the_stage(project):
+    proc = run([sys.executable, str(REPO / "stages/train_basic.py")], cwd=project, check=False)
+    assert proc.returncode == 2 and "dvc repro download" in proc.stderr
