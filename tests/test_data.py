@@ -44,9 +44,7 @@ def test_pickle_conversion_on_synthetic_fixture():
     rng = np.random.default_rng(0)
     pixels = [rng.integers(0, 256, size=(n, 784)) for n in (5, 3, 4)]
     labels = [rng.integers(0, 10, size=n) for n in (5, 3, 4)]
-    splits = tuple(
-        (p.astype(np.float32) / 256, lab.astype(np.int64)) for p, lab in zip(pixels, labels, strict=True)
-    )
+    splits = tuple((p.astype(np.float32) / 256, lab.astype(np.int64)) for p, lab in zip(pixels, labels, strict=True))
     out = data.convert_mnist_pickle(pickle.dumps(splits, protocol=4))
     np.testing.assert_array_equal(out["train_images"].reshape(8, 784), np.concatenate(pixels[:2]))
     np.testing.assert_array_equal(out["train_labels"], np.concatenate(labels[:2]))

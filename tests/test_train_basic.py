@@ -18,9 +18,7 @@ from tests.conftest import REPO, run, write_params
 def trained(project, tmp_path):
     uri = f"sqlite:///{tmp_path / 'store.db'}"
     run([sys.executable, str(REPO / "stages/download.py")], cwd=project)
-    proc = run(
-        [sys.executable, str(REPO / "stages/train_basic.py")], cwd=project, env={"MLFLOW_TRACKING_URI": uri}
-    )
+    proc = run([sys.executable, str(REPO / "stages/train_basic.py")], cwd=project, env={"MLFLOW_TRACKING_URI": uri})
     return project, uri, proc
 
 
@@ -65,7 +63,7 @@ def test_bad_param_is_one_line_and_writes_nothing(project):
     write_params(project, {"basic": {"mixed_precision": "fp8"}})
     proc = run([sys.executable, str(REPO / "stages/train_basic.py")], cwd=project, check=False)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == ("error: basic.mixed_precision: got 'fp8', allowed: 'no', 'bf16', 'fp16'")
+    assert proc.stderr.strip() == ("error: basic.mixed_precision: got 'fp8', allowed: 'fp32', 'bf16', 'fp16'")
     assert not (project / "models").exists() and not (project / "mlflow.db").exists()
 
 

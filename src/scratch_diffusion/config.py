@@ -66,7 +66,7 @@ class BasicParams:
     epochs: int = field(default=3, metadata=_range(1))
     # Stop after this many optimizer steps (0 = run all epochs). For tests and smoke runs.
     max_steps: int = field(default=0, metadata=_range(0))
-    mixed_precision: str = field(default="no", metadata=_choice("no", "bf16", "fp16"))
+    mixed_precision: str = field(default="fp32", metadata=_choice("fp32", "bf16", "fp16"))
     # Average the loss on the host every k steps: every `.item()` is a device sync point.
     log_every: int = field(default=10, metadata=_range(1))
     # A sample grid is logged to MLflow every this many steps (0 = only at the end).
@@ -74,6 +74,75 @@ class BasicParams:
     # The notebook's sampler: number of steps and images in the grid.
     sample_steps: int = field(default=40, metadata=_range(1, 1000))
     sample_n: int = field(default=64, metadata=_range(1, 1024))
+
+
+# The three objectives and the name diffusers' schedulers give each (`prediction_type`).
+PREDICTION_TYPES = {"x0": "sample", "eps": "epsilon", "v": "v_prediction"}
+UNET_BLOCKS = ("DownBlock2D", "AttnDownBlock2D", "UpBlock2D", "AttnUpBlock2D")
+
+
+@dataclass(frozen=True)
+class Unet2dParams:
+    # The lesson's UNet2DModel: 1,707,009 parameters with these defaults.
+    block_out_channels: tuple[int, ...] = field(default=(32, 64, 64), metadata=_range(1))
+    layers_per_block: int = field(default=2, metadata=_range(1, 8))
+    down_block_types: tuple[str, ...] = field(
+        default=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"), metadata=_choice(*UNET_BLOCKS)
+    )
+    up_block_types: tuple[str, ...] = field(
+        default=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"), metadata=_choice(*UNET_BLOCKS)
+    )
+    # ddpm: Gaussian noise through DDPMScheduler.add_noise, data in [-1, 1];
+    # toy: the lesson's uniform-noise mix in [0, 1] (objective x0 only).
+    corruption: str = field(default="ddpm", metadata=_choice("ddpm", "toy"))
+    # What the time embedding sees: timestep (the real t), none (always 0), amount (toy: t = amount * 1000).
+    conditioning: str = field(default="timestep", metadata=_choice("timestep", "none", "amount"))
+    num_train_timesteps: int = field(default=1000, metadata=_range(2, 10000))
+    beta_schedule: str = field(default="linear", metadata=_choice("linear", "scaled_linear", "squaredcos_cap_v2"))
+    beta_start: float = field(default=1e-4, metadata=_range(0.0, 1.0, lo_open=True))
+    beta_end: float = field(default=0.02, metadata=_range(0.0, 1.0, lo_open=True))
+    # none: plain MSE on the target; min_snr: Min-SNR-gamma weighting (Hang et al. 2023).
+    loss_weighting: str = field(default="none", metadata=_choice("none", "min_snr"))
+    min_snr_gamma: float = field(default=5.0, metadata=_range(0.0, None, lo_open=True))
+    # EMA of the weights; samples and the saved model use it. 0 = off. The decay warms up as
+    # min(decay, (1 + step) / (10 + step)), so a 1.4k-step run averages over its last few hundred steps.
+    ema_decay: float = field(default=0.995, metadata=_range(0.0, 0.99999))
+    batch_size: int = field(default=128, metadata=_range(1))
+    lr: float = field(default=1e-3, metadata=_range(0.0, 1.0, lo_open=True))
+    lr_schedule: str = field(default="constant", metadata=_choice("constant", "cosine"))
+    lr_warmup_steps: int = field(default=0, metadata=_range(0))
+    epochs: int = field(default=3, metadata=_range(1))
+    max_steps: int = field(default=0, metadata=_range(0))
+    grad_clip: float = field(default=1.0, metadata=_range(0.0))  # max grad norm; 0 = off
+    mixed_precision: str = field(default="fp32", metadata=_choice("fp32", "bf16", "fp16"))
+    log_every: int = field(default=10, metadata=_range(1))
+    sample_every: int = field(default=200, metadata=_range(0))
+    # Grids during training: DDIM with this many steps (toy corruption: the lesson's sampler).
+    sample_steps: int = field(default=25, metadata=_range(1, 1000))
+    sample_n: int = field(default=64, metadata=_range(1, 1024))
+    registered_model: str = "scratch-diffusion-unet2d"  # MLflow model registry name
+
+    def validate(self) -> None:
+        n = len(self.block_out_channels)
+        for key in ("down_block_types", "up_block_types"):
+            if len(getattr(self, key)) != n:
+                raise ParamsError(
+                    f"unet2d.{key}: got {len(getattr(self, key))} blocks, but block_out_channels has {n}; "
+                    "allowed: one block type per entry of block_out_channels"
+                )
+        if self.corruption == "toy" and self.conditioning == "timestep":
+            raise ParamsError(
+                "unet2d.conditioning: got 'timestep' with unet2d.corruption=toy, which has no timesteps; "
+                "allowed with toy: 'amount' or 'none'"
+            )
+        if self.corruption == "ddpm" and self.conditioning == "amount":
+            raise ParamsError(
+                "unet2d.conditioning: got 'amount' with unet2d.corruption=ddpm; allowed with ddpm: 'timestep' or 'none'"
+            )
+        if self.beta_end <= self.beta_start:
+            raise ParamsError(
+                f"unet2d.beta_end: got {self.beta_end!r}, allowed: greater than beta_start ({self.beta_start!r})"
+            )
 
 
 @dataclass(frozen=True)
@@ -89,16 +158,23 @@ class Params:
     seed: int = field(default=42, metadata=_range(0, 2**32 - 1))
     data: DataParams = field(default_factory=DataParams)
     basic: BasicParams = field(default_factory=BasicParams)
+    # What train-unet2d predicts: x0 (the clean image; the toy model's target), eps (the noise, DDPM),
+    # v (velocity, Salimans & Ho 2022). Top level so `dvc exp run -S objective=eps` works as written.
+    objective: str = field(default="x0", metadata=_choice(*PREDICTION_TYPES))
+    unet2d: Unet2dParams = field(default_factory=Unet2dParams)
     mlflow: MlflowParams = field(default_factory=MlflowParams)
+
+    def validate(self) -> None:
+        if self.unet2d.corruption == "toy" and self.objective != "x0":
+            raise ParamsError(
+                f"objective: got {self.objective!r} with unet2d.corruption=toy; the toy corruption has no noise "
+                "schedule, so only 'x0' is meaningful there (allowed: 'x0', or set unet2d.corruption=ddpm)"
+            )
 
     def section(self, name: str) -> dict[str, Any]:
         """One group as a plain dict (or the top-level value wrapped as {name: value})."""
         value = getattr(self, name)
         return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else {name: value}
-
-
-def _describe_type(tp: Any) -> str:
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
 
 def _check_value(key: str, value: Any, tp: Any, meta: typing.Mapping) -> Any:
@@ -151,6 +227,14 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, raw[name], f"{prefix}{name}.")
+        elif typing.get_origin(tp) is tuple:
+            item_tp = typing.get_args(tp)[0]
+            value = raw[name]
+            if not isinstance(value, list | tuple) or not value:
+                raise ParamsError(f"{prefix}{name}: got {value!r}, expected a non-empty list")
+            kwargs[name] = tuple(
+                _check_value(f"{prefix}{name}[{i}]", v, item_tp, f.metadata) for i, v in enumerate(value)
+            )
         else:
             if isinstance(tp, types.UnionType):
                 raise TypeError(f"{prefix}{name}: union types are not supported in params")

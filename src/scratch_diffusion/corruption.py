@@ -1,8 +1,9 @@
-"""Forward (corruption) processes. Data ranges differ: the toy process lives in [0, 1]."""
+"""Forward (corruption) processes. Data ranges differ: the toy process lives in [0, 1], DDPM in [-1, 1]."""
 
 from __future__ import annotations
 
 import torch
+from diffusers import DDPMScheduler
 
 
 def corrupt(x: torch.Tensor, amount: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -15,3 +16,33 @@ def corrupt(x: torch.Tensor, amount: torch.Tensor, noise: torch.Tensor | None = 
         noise = torch.rand_like(x)
     amount = amount.view(-1, *([1] * (x.ndim - 1)))  # (B,) -> (B, 1, 1, 1) to broadcast per image
     return x * (1 - amount) + noise * amount
+
+
+def ddpm_scheduler(
+    num_train_timesteps: int = 1000,
+    beta_schedule: str = "linear",
+    beta_start: float = 1e-4,
+    beta_end: float = 0.02,
+    prediction_type: str = "epsilon",
+) -> DDPMScheduler:
+    """The DDPM forward process (Ho et al. 2020): x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps.
+
+    Saved with the model so that samplers are built `from_config` of exactly what training used.
+    """
+    return DDPMScheduler(
+        num_train_timesteps=num_train_timesteps,
+        beta_schedule=beta_schedule,
+        beta_start=beta_start,
+        beta_end=beta_end,
+        prediction_type=prediction_type,
+    )
+
+
+def to_model_range(x01: torch.Tensor) -> torch.Tensor:
+    """Pixels in [0, 1] -> DDPM's data range [-1, 1]."""
+    return x01 * 2 - 1
+
+
+def to_pixel_range(x: torch.Tensor) -> torch.Tensor:
+    """DDPM's [-1, 1] -> pixels in [0, 1] (clipped)."""
+    return ((x + 1) / 2).clamp(0, 1)

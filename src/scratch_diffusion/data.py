@@ -229,9 +229,7 @@ def _check_files(dataset: str, raw_dir: Path) -> dict[str, str]:
         array = read_idx(path.read_bytes(), name)
         expected_ndim = 3 if key.endswith("images") else 1
         if array.ndim != expected_ndim or (expected_ndim == 3 and array.shape[1:] != (28, 28)):
-            raise DataError(
-                f"{name}: shape {array.shape}, expected {'(N, 28, 28)' if expected_ndim == 3 else '(N,)'}"
-            )
+            raise DataError(f"{name}: shape {array.shape}, expected {'(N, 28, 28)' if expected_ndim == 3 else '(N,)'}")
         md5s[name] = md5_file(path)
         if dataset == "mnist" and md5s[name] != MNIST_MD5[name]:
             raise DataError(f"{name}: md5 {md5s[name]}, expected the official {MNIST_MD5[name]}")

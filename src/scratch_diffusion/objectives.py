@@ -1,15 +1,104 @@
-"""Training objectives: what the network predicts and the loss on it."""
+"""Training objectives: what the network predicts, the loss on it, and how x0 is recovered from it.
+
+Notation (DDPM, Ho et al. 2020): x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps, data in [-1, 1].
+- x0:  predict the clean image (the toy model's target);                       diffusers: prediction_type "sample"
+- eps: predict the unit-variance noise (DDPM);                                 diffusers: "epsilon"
+- v:   predict v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0
+       (Salimans & Ho 2022, "Progressive Distillation for Fast Sampling");   diffusers: "v_prediction"
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from scratch_diffusion.corruption import corrupt
+from scratch_diffusion.config import PREDICTION_TYPES
+from scratch_diffusion.corruption import corrupt, to_model_range
+
+OBJECTIVES = tuple(PREDICTION_TYPES)
+WEIGHTINGS = ("none", "min_snr")
+
+
+def _check(objective: str) -> None:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; allowed: {', '.join(OBJECTIVES)}")
+
+
+def per_image(a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, 1, 1, 1): one value per image, broadcast over pixels."""
+    return a.view(-1, *([1] * (like.ndim - 1)))
+
+
+def target(objective: str, x0: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """The regression target for `objective`; alpha_bar broadcasts against x0."""
+    _check(objective)
+    if objective == "x0":
+        return x0
+    if objective == "eps":
+        return eps
+    return alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * x0
+
+
+def x0_from_prediction(objective: str, pred: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor):
+    """The model's estimate of x0, whatever it predicts (exact when the prediction is)."""
+    _check(objective)
+    if objective == "x0":
+        return pred
+    if objective == "eps":
+        return (x_t - (1 - alpha_bar).sqrt() * pred) / alpha_bar.sqrt()
+    return alpha_bar.sqrt() * x_t - (1 - alpha_bar).sqrt() * pred
+
+
+def snr(alpha_bar: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar)."""
+    return alpha_bar / (1 - alpha_bar)
+
+
+def min_snr_weight(objective: str, snr_t: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
+    """Min-SNR-gamma loss weight (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting").
+
+    The paper's weight on the x0-space error is min(SNR, gamma). An eps-space MSE equals the x0-space MSE divided
+    by SNR, and a v-space MSE the x0-space MSE divided by (SNR + 1) (times constants), so the same weighting
+    becomes min(SNR, gamma) / SNR for eps and min(SNR, gamma) / (SNR + 1) for v.
+    """
+    _check(objective)
+    clipped = snr_t.clamp(max=gamma)
+    if objective == "x0":
+        return clipped
+    if objective == "eps":
+        return clipped / snr_t
+    return clipped / (snr_t + 1)
+
+
+def ddpm_loss(scheduler, objective: str, weighting: str = "none", gamma: float = 5.0) -> Callable:
+    """`loss_fn(model, x0_pixels)` for DDPM training: t ~ U{0..T-1}, Gaussian noise, MSE on the objective's target."""
+    _check(objective)
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown loss weighting {weighting!r}; allowed: {', '.join(WEIGHTINGS)}")
+    num_t = scheduler.config.num_train_timesteps
+
+    def loss_fn(model, x01: torch.Tensor) -> torch.Tensor:
+        x0 = to_model_range(x01)  # (B, 1, 28, 28) in [-1, 1]
+        eps = torch.randn_like(x0)
+        t = torch.randint(0, num_t, (x0.shape[0],), device=x0.device)
+        alpha_bar = per_image(scheduler.alphas_cumprod.to(x0.device)[t].float(), x0)
+        x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps  # = scheduler.add_noise(x0, eps, t)
+        pred = model(x_t, t).float()
+        per_img = ((pred - target(objective, x0, eps, alpha_bar)) ** 2).mean(dim=(1, 2, 3))
+        if weighting == "min_snr":
+            per_img = per_img * min_snr_weight(objective, snr(alpha_bar.flatten()), gamma)
+        return per_img.mean()
+
+    return loss_fn
 
 
 def toy_loss(model, x0: torch.Tensor) -> torch.Tensor:
-    """The lesson's objective: corrupt x0 (in [0, 1]) by amount ~ U(0, 1) per image, predict x0, MSE."""
+    """The lesson's objective: corrupt x0 (in [0, 1]) by amount ~ U(0, 1) per image, predict x0, MSE.
+
+    The amount is passed as t; BasicUNet ignores it, a UNet2DDenoiser uses it per its conditioning.
+    """
     amount = torch.rand(x0.shape[0], device=x0.device)
     x_t = corrupt(x0, amount)
-    return F.mse_loss(model(x_t, amount), x0)
+    return F.mse_loss(model(x_t, amount).float(), x0)

@@ -1,8 +1,39 @@
-"""Samplers: from noise to images with a trained denoiser `model(x_t, t) -> prediction`."""
+"""Samplers: from noise to images with a trained denoiser `model(x_t, t) -> prediction`.
+
+Two families:
+- `toy_sample`: the lesson's step sampler for x0-predicting toy models, in [0, 1];
+- `diffusion_sample`: any diffusers scheduler (built `from_config` of the trained model's DDPM scheduler), in
+  [-1, 1], with `scale_model_input` and `init_noise_sigma` applied, as Euler/Heun need and DDPMPipeline forgets.
+"""
 
 from __future__ import annotations
 
+import inspect
+
 import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
+
+SCHEDULERS = {
+    "ddpm": DDPMScheduler,
+    "ddim": DDIMScheduler,
+    "dpmsolver++": DPMSolverMultistepScheduler,
+    "euler": EulerDiscreteScheduler,
+    "heun": HeunDiscreteScheduler,
+    "unipc": UniPCMultistepScheduler,
+}
+# Overrides on top of the trained config. DDIM with "linspace" spacing reads wrong alphas in current diffusers
+# releases; "trailing" ends exactly at t = T-1 (Lin et al. 2023, "Common Diffusion Noise Schedules ... are Flawed").
+_OVERRIDES = {
+    "ddim": {"timestep_spacing": "trailing"},
+    "dpmsolver++": {"algorithm_type": "dpmsolver++"},
+}
 
 
 @torch.inference_mode()
@@ -15,7 +46,7 @@ def toy_sample(model, x: torch.Tensor, steps: int, record: bool = False):
     """
     inputs, preds = [], []
     for i in range(steps):
-        # The toy models ignore t; pass the noise amount the sampler assumes so conditioned models could use it.
+        # The noise amount the sampler assumes, passed as t: BasicUNet ignores it, `amount`-conditioned nets use it.
         t = torch.full((x.shape[0],), 1 - i / steps, device=x.device)
         pred = model(x, t).float()
         if record:
@@ -24,3 +55,58 @@ def toy_sample(model, x: torch.Tensor, steps: int, record: bool = False):
         mix = 1 / (steps - i)
         x = x * (1 - mix) + pred * mix
     return (x, inputs, preds) if record else x
+
+
+def make_scheduler(name: str, trained_config, **options):
+    """A fresh scheduler of kind `name` built from the trained model's scheduler config (betas, prediction_type).
+
+    Fresh each call: multistep schedulers (DPM-Solver++, UniPC) keep state between `step` calls.
+    """
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown sampler {name!r}; allowed: {', '.join(SCHEDULERS)}, toy")
+    return SCHEDULERS[name].from_config(trained_config, **{**_OVERRIDES.get(name, {}), **options})
+
+
+@torch.inference_mode()
+def diffusion_sample(model, scheduler, steps: int, noise: torch.Tensor, generator=None, eta: float = 0.0):
+    """Run `scheduler` for `steps` from Gaussian `noise` (B, C, H, W); returns (x0 in [-1, 1], NFE).
+
+    NFE (model evaluations) is counted, not assumed: Heun evaluates about twice per step.
+    """
+    scheduler.set_timesteps(steps, device=noise.device)
+    step_params = inspect.signature(scheduler.step).parameters
+    step_kwargs = {}
+    if "generator" in step_params:
+        step_kwargs["generator"] = generator
+    if "eta" in step_params:
+        step_kwargs["eta"] = eta
+    x = noise * scheduler.init_noise_sigma
+    nfe = 0
+    for t in scheduler.timesteps:
+        x_in = scheduler.scale_model_input(x, t)
+        pred = model(x_in, t.expand(x.shape[0]).to(noise.device)).float()
+        nfe += 1
+        x = scheduler.step(pred, t, x, **step_kwargs).prev_sample
+    return x, nfe
+
+
+def fixed_noise(n: int, corruption: str, seed: int, shape: tuple[int, ...] = (1, 28, 28)) -> torch.Tensor:
+    """The start noise for a sample set: uniform in [0, 1] for toy models, standard normal for DDPM ones."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, *shape, generator=g) if corruption == "toy" else torch.randn(n, *shape, generator=g)
+
+
+def sample_images(model, sampler: str, steps: int, noise: torch.Tensor, trained_config=None, seed: int = 0,
+                  **options) -> tuple[torch.Tensor, int]:  # fmt: skip
+    """One entry point for every sampler: returns (images in [0, 1] (B, C, H, W), NFE).
+
+    `toy` is the lesson's sampler (noise in [0, 1]); any other name is a diffusers scheduler built from
+    `trained_config` (noise standard normal, model range [-1, 1], mapped back to pixels here).
+    """
+    if sampler == "toy":
+        return toy_sample(model, noise, steps).clamp(0, 1), steps
+    generator = torch.Generator(device=noise.device).manual_seed(seed)
+    eta = options.pop("eta", 0.0)
+    scheduler = make_scheduler(sampler, trained_config, **options)
+    x, nfe = diffusion_sample(model, scheduler, steps, noise, generator=generator, eta=eta)
+    return ((x + 1) / 2).clamp(0, 1), nfe

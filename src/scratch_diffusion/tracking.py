@@ -134,7 +134,7 @@ def log_torch_model(model, name: str = "model", registered_name: str | None = No
     import mlflow
 
     package_dir = Path(__file__).resolve().parent
-    return _with_retry(
+    info = _with_retry(
         mlflow.pytorch.log_model,
         pytorch_model=model,
         name=name,
@@ -146,3 +146,9 @@ def log_torch_model(model, name: str = "model", registered_name: str | None = No
         registered_model_name=registered_name,
         tags=_clean(tags or {}),
     )
+    if registered_name and tags:
+        # The registry shows version tags, not the logged model's: copy the params there too.
+        client = mlflow.MlflowClient()
+        for k, v in _clean(tags).items():
+            _with_retry(client.set_model_version_tag, registered_name, info.registered_model_version, k, v)
+    return info

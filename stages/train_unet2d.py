@@ -1,0 +1,97 @@
+"""train-unet2d: diffusers' UNet2DModel trained the DDPM way (or the toy way), objective and schedule as params.
+
+    dvc repro train-unet2d
+    dvc exp run -S objective=eps                      # or v; -S unet2d.corruption=toy; -S unet2d.conditioning=none
+    python stages/train_unet2d.py
+    accelerate launch stages/train_unet2d.py
+
+Reads params `seed`, `objective`, `data.n_train`, `unet2d.*`, `mlflow.*` and data/dataset. Writes models/unet2d/
+(a diffusers DDPMPipeline folder: unet + scheduler with the right prediction_type, plus scratch_diffusion.json and
+the MLflow run id), metrics/train_unet2d.json and plots/train_unet2d/. Logs one MLflow run named train-unet2d and
+registers the model under `unet2d.registered_model`.
+"""
+
+from contextlib import nullcontext
+
+import torch
+
+from scratch_diffusion import files, tracking
+from scratch_diffusion.cli import run_stage
+from scratch_diffusion.config import PREDICTION_TYPES, flatten, load_params, params_hash
+from scratch_diffusion.corruption import ddpm_scheduler
+from scratch_diffusion.data import load_split
+from scratch_diffusion.models import UNet2DDenoiser, build_unet
+from scratch_diffusion.objectives import ddpm_loss, toy_loss
+from scratch_diffusion.plots import grid, to_uint8
+from scratch_diffusion.pretrained import save_unet2d
+from scratch_diffusion.reporting import report_training
+from scratch_diffusion.samplers import fixed_noise, sample_images
+from scratch_diffusion.training import EMA, fit, make_accelerator
+
+DATA_ROOT = "data/dataset"
+OUT = "models/unet2d"
+
+
+def main() -> None:
+    params = load_params()
+    p = params.unet2d
+    used = {"seed": params.seed, "objective": params.objective, "data.n_train": params.data.n_train,
+            "unet2d": params.section("unet2d"), "mlflow": params.section("mlflow")}  # fmt: skip
+    images, _ = load_split(DATA_ROOT, train=True, n=params.data.n_train)
+
+    accelerator = make_accelerator(p.mixed_precision)
+    torch.manual_seed(params.seed)
+    unet = build_unet(p.block_out_channels, p.layers_per_block, p.down_block_types, p.up_block_types)
+    model = UNet2DDenoiser(unet, p.conditioning)
+    scheduler = ddpm_scheduler(p.num_train_timesteps, p.beta_schedule, p.beta_start, p.beta_end,
+                               PREDICTION_TYPES[params.objective])  # fmt: skip
+    if p.corruption == "toy":
+        loss_fn = toy_loss
+    else:
+        loss_fn = ddpm_loss(scheduler, params.objective, p.loss_weighting, p.min_snr_gamma)
+    ema = EMA(model, p.ema_decay) if p.ema_decay > 0 else None
+    # Same start noise for every grid: comparable across steps and runs. DDIM for DDPM models, the lesson's
+    # sampler for toy ones.
+    sampler = "toy" if p.corruption == "toy" else "ddim"
+    noise = fixed_noise(p.sample_n, p.corruption, params.seed)
+
+    def sample_grid(net):
+        net.eval()
+        x01, _ = sample_images(net, sampler, p.sample_steps, noise.to(accelerator.device), scheduler.config,
+                               seed=params.seed)  # fmt: skip
+        return grid(to_uint8(x01))
+
+    main_proc = accelerator.is_main_process
+    tags = {"params_hash": params_hash(used), "model": "unet2d", "objective": params.objective}
+    run = tracking.start_run(params.mlflow.experiment, "train-unet2d", flatten(used), tags) if main_proc else None
+    with run or nullcontext() as active:
+        result = fit(
+            model, loss_fn, images, accelerator,
+            batch_size=p.batch_size, lr=p.lr, epochs=p.epochs, seed=params.seed, max_steps=p.max_steps,
+            grad_clip=p.grad_clip, lr_schedule=p.lr_schedule, warmup_steps=p.lr_warmup_steps, ema=ema,
+            log_every=p.log_every, on_log=lambda s, v: tracking.log_metrics({"loss": v}, step=s),
+            sample_every=p.sample_every,
+            on_sample=lambda s, net: tracking.log_image(sample_grid(net), key="samples", step=s),
+            desc="train-unet2d",
+        )  # fmt: skip
+        if not main_proc:
+            return
+        final = ema.model if ema is not None else accelerator.unwrap_model(model)
+        meta = {"objective": params.objective, "corruption": p.corruption, "conditioning": p.conditioning,
+                "ema_decay": p.ema_decay, "run_id": active.info.run_id}  # fmt: skip
+        save_unet2d(OUT, final, scheduler, meta)
+        report_training(result, sample_grid(final), "metrics/train_unet2d.json", "plots/train_unet2d")
+        info = None
+        if params.mlflow.log_model:
+            info = tracking.log_torch_model(final.cpu(), registered_name=p.registered_model, tags=flatten(used))
+        files.write_json(f"{OUT}/run.json", {
+            "run_id": active.info.run_id,
+            "experiment_id": active.info.experiment_id,
+            "model_uri": info.model_uri if info else None,
+            "registered_model": p.registered_model if info else None,
+            "registered_version": info.registered_model_version if info else None,
+        })  # fmt: skip
+
+
+if __name__ == "__main__":
+    run_stage(main)
