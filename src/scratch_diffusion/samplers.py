@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 
+import numpy as np
 import torch
 from diffusers import (
     DDIMScheduler,
@@ -110,3 +111,22 @@ def sample_images(model, sampler: str, steps: int, noise: torch.Tensor, trained_
     scheduler = make_scheduler(sampler, trained_config, **options)
     x, nfe = diffusion_sample(model, scheduler, steps, noise, generator=generator, eta=eta)
     return ((x + 1) / 2).clamp(0, 1), nfe
+
+
+def generate(model, sampler: str, steps: int, n: int, *, batch_size: int, seed: int, corruption: str,
+             trained_config=None, device="cpu", eta: float = 0.0, progress=None) -> tuple[np.ndarray, int]:  # fmt: skip
+    """`n` images as uint8 (n, H, W) from one sampler setting, in batches, and the NFE per image.
+
+    The start noise of all n images comes from one generator seeded with `seed`, so a batch size change does
+    not change the images of a deterministic sampler; stochastic ones (ddpm) get one generator per batch.
+    """
+    noise = fixed_noise(n, corruption, seed)
+    options = {"eta": eta} if sampler == "ddim" else {}
+    out, nfe = [], 0
+    for i, start in enumerate(range(0, n, batch_size)):
+        x01, nfe = sample_images(model, sampler, steps, noise[start : start + batch_size].to(device), trained_config,
+                                 seed=seed + i, **options)  # fmt: skip
+        out.append((x01[:, 0] * 255).round().to(torch.uint8).cpu().numpy())
+        if progress is not None:
+            progress(x01.shape[0])
+    return np.concatenate(out), nfe

@@ -1,0 +1,99 @@
+"""sample: every sampler setting in params on the trained models, as arrays, grids and timings.
+
+    dvc repro sample
+    python stages/sample.py
+
+Reads params `sample.*`, `mlflow.experiment`, and models/basic, models/unet2d (only those its settings name).
+Writes samples/<model>/<sampler>-<steps>.npz (uint8, N x 28 x 28, key `images`), plots/sample/<model>-<sampler>-
+<steps>.png (a grid of the first 64), metrics/sample.json (NFE, seconds per image per setting). Logs one MLflow run
+named `sample`, tagged with the ids of the training runs it used.
+"""
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from scratch_diffusion import files, tracking
+from scratch_diffusion.cli import StageError, run_stage
+from scratch_diffusion.config import flatten, load_params
+from scratch_diffusion.plots import grid, save_png
+from scratch_diffusion.pretrained import load_basic, load_unet2d
+from scratch_diffusion.samplers import generate
+
+MODEL_DIRS = {"basic": Path("models/basic"), "unet2d": Path("models/unet2d")}
+GRID_N = 64
+
+
+def load_models(names: set[str], device) -> dict:
+    """{name: (denoiser, corruption, trained scheduler config or None, training run id)}"""
+    loaded = {}
+    for name in sorted(names):
+        path = MODEL_DIRS[name]
+        try:
+            if name == "basic":
+                loaded[name] = (load_basic(path, device), "toy", None)
+            else:
+                model, scheduler, meta = load_unet2d(path, device)
+                loaded[name] = (model, meta["corruption"], scheduler.config)
+        except FileNotFoundError as e:
+            raise StageError(str(e)) from None
+        run_file = path / "run.json"
+        run_id = json.loads(run_file.read_text())["run_id"] if run_file.is_file() else ""
+        loaded[name] = (*loaded[name], run_id)
+    return loaded
+
+
+def main() -> None:
+    params = load_params()
+    sp = params.sample
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    models = load_models({s.model for s in sp.settings}, device)
+    # Every setting must fit its model before any sampling starts.
+    for i, s in enumerate(sp.settings):
+        corruption = models[s.model][1]
+        if (s.sampler == "toy") != (corruption == "toy"):
+            allowed = "'toy'" if corruption == "toy" else "ddpm, ddim, dpmsolver++, euler, heun, unipc"
+            raise StageError(
+                f"sample.settings[{i}].sampler: got {s.sampler!r} for {s.model}, which was trained with the "
+                f"{corruption} corruption; allowed: {allowed}"
+            )
+
+    used = {"sample": params.section("sample"), "mlflow.experiment": params.mlflow.experiment}
+    used["sample"]["settings"] = [s.name for s in sp.settings]
+    tags = {f"train_run_{name}": m[3] for name, m in models.items()}
+    timings = {}
+    bar = tqdm(total=sp.n * len(sp.settings), desc="sample", unit="img")
+    with tracking.start_run(params.mlflow.experiment, "sample", flatten(used), tags):
+        for s in sp.settings:
+            model, corruption, config, _ = models[s.model]
+            bar.set_postfix_str(s.name)
+            start = time.perf_counter()
+            images, nfe = generate(
+                model, s.sampler, s.steps, sp.n, batch_size=sp.batch_size, seed=sp.seed, corruption=corruption,
+                trained_config=config, device=device, eta=s.eta, progress=bar.update,
+            )  # fmt: skip
+            seconds = time.perf_counter() - start
+            with files.atomic_path(f"samples/{s.name}.npz") as tmp, open(tmp, "wb") as f:
+                np.savez_compressed(f, images=images)
+            picture = grid(images[:GRID_N])
+            save_png(f"plots/sample/{s.name.replace('/', '-')}.png", picture)
+            key = s.name.replace("/", "-").replace("+", "p")  # MLflow metric/image keys: no '+'
+            tracking.log_image(picture, key=f"samples-{key}", step=0)
+            timings[s.name] = {
+                "n": sp.n,
+                "nfe": nfe,
+                "seconds_per_image": seconds / sp.n,
+                "images_per_s": sp.n / seconds,
+            }
+            tracking.log_metrics({f"{key}.seconds_per_image": seconds / sp.n, f"{key}.nfe": nfe})
+            print(f"sample: {s.name}: {sp.n} images, NFE {nfe}, {seconds / sp.n * 1000:.1f} ms/image", flush=True)
+        bar.close()
+        files.write_json("metrics/sample.json", timings)
+
+
+if __name__ == "__main__":
+    run_stage(main)
