@@ -67,7 +67,7 @@ def main() -> None:
     tags = {f"train_run_{name}": m[3] for name, m in models.items()}
     timings = {}
     bar = tqdm(total=sp.n * len(sp.settings), desc="sample", unit="img")
-    with tracking.start_run(params.mlflow.experiment, "sample", flatten(used), tags):
+    with tracking.start_run(params.mlflow.experiment, "sample", flatten(used), tags) as active:
         for s in sp.settings:
             model, corruption, config, _ = models[s.model]
             bar.set_postfix_str(s.name)
@@ -93,6 +93,7 @@ def main() -> None:
             print(f"sample: {s.name}: {sp.n} images, NFE {nfe}, {seconds / sp.n * 1000:.1f} ms/image", flush=True)
         bar.close()
         files.write_json("metrics/sample.json", timings)
+        files.write_json("samples/run.json", {"run_id": active.info.run_id})
 
 
 if __name__ == "__main__":

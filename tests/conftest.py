@@ -40,6 +40,7 @@ TINY = {
         "sample_steps": 3,
         "sample_n": 8,
     },
+    "classifier": {"batch_size": 64, "max_steps": 20},
     "sample": {
         "n": 6,
         "batch_size": 4,

@@ -30,12 +30,20 @@ OUTPUTS = [
     "plots/schedule/schedules.png",
     "plots/schedule/corruption.png",
     "plots/schedule/sampling_steps.png",
+    "models/classifier/model.safetensors",
+    "metrics/classifier.json",
+    "reports/compare.md",
+    "reports/compare.html",
+    "reports/figures/fid_vs_nfe.png",
+    "metrics/compare.json",
+    "plots/compare/fid_vs_nfe.tsv",
 ]
+STAGES = ["download", "train-basic", "train-unet2d", "sample", "visualize-schedule", "train-classifier", "compare"]
 
 
 def test_dvc_repro_then_experiments(project):
     out = run(["dvc", "repro"], cwd=project).stdout
-    for stage in ["download", "train-basic", "train-unet2d", "sample", "visualize-schedule"]:
+    for stage in STAGES:
         assert f"Running stage '{stage}'" in out
     for path in OUTPUTS:
         assert (project / path).is_file(), path
@@ -58,21 +66,32 @@ def test_dvc_repro_then_experiments(project):
     )[0]
     assert sample_run.data.tags["train_run_basic"] == run_id
 
+    # The report lists every sample set, with the numbers of metrics/compare.json.
+    compare = json.loads((project / "metrics/compare.json").read_text())
+    report = (project / "reports/compare.md").read_text()
+    assert sorted(compare["settings"]) == sorted(timings)
+    for name, row in compare["settings"].items():
+        line = next(r for r in report.splitlines() if r.startswith(f"| {name} |"))
+        assert f"| {row['fid']:.2f} |" in line and f"| {row['nfe']} |" in line
+    assert compare["best_fid_unet2d"] == min(r["fid"] for n, r in compare["settings"].items() if n.startswith("unet2d"))
+    assert "Best setting: **" in report and "data:image/png;base64," in (project / "reports/compare.html").read_text()
+
     # Changing the objective reruns train-unet2d only: neither download nor train-basic.
     run(["git", "add", "-A"], cwd=project)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline"], cwd=project)
     exp = run(["dvc", "exp", "run", "-S", "objective=eps", "-n", "eps-exp"], cwd=project).stdout
-    assert "Running stage 'train-unet2d'" in exp and "Running stage 'sample'" in exp
-    for untouched in ["download", "train-basic", "visualize-schedule"]:
+    assert all(f"Running stage '{s}'" in exp for s in ["train-unet2d", "sample", "compare"])
+    for untouched in ["download", "train-basic", "visualize-schedule", "train-classifier"]:
         assert f"Running stage '{untouched}'" not in exp
     shown = json.loads(run(["dvc", "exp", "show", "--json"], cwd=project).stdout)
     names = [e.get("name") for rev in shown for e in (rev.get("experiments") or []) for e in e["revs"]]
     assert "eps-exp" in names
+    assert "best_fid_unet2d" in run(["dvc", "exp", "show", "--md"], cwd=project).stdout
 
     # The experiment's run landed in the same store, tagged with its DVC experiment name.
     runs = client.search_runs(
         [client.get_experiment_by_name("scratch-diffusion").experiment_id],
         filter_string="tags.dvc_exp_name = 'eps-exp'",
     )
-    assert sorted(r.info.run_name for r in runs) == ["sample", "train-unet2d"]
+    assert sorted(r.info.run_name for r in runs) == ["compare", "sample", "train-unet2d"]
     assert [r.data.params["objective"] for r in runs if r.info.run_name == "train-unet2d"] == ["eps"]

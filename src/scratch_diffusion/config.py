@@ -145,6 +145,15 @@ class Unet2dParams:
             )
 
 
+@dataclass(frozen=True)
+class ClassifierParams:
+    # The MNIST classifier behind FID and the recognised share; trained on the training split only.
+    epochs: int = field(default=3, metadata=_range(1))
+    batch_size: int = field(default=128, metadata=_range(1))
+    lr: float = field(default=2e-3, metadata=_range(0.0, 1.0, lo_open=True))
+    max_steps: int = field(default=0, metadata=_range(0))
+
+
 SAMPLERS = ("toy", "ddpm", "ddim", "dpmsolver++", "euler", "heun", "unipc")
 SAMPLE_MODELS = ("basic", "unet2d")
 
@@ -187,7 +196,9 @@ DEFAULT_SETTINGS = (
 
 @dataclass(frozen=True)
 class SampleParams:
-    n: int = field(default=500, metadata=_range(1, 100000))  # images per setting: FID compares only at equal n
+    # Images per setting: FID compares only at equal n. compare draws a reference and a floor set of n real test
+    # images each from the 10k test split, hence at most 5000.
+    n: int = field(default=500, metadata=_range(2, 5000))
     seed: int = field(default=0, metadata=_range(0, 2**32 - 1))  # start noise; same seed -> same images
     batch_size: int = field(default=250, metadata=_range(1, 10000))
     settings: tuple[SampleSetting, ...] = DEFAULT_SETTINGS
@@ -217,6 +228,7 @@ class Params:
     objective: str = field(default="x0", metadata=_choice(*PREDICTION_TYPES))
     unet2d: Unet2dParams = field(default_factory=Unet2dParams)
     sample: SampleParams = field(default_factory=SampleParams)
+    classifier: ClassifierParams = field(default_factory=ClassifierParams)
     mlflow: MlflowParams = field(default_factory=MlflowParams)
 
     def validate(self, key: str = "") -> None:

@@ -89,9 +89,11 @@ def fit(
     sample_every: int = 0,
     on_sample: Callable[[int, torch.nn.Module], None] | None = None,
     desc: str = "train",
+    labels: torch.Tensor | None = None,
 ) -> TrainResult:
     """Train `model` on `images` (uint8, (N, 1, H, W)) with Adam; returns losses and throughput.
 
+    With `labels` (N,), the loss is called as `loss_fn(model, x0, y)` (classifiers, class-conditional models).
     `on_log(step, loss)` and `on_sample(step, model)` run on the main process only; `on_sample` gets the EMA
     weights when `ema` is given. `batch_size` is per process: with N processes the global batch is
     N * batch_size, and `lr` applies to that global batch (no automatic scaling).
@@ -100,7 +102,7 @@ def fit(
         raise ValueError(f"unknown lr schedule {lr_schedule!r}; allowed: constant, cosine")
     set_seed(seed)
     loader = DataLoader(
-        TensorDataset(images),
+        TensorDataset(images) if labels is None else TensorDataset(images, labels),
         batch_size=batch_size,
         shuffle=True,
         generator=torch.Generator().manual_seed(seed),
@@ -133,9 +135,9 @@ def fit(
         # Losses are summed on the device and read back every `log_every` steps: each `.item()` is a sync point.
         window_sum, window_n = torch.zeros((), device=accelerator.device), 0
         epoch_sum, epoch_n = torch.zeros((), device=accelerator.device), 0
-        for (batch,) in loader:
+        for batch, *y in loader:
             x0 = batch.float() / 255  # uint8 -> [0, 1]; models map to their own range in loss_fn
-            loss = loss_fn(model, x0)
+            loss = loss_fn(model, x0, *y)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             if grad_clip and accelerator.sync_gradients:

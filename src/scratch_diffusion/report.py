@@ -1,0 +1,162 @@
+"""The comparison report: one table of every (model, sampler, steps) with its quality and cost, the figures that
+go with it, and a generated summary that names the best setting and the cheapest one close to it."""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from scratch_diffusion.files import atomic_path, write_text  # noqa: E402
+from scratch_diffusion.plots import grid  # noqa: E402
+
+COLUMNS = [
+    ("setting", "setting", "{}"),
+    ("model", "model", "{}"),
+    ("corruption", "corruption", "{}"),
+    ("objective", "objective", "{}"),
+    ("conditioning", "conditioning", "{}"),
+    ("sampler", "sampler", "{}"),
+    ("steps", "steps", "{}"),
+    ("nfe", "NFE", "{}"),
+    ("fid", "FID", "{:.2f}"),
+    ("recognised", "recognised", "{:.3f}"),
+    ("coverage_kl", "coverage KL", "{:.3f}"),
+    ("memorised", "memorised", "{:.3f}"),
+    ("seconds_per_image", "s / image", "{:.4f}"),
+]
+NEAR_BEST = 1.10  # "fastest within 10% of the best FID"
+
+
+def summarise(rows: list[dict], floor: float) -> dict:
+    """The best setting by FID and the cheapest (fewest seconds per image) within 10% of it."""
+    best = min(rows, key=lambda r: r["fid"])
+    near = [r for r in rows if r["fid"] <= best["fid"] * NEAR_BEST]
+    fastest = min(near, key=lambda r: r["seconds_per_image"])
+    return {"best": best, "fastest_near_best": fastest, "floor": floor}
+
+
+def summary_text(summary: dict) -> str:
+    b, f = summary["best"], summary["fastest_near_best"]
+    text = (
+        f"Best setting: **{b['setting']}** (FID {b['fid']:.2f}, {b['fid'] / summary['floor']:.1f}x the real-data "
+        f"floor of {summary['floor']:.2f}; {b['recognised']:.0%} of samples recognised with confidence > 0.9; "
+        f"{b['seconds_per_image'] * 1000:.1f} ms per image)."
+    )
+    if f["setting"] != b["setting"]:
+        text += (
+            f" Fastest within 10% of that FID: **{f['setting']}** (FID {f['fid']:.2f}, NFE {f['nfe']}, "
+            f"{f['seconds_per_image'] * 1000:.1f} ms per image, {b['seconds_per_image'] / f['seconds_per_image']:.1f}x "
+            "faster)."
+        )
+    else:
+        text += " No other setting comes within 10% of its FID."
+    return text
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = "| " + " | ".join(label for _, label, _ in COLUMNS) + " |"
+    sep = "|" + "|".join("---" for _ in COLUMNS) + "|"
+    body = ["| " + " | ".join(fmt.format(r[key]) for key, _, fmt in COLUMNS) + " |" for r in rows]
+    return "\n".join([head, sep, *body])
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_losses(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, curve in curves.items():
+        steps, losses = zip(*curve, strict=True)
+        ax.plot(steps, losses, label=name)
+    ax.set(xlabel="optimizer step", ylabel="training loss (each model's own objective)", yscale="log",
+           title="training loss")  # fmt: skip
+    ax.legend()
+    _save(fig, path)
+
+
+def plot_fid_vs_nfe(rows: list[dict], floor: float, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(f"{r['model']} / {r['sampler']}", []).append(r)
+    for i, (name, group) in enumerate(sorted(groups.items())):
+        group = sorted(group, key=lambda r: r["nfe"])
+        ax.plot([r["nfe"] for r in group], [r["fid"] for r in group], "o-", color=f"C{i % 10}", label=name)
+    ax.axhline(floor, color="grey", linestyle="--", label=f"real data floor ({floor:.2f})")
+    ax.set(xscale="log", yscale="log", xlabel="model evaluations per image (NFE)", ylabel="FID (classifier features)",
+           title="sample quality against cost")  # fmt: skip
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_montage(rows: list[dict], images: dict[str, np.ndarray], path: Path, per_setting: int = 32) -> None:
+    cols = min(4, len(rows))
+    nrows = math.ceil(len(rows) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 3.0 * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, r in zip(axes.flat, rows, strict=False):
+        ax.imshow(grid(images[r["setting"]][:per_setting], nrow=8), cmap="gray", vmin=0, vmax=255)
+        ax.set_title(f"{r['setting']}\nFID {r['fid']:.2f}", fontsize=8)
+    _save(fig, path)
+
+
+def write_report(rows: list[dict], summary: dict, context: dict, figures: dict[str, Path], out_md: Path,
+                 out_html: Path) -> None:  # fmt: skip
+    """reports/compare.md (figures linked) and a self-contained HTML page (figures inline)."""
+    n, floor = context["n"], summary["floor"]
+    intro = (
+        f"Every sample set has n = {n} images. FID is measured on the penultimate features of the pipeline's own "
+        f"MNIST classifier (test accuracy {context['classifier_accuracy']:.2%}) against {n} real test images; "
+        f"**{floor:.2f}** is the FID of {n} other real test images (the floor). *recognised*: share of samples the "
+        "classifier assigns one digit with probability > 0.9 (real test digits: "
+        f"{context['real_recognised']:.3f}). *coverage KL*: KL divergence of the predicted-digit histogram from "
+        "uniform (0 = all digits equally often, 2.30 = one digit only). *memorised*: share of samples closer to a "
+        "training image than 99% of real test images are (real test digits: 0.01 by construction)."
+    )
+    md = [
+        "# Which design choice makes better digits",
+        "",
+        summary_text(summary),
+        "",
+        intro,
+        "",
+        markdown_table(rows),
+        "",
+    ]
+    for title, fig in figures.items():
+        md += [f"## {title}", "", f"![{title}]({fig.relative_to(out_md.parent).as_posix()})", ""]
+    write_text(out_md, "\n".join(md))
+
+    def inline(p: Path) -> str:
+        return "data:image/png;base64," + base64.b64encode(p.read_bytes()).decode()
+
+    cells = lambda vals, tag: "".join(f"<{tag}>{html.escape(str(v))}</{tag}>" for v in vals)  # noqa: E731
+    table = "<table><tr>" + cells([label for _, label, _ in COLUMNS], "th") + "</tr>"
+    for r in rows:
+        table += "<tr>" + cells([fmt.format(r[key]) for key, _, fmt in COLUMNS], "td") + "</tr>"
+    table += "</table>"
+    bold = lambda s: html.escape(s).replace("**", "")  # noqa: E731
+    page = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>scratch-diffusion: compare</title>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px}img{max-width:100%}</style></head><body>",
+        "<h1>Which design choice makes better digits</h1>",
+        f"<p>{bold(summary_text(summary))}</p><p>{bold(intro)}</p>",
+        table,
+    ]
+    for title, fig in figures.items():
+        page.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='{inline(fig)}'>")
+    page.append("</body></html>")
+    write_text(out_html, "\n".join(page))

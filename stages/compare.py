@@ -1,0 +1,131 @@
+"""compare: every sample set measured with the pipeline's classifier, in one report that names the best setting.
+
+    dvc repro compare
+    python stages/compare.py
+
+Reads param `mlflow.experiment`; samples/ and metrics/sample.json (sample), the training metrics and loss curves,
+models/*/ metadata, models/classifier and data/dataset. Writes reports/compare.md, reports/compare.html (images
+inline), reports/figures/*.png, metrics/compare.json (headline FIDs, for `dvc exp show` / `dvc metrics diff`) and
+plots/compare/fid_vs_nfe.tsv (for `dvc plots diff`). Logs an MLflow run named `compare`.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+from safetensors.torch import load_file
+
+from scratch_diffusion import files, tracking
+from scratch_diffusion.cli import StageError, run_stage
+from scratch_diffusion.config import load_params
+from scratch_diffusion.data import load_split
+from scratch_diffusion.metrics import FID, memorisation_threshold, predict_proba, recognised_share, sample_metrics
+from scratch_diffusion.models.classifier import MnistClassifier
+from scratch_diffusion.report import plot_fid_vs_nfe, plot_losses, plot_montage, summarise, write_report
+
+REPORTS = Path("reports")
+# What each model was trained with; the UNet2DModel's comes from its saved metadata.
+BASIC_META = {"corruption": "toy", "objective": "x0", "conditioning": "none"}
+
+
+def _read_json(path: str | Path, stage: str) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"{path}: missing; run `dvc repro {stage}` first")
+    return json.loads(path.read_text())
+
+
+def _loss_curve(path: str) -> list[tuple[int, float]]:
+    rows = Path(path).read_text().split("\n")[1:]
+    return [(int(s), float(v)) for s, v in (r.split("\t") for r in rows if r)]
+
+
+def main() -> None:
+    params = load_params()
+    timings = _read_json("metrics/sample.json", "sample")
+    sizes = {t["n"] for t in timings.values()}
+    if len(sizes) != 1:
+        raise StageError(
+            f"metrics/sample.json: sample sets of different sizes {sorted(sizes)}; rerun `dvc repro sample`"
+        )
+    n = sizes.pop()
+    classifier_file = Path("models/classifier/model.safetensors")
+    if not classifier_file.is_file():
+        raise StageError(f"{classifier_file}: missing; run `dvc repro train-classifier` first")
+    classifier = MnistClassifier()
+    classifier.load_state_dict(load_file(classifier_file))
+    classifier.eval()
+    classifier_accuracy = _read_json("metrics/classifier.json", "train-classifier")["test_accuracy"]
+
+    test_images, _ = load_split("data/dataset", train=False)
+    train_images, _ = load_split("data/dataset", train=True)
+    if 2 * n > len(test_images):
+        raise StageError(
+            f"sample.n: got {n}; compare needs 2 * n real test images (allowed: n <= {len(test_images) // 2})"
+        )
+    reference, held_out = test_images[:n], test_images[n : 2 * n]
+    fid = FID(classifier, reference)
+    floor = fid(held_out)
+    memorisation_cut = memorisation_threshold(held_out, train_images)
+    real_recognised = recognised_share(predict_proba(classifier, held_out))
+
+    metas = {"basic": BASIC_META}
+    if any(name.startswith("unet2d/") for name in timings):
+        metas["unet2d"] = _read_json("models/unet2d/scratch_diffusion.json", "train-unet2d")
+    rows, images = [], {}
+    for name, t in sorted(timings.items()):
+        model, rest = name.split("/", 1)
+        sampler, steps = rest.split("-")[0], int(rest.split("-")[1])
+        images[name] = np.load(f"samples/{name}.npz")["images"]
+        quality = sample_metrics(images[name], classifier, fid, train_images, memorisation_cut)
+        meta = metas[model]
+        rows.append({"setting": name, "model": model, "sampler": sampler, "steps": steps, "nfe": t["nfe"],
+                     "seconds_per_image": t["seconds_per_image"], **quality,
+                     **{k: meta[k] for k in ("corruption", "objective", "conditioning")}})  # fmt: skip
+        print(f"compare: {name}: FID {quality['fid']:.2f}, recognised {quality['recognised']:.3f}", flush=True)
+    rows.sort(key=lambda r: (r["model"], r["fid"]))
+    summary = summarise(rows, floor)
+
+    figures = {
+        "FID against NFE": REPORTS / "figures/fid_vs_nfe.png",
+        "Training loss": REPORTS / "figures/loss_curves.png",
+        "Samples, in table order": REPORTS / "figures/montage.png",
+    }
+    plot_fid_vs_nfe(rows, floor, figures["FID against NFE"])
+    curves = {}
+    for name in ("basic", "unet2d"):
+        if name in metas and Path(f"plots/train_{name}/loss.tsv").is_file():
+            curves[name] = _loss_curve(f"plots/train_{name}/loss.tsv")
+    plot_losses(curves, figures["Training loss"])
+    plot_montage(rows, images, figures["Samples, in table order"])
+    context = {"n": n, "classifier_accuracy": classifier_accuracy, "real_recognised": real_recognised}
+    write_report(rows, summary, context, figures, REPORTS / "compare.md", REPORTS / "compare.html")
+
+    headline = {"real_floor_fid": floor, "real_recognised": real_recognised, "n": n}
+    for model in sorted({r["model"] for r in rows}):
+        best = min((r for r in rows if r["model"] == model), key=lambda r: r["fid"])
+        headline[f"best_fid_{model}"] = best["fid"]
+        headline[f"best_recognised_{model}"] = best["recognised"]
+    keep = ("fid", "recognised", "coverage_kl", "memorised", "nfe", "seconds_per_image")
+    settings = {r["setting"]: {k: r[k] for k in keep} for r in rows}
+    files.write_json("metrics/compare.json", {**headline, "settings": settings})
+    files.write_tsv("plots/compare/fid_vs_nfe.tsv", ["setting", "sampler", "nfe", "fid"],
+                    [(r["setting"], r["sampler"], r["nfe"], r["fid"]) for r in rows])  # fmt: skip
+
+    tags = {"best_setting": summary["best"]["setting"]}
+    for name in ("basic", "unet2d", "classifier"):
+        run_file = Path(f"models/{name}/run.json")
+        if run_file.is_file():
+            tags[f"train_run_{name}"] = json.loads(run_file.read_text())["run_id"]
+    if Path("samples/run.json").is_file():
+        tags["sample_run"] = json.loads(Path("samples/run.json").read_text())["run_id"]
+    with tracking.start_run(params.mlflow.experiment, "compare", {"n": n}, tags):
+        tracking.log_metrics({k: v for k, v in headline.items() if k != "n"})
+        tracking.log_artifact(REPORTS / "compare.md", "report")
+        tracking.log_artifact(REPORTS / "compare.html", "report")
+        for fig in figures.values():
+            tracking.log_artifact(fig, "report/figures")
+
+
+if __name__ == "__main__":
+    run_stage(main)
