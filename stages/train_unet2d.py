@@ -23,7 +23,7 @@ from scratch_diffusion.data import load_split
 from scratch_diffusion.models import UNet2DDenoiser, build_unet
 from scratch_diffusion.objectives import ddpm_loss, toy_loss
 from scratch_diffusion.plots import grid, to_uint8
-from scratch_diffusion.pretrained import save_unet2d
+from scratch_diffusion.pretrained import META, save_unet2d
 from scratch_diffusion.reporting import report_training
 from scratch_diffusion.samplers import fixed_noise, sample_images
 from scratch_diffusion.training import EMA, fit, make_accelerator
@@ -83,7 +83,10 @@ def main() -> None:
         report_training(result, sample_grid(final), "metrics/train_unet2d.json", "plots/train_unet2d")
         info = None
         if params.mlflow.log_model:
-            info = tracking.log_torch_model(final.cpu(), registered_name=p.registered_model, tags=flatten(used))
+            info = tracking.log_torch_model(
+                final.cpu(), registered_name=p.registered_model, tags=flatten(used),
+                extra_files=[f"{OUT}/scheduler/scheduler_config.json", f"{OUT}/{META}"],
+            )  # fmt: skip
         files.write_json(f"{OUT}/run.json", {
             "run_id": active.info.run_id,
             "experiment_id": active.info.experiment_id,

@@ -3,6 +3,7 @@
 import json
 import sys
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDPMPipeline
@@ -47,13 +48,27 @@ def test_each_objective_trains_logs_and_registers(downloaded, tmp_path, objectiv
     assert version.tags["objective"] == objective and version.tags["unet2d.batch_size"] == "16"
 
 
-def test_saved_model_loads_in_ddpm_pipeline(downloaded, tmp_path):
-    run([sys.executable, str(REPO / "stages/train_unet2d.py")], cwd=downloaded,
-        env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'store.db'}"})  # fmt: skip
+def test_saved_model_loads_in_ddpm_pipeline_and_generates(downloaded, tmp_path):
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'store.db'}"}
+    run([sys.executable, str(REPO / "stages/train_unet2d.py")], cwd=downloaded, env=env)
     pipe = DDPMPipeline.from_pretrained(downloaded / "models/unet2d")
     out = pipe(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np")
     assert out.images.shape == (2, 28, 28, 1)
     assert out.images.min() >= 0 and out.images.max() <= 1
+
+    # The generate command, from the DVC output and from the model registry: the same EMA weights, same images.
+    cli = [sys.executable, "-m", "scratch_diffusion", "generate", "--sampler", "ddim", "--steps", "3", "--n", "4"]
+    run([*cli, "--model", "models/unet2d", "--out", "from_dvc"], cwd=downloaded, env=env)
+    run([*cli, "--model", "models:/scratch-diffusion-unet2d/1", "--out", "from_registry"], cwd=downloaded, env=env)
+    a = np.load(downloaded / "from_dvc/ddim-3-seed0.npz")["images"]
+    b = np.load(downloaded / "from_registry/ddim-3-seed0.npz")["images"]
+    assert a.shape == (4, 28, 28) and (downloaded / "from_dvc/ddim-3-seed0.png").is_file()
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+    bad = run([*cli, "--model", "models:/no-such-model/1"], cwd=downloaded, env=env, check=False)
+    assert bad.returncode == 2 and "--model: cannot load 'models:/no-such-model/1'" in bad.stderr
+    bad = run([*cli[:-4], "--sampler", "toy", "--model", "models/unet2d"], cwd=downloaded, env=env, check=False)
+    assert bad.returncode == 2 and "--sampler: got 'toy'" in bad.stderr
 
 
 @pytest.mark.parametrize(

@@ -19,3 +19,128 @@ def run_stage(main: Callable[[], None]) -> None:
     except (ParamsError, DataError, StageError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# `scratch-diffusion generate`: images from a trained model, outside the pipeline.
+
+GENERATE_EXAMPLES = """examples:
+  scratch-diffusion generate --model models/unet2d --sampler dpmsolver++ --steps 20 --n 64
+  scratch-diffusion generate --model models/basic --sampler toy --steps 40
+  scratch-diffusion generate --model models:/scratch-diffusion-unet2d/1 --sampler ddim --steps 50
+"""
+
+
+def _load_any(model: str, device: str):
+    """(denoiser, corruption, trained scheduler config or None) from a DVC output folder or an MLflow model URI."""
+    import json
+    from pathlib import Path
+
+    from scratch_diffusion.pretrained import META, load_basic, load_unet2d
+
+    if model.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
+        import mlflow
+        from diffusers import DDPMScheduler
+
+        from scratch_diffusion import tracking
+
+        mlflow.set_tracking_uri(tracking.tracking_uri())
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model))
+        except Exception as e:  # MlflowException / RestException: unknown name or version, unreachable server
+            raise StageError(f"--model: cannot load {model!r} from {tracking.tracking_uri()}: {e}") from None
+        net = mlflow.pytorch.load_model(str(local), map_location=device).eval()
+        extra = local / "extra_files"
+        if (extra / META).is_file():
+            meta = json.loads((extra / META).read_text())
+            config = DDPMScheduler.from_config(DDPMScheduler.load_config(extra / "scheduler_config.json")).config
+            return net, meta["corruption"], config
+        return net, "toy", None
+    path = Path(model)
+    try:
+        if (path / "model.safetensors").is_file():
+            return load_basic(path, device), "toy", None
+        net, scheduler, meta = load_unet2d(path, device)
+    except (FileNotFoundError, OSError) as e:
+        raise StageError(
+            f"--model: {model!r} is neither a trained model folder (models/basic, models/unet2d) nor an MLflow "
+            f"model URI (models:/<name>/<version>): {e}"
+        ) from None
+    return net, meta["corruption"], scheduler.config
+
+
+def generate_main(argv: list[str] | None = None) -> None:
+    import argparse
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+
+    from scratch_diffusion.config import SAMPLERS
+    from scratch_diffusion.plots import grid, save_png
+    from scratch_diffusion.samplers import generate
+
+    parser = argparse.ArgumentParser(
+        prog="scratch-diffusion generate",
+        description="Sample images from a trained model and write a PNG grid and an npz (uint8, N x 28 x 28).",
+        epilog=GENERATE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--model",
+        default="models/unet2d",
+        help="a trained model folder (models/unet2d, models/basic) or an MLflow model URI such as "
+        "models:/scratch-diffusion-unet2d/1 (store: MLFLOW_TRACKING_URI or ./mlflow.db)",
+    )
+    parser.add_argument(
+        "--sampler",
+        default="ddim",
+        choices=SAMPLERS,
+        help="toy for toy-corruption models; a diffusers scheduler for DDPM ones (default: ddim)",
+    )
+    parser.add_argument("--steps", type=int, default=50, help="sampling steps (default: 50)")
+    parser.add_argument("--n", type=int, default=64, help="number of images (default: 64)")
+    parser.add_argument("--seed", type=int, default=0, help="start-noise seed; same seed, same images (default: 0)")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM only: 0 deterministic, 1 DDPM-like")
+    parser.add_argument("--batch-size", type=int, default=250, help="images per model call (default: 250)")
+    parser.add_argument("--out", default="generated", help="output folder (default: generated/)")
+    args = parser.parse_args(argv)  # fmt: skip
+    for name in ("steps", "n", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}: got {getattr(args, name)}, allowed: 1 or more")
+    if not 0 <= args.eta <= 1 or (args.eta and args.sampler != "ddim"):
+        parser.error(f"--eta: got {args.eta}, allowed: 0..1 with --sampler ddim only")
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    net, corruption, config = _load_any(args.model, device)
+    if (args.sampler == "toy") != (corruption == "toy"):
+        allowed = "toy" if corruption == "toy" else "ddpm, ddim, dpmsolver++, euler, heun, unipc"
+        parser.error(f"--sampler: got {args.sampler!r} for a model trained with the {corruption} corruption; "
+                     f"allowed: {allowed}")  # fmt: skip
+    if config is not None and args.steps > config.num_train_timesteps:
+        parser.error(f"--steps: got {args.steps}, allowed: 1..{config.num_train_timesteps} for this model")
+
+    images, nfe = generate(net, args.sampler, args.steps, args.n, batch_size=args.batch_size, seed=args.seed,
+                           corruption=corruption, trained_config=config, device=device, eta=args.eta)  # fmt: skip
+    out = Path(args.out)
+    stem = f"{args.sampler}-{args.steps}-seed{args.seed}"
+    from scratch_diffusion.files import atomic_path
+
+    with atomic_path(out / f"{stem}.npz") as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, images=images)
+    save_png(out / f"{stem}.png", grid(images))
+    print(f"wrote {out / stem}.png and .npz: {args.n} images, {nfe} model evaluations each")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`scratch-diffusion <command>`; one command for now: generate."""
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: scratch-diffusion generate [options]   (scratch-diffusion generate --help for the options)")
+        sys.exit(0 if argv else 2)
+    if argv[0] != "generate":
+        print(f"error: unknown command {argv[0]!r}; allowed: generate", file=sys.stderr)
+        sys.exit(2)
+    run_stage(lambda: generate_main(argv[1:]))

@@ -129,7 +129,8 @@ def pip_requirements() -> list[str]:
     return [f"{pkg}=={md.version(pkg)}" for pkg in ("torch", "numpy", "safetensors")]
 
 
-def log_torch_model(model, name: str = "model", registered_name: str | None = None, tags: Mapping | None = None):
+def log_torch_model(model, name: str = "model", registered_name: str | None = None, tags: Mapping | None = None,
+                    extra_files: list[str | Path] | None = None):  # fmt: skip
     """Log a torch module with the package source shipped alongside, so loading needs no install of ours."""
     import mlflow
 
@@ -143,6 +144,8 @@ def log_torch_model(model, name: str = "model", registered_name: str | None = No
         # pickle (with our source in code_paths) rather than pt2 export: export needs example inputs and
         # cannot trace every model we log; load_model gives back the same nn.Module.
         serialization_format="pickle",
+        # e.g. the scheduler config and metadata a sampler needs, so a registry URI alone can generate images
+        extra_files=[str(f) for f in extra_files or []] or None,
         registered_model_name=registered_name,
         tags=_clean(tags or {}),
     )
