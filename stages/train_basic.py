@@ -10,6 +10,7 @@ plots/train_basic/ (loss curve TSV, sample grid PNG). Logs one MLflow run named 
 """
 
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
@@ -23,9 +24,10 @@ from scratch_diffusion.objectives import toy_loss
 from scratch_diffusion.plots import grid, to_uint8
 from scratch_diffusion.reporting import report_training
 from scratch_diffusion.samplers import toy_sample
-from scratch_diffusion.training import fit, make_accelerator
+from scratch_diffusion.training import Checkpointing, fit, make_accelerator, resumable_run_id
 
 DATA_ROOT = "data/dataset"
+CHECKPOINTS = "checkpoints/train-basic"
 OUT = "models/basic"
 
 
@@ -52,14 +54,24 @@ def main() -> None:
 
     main_proc = accelerator.is_main_process
     tags = {"params_hash": params_hash(used), "model": "basic_unet"}
-    run = tracking.start_run(params.mlflow.experiment, "train-basic", flatten(used), tags) if main_proc else None
+    ckpt = None
+    if p.checkpoint_every:
+        ckpt = Checkpointing(Path(CHECKPOINTS), p.checkpoint_every, p.checkpoints_keep, tags["params_hash"])
+    resume_id = resumable_run_id(ckpt)
+    run = (tracking.start_run(params.mlflow.experiment, "train-basic", flatten(used), tags, resume_run_id=resume_id)
+           if main_proc else None)  # fmt: skip
     with run or nullcontext() as active:
+        # A resumed run continues its MLflow run: log only the steps it has not logged yet.
+        logged = tracking.last_logged_step(active.info.run_id) if main_proc and resume_id else -1
+        if ckpt is not None and main_proc:
+            ckpt.run_id = active.info.run_id
         result = fit(
             model, toy_loss, images, accelerator,
             batch_size=p.batch_size, lr=p.lr, epochs=p.epochs, seed=params.seed, max_steps=p.max_steps,
-            log_every=p.log_every, on_log=lambda s, v: tracking.log_metrics({"loss": v}, step=s),
+            log_every=p.log_every, on_log=lambda s, v: s > logged and tracking.log_metrics({"loss": v}, step=s),
             sample_every=p.sample_every,
-            on_sample=lambda s, net: tracking.log_image(sample_grid(net), key="samples", step=s),
+            on_sample=lambda s, net: s > logged and tracking.log_image(sample_grid(net), key="samples", step=s),
+            checkpointing=ckpt,
             desc="train-basic",
         )  # fmt: skip
         if not main_proc:

@@ -12,6 +12,7 @@ registers the model under `unet2d.registered_model`.
 """
 
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
@@ -26,9 +27,10 @@ from scratch_diffusion.plots import grid, to_uint8
 from scratch_diffusion.pretrained import META, save_unet2d
 from scratch_diffusion.reporting import report_training
 from scratch_diffusion.samplers import fixed_noise, sample_images
-from scratch_diffusion.training import EMA, fit, make_accelerator
+from scratch_diffusion.training import EMA, Checkpointing, fit, make_accelerator, resumable_run_id
 
 DATA_ROOT = "data/dataset"
+CHECKPOINTS = "checkpoints/train-unet2d"
 OUT = "models/unet2d"
 
 
@@ -63,15 +65,25 @@ def main() -> None:
 
     main_proc = accelerator.is_main_process
     tags = {"params_hash": params_hash(used), "model": "unet2d", "objective": params.objective}
-    run = tracking.start_run(params.mlflow.experiment, "train-unet2d", flatten(used), tags) if main_proc else None
+    ckpt = None
+    if p.checkpoint_every:
+        ckpt = Checkpointing(Path(CHECKPOINTS), p.checkpoint_every, p.checkpoints_keep, tags["params_hash"])
+    resume_id = resumable_run_id(ckpt)
+    run = (tracking.start_run(params.mlflow.experiment, "train-unet2d", flatten(used), tags, resume_run_id=resume_id)
+           if main_proc else None)  # fmt: skip
     with run or nullcontext() as active:
+        # A resumed run continues its MLflow run: log only the steps it has not logged yet.
+        logged = tracking.last_logged_step(active.info.run_id) if main_proc and resume_id else -1
+        if ckpt is not None and main_proc:
+            ckpt.run_id = active.info.run_id
         result = fit(
             model, loss_fn, images, accelerator,
             batch_size=p.batch_size, lr=p.lr, epochs=p.epochs, seed=params.seed, max_steps=p.max_steps,
             grad_clip=p.grad_clip, lr_schedule=p.lr_schedule, warmup_steps=p.lr_warmup_steps, ema=ema,
-            log_every=p.log_every, on_log=lambda s, v: tracking.log_metrics({"loss": v}, step=s),
+            log_every=p.log_every, on_log=lambda s, v: s > logged and tracking.log_metrics({"loss": v}, step=s),
             sample_every=p.sample_every,
-            on_sample=lambda s, net: tracking.log_image(sample_grid(net), key="samples", step=s),
+            on_sample=lambda s, net: s > logged and tracking.log_image(sample_grid(net), key="samples", step=s),
+            checkpointing=ckpt,
             desc="train-unet2d",
         )  # fmt: skip
         if not main_proc:

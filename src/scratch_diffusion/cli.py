@@ -16,7 +16,7 @@ class StageError(RuntimeError):
 def run_stage(main: Callable[[], None]) -> None:
     try:
         main()
-    except (ParamsError, DataError, StageError) as e:
+    except (ParamsError, DataError, StageError, ConnectionError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

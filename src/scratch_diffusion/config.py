@@ -71,6 +71,10 @@ class BasicParams:
     log_every: int = field(default=10, metadata=_range(1))
     # A sample grid is logged to MLflow every this many steps (0 = only at the end).
     sample_every: int = field(default=200, metadata=_range(0))
+    # Save the full training state every k steps into checkpoints/<stage>/ and resume from it after a crash
+    # (0 = off); keep the newest `checkpoints_keep`.
+    checkpoint_every: int = field(default=200, metadata=_range(0))
+    checkpoints_keep: int = field(default=2, metadata=_range(1, 100))
     # The notebook's sampler: number of steps and images in the grid.
     sample_steps: int = field(default=40, metadata=_range(1, 1000))
     sample_n: int = field(default=64, metadata=_range(1, 1024))
@@ -117,6 +121,10 @@ class Unet2dParams:
     mixed_precision: str = field(default="fp32", metadata=_choice("fp32", "bf16", "fp16"))
     log_every: int = field(default=10, metadata=_range(1))
     sample_every: int = field(default=200, metadata=_range(0))
+    # Save the full training state every k steps into checkpoints/<stage>/ and resume from it after a crash
+    # (0 = off); keep the newest `checkpoints_keep`.
+    checkpoint_every: int = field(default=200, metadata=_range(0))
+    checkpoints_keep: int = field(default=2, metadata=_range(1, 100))
     # Grids during training: DDIM with this many steps (toy corruption: the lesson's sampler).
     sample_steps: int = field(default=25, metadata=_range(1, 1000))
     sample_n: int = field(default=64, metadata=_range(1, 1024))

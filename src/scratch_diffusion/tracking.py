@@ -77,13 +77,47 @@ def _clean(d: Mapping[str, Any]) -> dict[str, str]:
     return {k: str(v) for k, v in d.items() if not _SECRET.search(k)}
 
 
+def _check_reachable(uri: str) -> None:
+    """Fail in seconds, before any training, when a remote store does not answer (MLflow itself retries for
+    minutes). The message shows the URI without credentials."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    parts = urllib.parse.urlsplit(uri)
+    shown = parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")).geturl()
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).close()
+    except urllib.error.HTTPError:
+        return  # it answered: a server that lacks /health or wants credentials is still there
+    except (urllib.error.URLError, OSError) as e:
+        raise ConnectionError(f"MLFLOW_TRACKING_URI={shown}: the tracking server does not answer ({e}); "
+                              "start it, fix the URI, or unset it to use ./mlflow.db") from None  # fmt: skip
+
+
+def last_logged_step(run_id: str, key: str = "loss") -> int:
+    """The highest step of `key` in a run (-1 if none): a resumed run logs only what comes after it."""
+    import mlflow
+
+    history = _with_retry(mlflow.MlflowClient().get_metric_history, run_id, key)
+    return max((m.step for m in history), default=-1)
+
+
 @contextmanager
-def start_run(experiment: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, Any]) -> Iterator:
-    """Open one MLflow run with the flattened params and the standard tags; yields the active run."""
+def start_run(experiment: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, Any],
+              resume_run_id: str | None = None) -> Iterator:  # fmt: skip
+    """Open one MLflow run with the flattened params and the standard tags; yields the active run.
+
+    With `resume_run_id` (training resumed from a checkpoint), that run is continued if the store has it;
+    otherwise a new run is tagged `resumed_from_run`.
+    """
     import mlflow
 
     # Decide before set_tracking_uri: MLflow exports the URI it is given to MLFLOW_TRACKING_URI.
     local_store = "MLFLOW_TRACKING_URI" not in os.environ
+    _check_reachable(tracking_uri())
     mlflow.set_tracking_uri(tracking_uri())
     _with_retry(_set_experiment, experiment, local_store)
     all_tags = {
@@ -92,7 +126,15 @@ def start_run(experiment: str, run_name: str, params: Mapping[str, Any], tags: M
         "dvc_stage": os.environ.get("DVC_STAGE", run_name),
         **tags,
     }
-    run = _with_retry(mlflow.start_run, run_name=run_name, tags=_clean(all_tags))
+    run = None
+    if resume_run_id:
+        try:
+            mlflow.MlflowClient().get_run(resume_run_id)
+            run = _with_retry(mlflow.start_run, run_id=resume_run_id, tags=_clean(all_tags))
+        except Exception:  # not in this store (another URI, deleted): start a new run, linked by a tag
+            all_tags["resumed_from_run"] = resume_run_id
+    if run is None:
+        run = _with_retry(mlflow.start_run, run_name=run_name, tags=_clean(all_tags))
     try:
         _with_retry(mlflow.log_params, _clean(params))
         yield run

@@ -8,17 +8,21 @@ so there is no per-item PIL decode in the hot loop. `loss_fn(model, x0)` holds e
 from __future__ import annotations
 
 import copy
+import json
 import math
+import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 from tqdm.auto import tqdm
 
 
@@ -54,6 +58,71 @@ class EMA:
         for e, b in zip(self.model.buffers(), model.buffers(), strict=True):
             e.copy_(b)
 
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.updates = int(state["updates"])
+
+
+@dataclass
+class Checkpointing:
+    """Where and how often `fit` saves its full state (Accelerate's save_state: model, optimizer, lr schedule,
+    EMA, RNG states, plus the step, data position and loss history), and the params hash that a checkpoint must
+    carry to be resumed from: checkpoints of other params are ignored."""
+
+    dir: Path
+    every: int
+    keep: int = 2
+    params_hash: str = ""
+    run_id: str = ""  # the MLflow run a resumed training continues
+
+
+class _Progress:
+    """Everything besides weights and RNG that a resumed run needs to continue bit for bit (registered with
+    Accelerate for checkpointing: it has state_dict / load_state_dict)."""
+
+    def __init__(self):
+        self.step = self.epoch = self.batch_in_epoch = self.seen = 0
+        self.window = [0.0, 0]  # loss sum and count since the last logged point
+        self.epoch_acc = [0.0, 0]
+        self.loss_curve: list[list[float]] = []
+        self.epoch_losses: list[float] = []
+        self.run_id = ""
+
+    def state_dict(self) -> dict:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict) -> None:
+        vars(self).update(state)
+
+
+COMPLETE = "complete.json"  # written last: a checkpoint folder without it was interrupted mid-save
+
+
+def find_checkpoints(ckpt: Checkpointing, log=print) -> list[tuple[Path, dict]]:
+    """Complete checkpoints for these params, newest first. Others (different params) are reported and skipped."""
+    found = []
+    for path in sorted(Path(ckpt.dir).glob("step-*"), reverse=True):
+        marker = path / COMPLETE
+        if not marker.is_file():
+            log(f"checkpoint {path}: incomplete (no {COMPLETE}), skipped")
+            continue
+        info = json.loads(marker.read_text())
+        if info.get("params_hash") != ckpt.params_hash:
+            log(f"checkpoint {path}: made with other params ({info.get('params_hash')} != {ckpt.params_hash}), "
+                "not resumed from")  # fmt: skip
+            continue
+        found.append((path, info))
+    return found
+
+
+def resumable_run_id(ckpt: Checkpointing | None) -> str | None:
+    """The MLflow run id stored with the newest checkpoint that `fit` would resume from."""
+    found = find_checkpoints(ckpt, log=lambda *a: None) if ckpt is not None else []
+    return found[0][1].get("run_id") or None if found else None
+
 
 @dataclass
 class TrainResult:
@@ -71,7 +140,7 @@ class TrainResult:
 
 def fit(
     model: torch.nn.Module,
-    loss_fn: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor],
+    loss_fn: Callable[..., torch.Tensor],
     images: torch.Tensor,
     accelerator: Accelerator,
     *,
@@ -90,6 +159,7 @@ def fit(
     on_sample: Callable[[int, torch.nn.Module], None] | None = None,
     desc: str = "train",
     labels: torch.Tensor | None = None,
+    checkpointing: Checkpointing | None = None,
 ) -> TrainResult:
     """Train `model` on `images` (uint8, (N, 1, H, W)) with Adam; returns losses and throughput.
 
@@ -97,16 +167,19 @@ def fit(
     `on_log(step, loss)` and `on_sample(step, model)` run on the main process only; `on_sample` gets the EMA
     weights when `ema` is given. `batch_size` is per process: with N processes the global batch is
     N * batch_size, and `lr` applies to that global batch (no automatic scaling).
+    With `checkpointing`, the full state is saved every `checkpointing.every` steps and training resumes from the
+    newest complete checkpoint of the same params, ending with the same weights as an uninterrupted run.
     """
     if lr_schedule not in ("constant", "cosine"):
         raise ValueError(f"unknown lr schedule {lr_schedule!r}; allowed: constant, cosine")
     set_seed(seed)
-    loader = DataLoader(
-        TensorDataset(images) if labels is None else TensorDataset(images, labels),
-        batch_size=batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(seed),
-    )
+    # The data order is a function of (seed, epoch) alone, so a resumed run replays it exactly: the sampler's
+    # generator is reseeded at every epoch, and the loader gets its own generator so that creating an iterator
+    # never draws from the global RNG (which the corruption noise uses).
+    dataset = TensorDataset(images) if labels is None else TensorDataset(images, labels)
+    order = torch.Generator()
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=RandomSampler(dataset, generator=order),
+                        generator=torch.Generator().manual_seed(seed))  # fmt: skip
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     if ema is not None:
@@ -123,19 +196,32 @@ def fit(
         num_warmup_steps=warmup_steps,
         num_training_steps=total,
     )
+    progress = _Progress()
+    accelerator.register_for_checkpointing(scheduler, progress, *([ema] if ema is not None else []))
     main = accelerator.is_main_process
-    bar = tqdm(total=total, desc=desc, disable=not (main and sys.stderr.isatty()), dynamic_ncols=True)
-    plain_every = max(1, total // 20)  # off a terminal: about 20 plain progress lines
+    if checkpointing is not None:
+        progress.run_id = checkpointing.run_id
+        _resume(accelerator, checkpointing, progress, main)
 
-    result = TrainResult()
-    step, seen = 0, 0
-    start = time.perf_counter()
-    for epoch in range(epochs):
+    bar = tqdm(total=total, initial=progress.step, desc=desc, disable=not (main and sys.stderr.isatty()),
+               dynamic_ncols=True)  # fmt: skip
+    plain_every = max(1, total // 20)  # off a terminal: about 20 plain progress lines
+    device = accelerator.device
+    start, seen_at_start = time.perf_counter(), progress.seen
+    step = progress.step
+    for epoch in range(progress.epoch, epochs):
+        if step >= total:
+            break
         model.train()
-        # Losses are summed on the device and read back every `log_every` steps: each `.item()` is a sync point.
-        window_sum, window_n = torch.zeros((), device=accelerator.device), 0
-        epoch_sum, epoch_n = torch.zeros((), device=accelerator.device), 0
-        for batch, *y in loader:
+        order.manual_seed(seed + epoch)
+        skip = progress.batch_in_epoch if epoch == progress.epoch else 0
+        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+        # Loss sums stay on the device and are read back every `log_every` steps: each `.item()` is a sync point.
+        window_sum = torch.tensor(progress.window[0], device=device)
+        epoch_sum = torch.tensor(progress.epoch_acc[0], device=device)
+        window_n, epoch_n = progress.window[1], progress.epoch_acc[1]
+        batch_in_epoch = skip
+        for batch, *y in batches:
             x0 = batch.float() / 255  # uint8 -> [0, 1]; models map to their own range in loss_fn
             loss = loss_fn(model, x0, *y)
             optimizer.zero_grad(set_to_none=True)
@@ -148,7 +234,8 @@ def fit(
                 ema.update(model)
 
             step += 1
-            seen += x0.shape[0] * accelerator.num_processes
+            batch_in_epoch += 1
+            progress.seen += x0.shape[0] * accelerator.num_processes
             window_sum += loss.detach().float()
             epoch_sum += loss.detach().float()
             window_n += 1
@@ -158,28 +245,77 @@ def fit(
                 mean = accelerator.reduce(window_sum, "mean").item() / window_n
                 window_sum.zero_()
                 window_n = 0
-                result.loss_curve.append((step, mean))
+                progress.loss_curve.append([step, mean])
                 if main and on_log:
                     on_log(step, mean)
                 bar.set_postfix(loss=f"{mean:.4f}", epoch=epoch + 1)
             bar.update(1)
             if main and bar.disable and (step % plain_every == 0 or last):
-                rate = seen / (time.perf_counter() - start)
-                shown = f"loss {result.loss_curve[-1][1]:.4f} " if result.loss_curve else ""
+                rate = (progress.seen - seen_at_start) / (time.perf_counter() - start)
+                shown = f"loss {progress.loss_curve[-1][1]:.4f} " if progress.loss_curve else ""
                 print(f"{desc}: step {step}/{total} epoch {epoch + 1} {shown}({rate:.0f} img/s)", flush=True)
             if on_sample and sample_every and step % sample_every == 0 and not last:
                 accelerator.wait_for_everyone()
                 if main:
                     on_sample(step, ema.model if ema is not None else accelerator.unwrap_model(model))
                 model.train()
+            epoch_done = batch_in_epoch == len(loader)
+            if epoch_done:
+                progress.epoch_losses.append(accelerator.reduce(epoch_sum, "mean").item() / max(epoch_n, 1))
+            if checkpointing is not None and (step % checkpointing.every == 0 or last):
+                # Record exactly where we are; the sums are read back here only, at a checkpoint.
+                progress.step = step
+                progress.epoch, progress.batch_in_epoch = (epoch + 1, 0) if epoch_done else (epoch, batch_in_epoch)
+                progress.window = [window_sum.item(), window_n]
+                progress.epoch_acc = [0.0, 0] if epoch_done else [epoch_sum.item(), epoch_n]
+                _save(accelerator, checkpointing, progress, main)
             if last:
                 break
-        result.epoch_losses.append(accelerator.reduce(epoch_sum, "mean").item() / max(epoch_n, 1))
-        if step == total:
-            break
+        if step >= total and batch_in_epoch < len(loader):
+            # max_steps ended the run mid-epoch: report the partial epoch's mean too.
+            progress.epoch_losses.append(accelerator.reduce(epoch_sum, "mean").item() / max(epoch_n, 1))
+        progress.window, progress.epoch_acc = [0.0, 0], [0.0, 0]
     bar.close()
-    result.wall_s = time.perf_counter() - start
-    result.steps = step
-    result.images_per_s = seen / result.wall_s
     accelerator.wait_for_everyone()
-    return result
+    wall = time.perf_counter() - start
+    return TrainResult(
+        steps=step,
+        epoch_losses=list(progress.epoch_losses),
+        loss_curve=[(int(s), float(v)) for s, v in progress.loss_curve],
+        wall_s=wall,
+        images_per_s=(progress.seen - seen_at_start) / wall if wall > 0 else 0.0,
+    )
+
+
+def _save(accelerator: Accelerator, ckpt: Checkpointing, progress: _Progress, main: bool) -> None:
+    """save_state on every process (it synchronises), then the completion marker and pruning on the main one."""
+    path = Path(ckpt.dir) / f"step-{progress.step:07d}"
+    accelerator.save_state(str(path))
+    accelerator.wait_for_everyone()
+    if main:
+        marker = {"step": progress.step, "params_hash": ckpt.params_hash, "run_id": progress.run_id}
+        (path / COMPLETE).write_text(json.dumps(marker) + "\n")
+        complete = sorted(p for p in Path(ckpt.dir).glob("step-*") if (p / COMPLETE).is_file())
+        for old in complete[: -ckpt.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _resume(accelerator: Accelerator, ckpt: Checkpointing, progress: _Progress, main: bool) -> None:
+    log = print if main else (lambda *a: None)
+    usable = find_checkpoints(ckpt, log=log)
+    if main:  # incomplete ones and those of other params can never be resumed: clear them out of the way
+        keep = {p for p, _ in usable}
+        for stale in Path(ckpt.dir).glob("step-*"):
+            if stale not in keep:
+                shutil.rmtree(stale, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    for path, _ in usable:
+        try:
+            accelerator.load_state(str(path))
+        except Exception as e:  # truncated or corrupt files: fall back to the previous checkpoint
+            warnings.warn(f"checkpoint {path} could not be loaded ({type(e).__name__}: {e}); trying an older one",
+                          stacklevel=2)  # fmt: skip
+            continue
+        log(f"resumed from {path} (step {progress.step})")
+        return

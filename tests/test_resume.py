@@ -1,0 +1,105 @@
+"""Kill a real training process mid-run, rerun it, and get the uninterrupted run's weights to the bit."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from mlflow import MlflowClient
+from safetensors.torch import load_file
+
+from tests.conftest import REPO, run, write_params
+
+FAST = {
+    "data": {"n_train": 256},
+    "basic": {"batch_size": 32, "epochs": 6, "max_steps": 40, "log_every": 2, "sample_every": 0, "checkpoint_every": 5,
+              "checkpoints_keep": 3},
+    "mlflow": {"log_model": False},
+}  # fmt: skip
+STAGE = [sys.executable, str(REPO / "stages/train_basic.py")]
+
+
+@pytest.fixture
+def downloaded(project):
+    write_params(project, FAST)
+    run([sys.executable, str(REPO / "stages/download.py")], cwd=project)
+    return project
+
+
+def _env(store):
+    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}",
+            "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
+
+
+def _kill_after_checkpoint(project, store, step: int) -> None:
+    proc = subprocess.Popen(STAGE, cwd=project, env=_env(store), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = project / f"checkpoints/train-basic/step-{step:07d}/complete.json"
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert proc.poll() is None, "training ended before it could be killed"
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (project / "models/basic/model.safetensors").exists()
+
+
+def _weights(project):
+    return load_file(project / "models/basic/model.safetensors")
+
+
+def test_kill_and_resume_gives_identical_weights_and_one_run(downloaded, tmp_path):
+    project = downloaded
+    reference = tmp_path / "reference"
+    subprocess.run(["cp", "-r", str(project), str(reference)], check=True)
+    run(STAGE, cwd=reference, env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'ref.db'}"})
+
+    store = tmp_path / "store.db"
+    _kill_after_checkpoint(project, store, step=10)
+    out = run(STAGE, cwd=project, env={"MLFLOW_TRACKING_URI": f"sqlite:///{store}"}).stdout
+    assert "resumed from" in out
+
+    ref, got = _weights(reference), _weights(project)
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    assert (project / "plots/train_basic/loss.tsv").read_text() == (
+        reference / "plots/train_basic/loss.tsv"
+    ).read_text()
+
+    # One MLflow run, continued: every loss step logged exactly once.
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    runs = client.search_runs([client.get_experiment_by_name("scratch-diffusion").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")]
+    assert steps == list(range(2, 41, 2))
+    assert json.loads((project / "models/basic/run.json").read_text())["run_id"] == runs[0].info.run_id
+
+
+def test_corrupt_checkpoint_falls_back_to_the_previous_one(downloaded, tmp_path):
+    project = downloaded
+    reference = tmp_path / "reference"
+    subprocess.run(["cp", "-r", str(project), str(reference)], check=True)
+    run(STAGE, cwd=reference, env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'ref.db'}"})
+
+    _kill_after_checkpoint(project, tmp_path / "store.db", step=15)
+    newest = sorted((project / "checkpoints/train-basic").glob("step-*"))[-1]
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    proc = run(STAGE, cwd=project, env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'store.db'}"})
+    assert "could not be loaded" in proc.stderr and "resumed from" in proc.stdout
+    ref, got = _weights(reference), _weights(project)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_changed_params_do_not_resume(downloaded, tmp_path):
+    project = downloaded
+    _kill_after_checkpoint(project, tmp_path / "store.db", step=10)
+    write_params(project, {"basic": {"lr": 5e-4}})
+    out = run(STAGE, cwd=project, env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'store.db'}"}).stdout
+    assert "made with other params" in out and "resumed from checkpoints" not in out
+    assert [p.name for p in (project / "checkpoints/train-basic").glob("step-*")] != []  # the new run's own
+    markers = [json.loads(m.read_text()) for m in (project / "checkpoints/train-basic").glob("step-*/complete.json")]
+    assert len({m["params_hash"] for m in markers}) == 1
