@@ -1,6 +1,7 @@
 """End to end: the real `dvc repro` and `dvc exp run` on a git+DVC copy of the project with tiny params."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -95,3 +96,26 @@ def test_dvc_repro_then_experiments(project):
     )
     assert sorted(r.info.run_name for r in runs) == ["compare", "sample", "train-unet2d"]
     assert [r.data.params["objective"] for r in runs if r.info.run_name == "train-unet2d"] == ["eps"]
+
+    # Queued experiments, two at a time in temporary copies: both complete, both land in the same MLflow store.
+    for name, override in [("q-v", "objective=v"), ("q-lr", "unet2d.lr=2e-3")]:
+        run(["dvc", "exp", "run", "--queue", "-S", override, "-n", name], cwd=project)
+    run(["dvc", "queue", "start", "-j", "2"], cwd=project)
+    deadline = time.monotonic() + 600
+    while True:
+        status = run(["dvc", "queue", "status"], cwd=project).stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(3)
+    assert status.count("Success") == 2, status
+    shown = run(["dvc", "exp", "show", "--json"], cwd=project).stdout
+    assert '"q-v"' in shown and '"q-lr"' in shown
+    for name in ("q-v", "q-lr"):
+        runs = client.search_runs(
+            [client.get_experiment_by_name("scratch-diffusion").experiment_id],
+            filter_string=f"tags.dvc_exp_name = '{name}'",
+        )
+        assert sorted(r.info.run_name for r in runs) == ["compare", "sample", "train-unet2d"], name
+        assert all(r.info.status == "FINISHED" for r in runs)
+    assert not list((project / ".dvc/tmp/exps").rglob("mlflow.db"))  # no store left inside a temp copy

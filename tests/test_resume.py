@@ -103,3 +103,17 @@ def test_changed_params_do_not_resume(downloaded, tmp_path):
     assert [p.name for p in (project / "checkpoints/train-basic").glob("step-*")] != []  # the new run's own
     markers = [json.loads(m.read_text()) for m in (project / "checkpoints/train-basic").glob("step-*/complete.json")]
     assert len({m["params_hash"] for m in markers}) == 1
+
+
+def test_same_params_same_numbers(downloaded, tmp_path):
+    """Reproducible on CPU: two runs with the same params and seed give the same weights, curve and losses."""
+    other = tmp_path / "other"
+    subprocess.run(["cp", "-r", str(downloaded), str(other)], check=True)
+    for project, db in ((downloaded, "a.db"), (other, "b.db")):
+        write_params(project, {"basic": {"checkpoint_every": 0, "max_steps": 12}})
+        run(STAGE, cwd=project, env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / db}"})
+    a, b = _weights(downloaded), _weights(other)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (downloaded / "plots/train_basic/loss.tsv").read_text() == (other / "plots/train_basic/loss.tsv").read_text()
+    ma, mb = (json.loads((p / "metrics/train_basic.json").read_text()) for p in (downloaded, other))
+    assert ma["epoch_losses"] == mb["epoch_losses"] and ma["final_loss"] == mb["final_loss"]

@@ -18,7 +18,14 @@ from tests.conftest import REPO, run, write_params
 def trained(project, tmp_path):
     uri = f"sqlite:///{tmp_path / 'store.db'}"
     run([sys.executable, str(REPO / "stages/download.py")], cwd=project)
-    proc = run([sys.executable, str(REPO / "stages/train_basic.py")], cwd=project, env={"MLFLOW_TRACKING_URI": uri})
+    # Credentials in the environment must never reach a param or a tag.
+    secrets = {
+        "AWS_SECRET_ACCESS_KEY": "SECRET-aws-1",
+        "MLFLOW_TRACKING_PASSWORD": "SECRET-pw-2",
+        "HF_TOKEN": "SECRET-3",
+    }
+    proc = run([sys.executable, str(REPO / "stages/train_basic.py")], cwd=project,
+               env={"MLFLOW_TRACKING_URI": uri, **secrets})  # fmt: skip
     return project, uri, proc
 
 
@@ -45,6 +52,8 @@ def test_mlflow_run_is_complete(trained):
     assert r.data.params["basic.batch_size"] == "32" and r.data.params["data.n_train"] == "256"
     assert r.data.params["seed"] == "42"
     assert len(r.data.tags["params_hash"]) == 12 and r.data.tags["dvc_stage"] == "train-basic"
+    logged = " ".join(f"{k}={v}" for k, v in {**r.data.params, **r.data.tags}.items())
+    assert "SECRET-" not in logged
     assert [m.step for m in client.get_metric_history(r.info.run_id, "loss")] == [2, 4, 6]
     assert len(client.get_metric_history(r.info.run_id, "epoch_loss")) == 1
     images = [f.path for f in client.list_artifacts(r.info.run_id, "images")]

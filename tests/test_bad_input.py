@@ -1,0 +1,97 @@
+"""Bad input through the real stage entry points: one line naming the key, the value and what is allowed,
+a non-zero exit, before any work, nothing written."""
+
+import runpy
+
+import pytest
+
+from tests.conftest import REPO, write_params
+
+STAGES = ["download", "train_basic", "train_unet2d", "sample", "visualize_schedule", "train_classifier", "compare"]
+
+CASES = [
+    ("train_basic", {"basic": {"lr": -1}}, "basic.lr: got -1.0, allowed range (0.0, 1.0]"),
+    ("train_basic", {"basic": {"batch_size": "big"}}, "basic.batch_size: got 'big', expected an integer"),
+    ("train_basic", {"basic": {"epochs": 0}}, "basic.epochs: got 0, allowed range [1, inf]"),
+    ("train_basic", {"basic": {"mixed_precision": "no"}}, "basic.mixed_precision: got 'no', allowed: 'fp32'"),
+    ("train_basic", {"basic": {"mixed_precision": False}}, "basic.mixed_precision: got False, expected a string"),
+    ("train_basic", {"basic": {"checkpoint_every": -5}}, "basic.checkpoint_every: got -5, allowed range [0, inf]"),
+    ("train_basic", {"bsaic": {"lr": 0.1}}, "bsaic: unknown key"),
+    ("train_unet2d", {"objective": "epsilon"}, "objective: got 'epsilon', allowed: 'x0', 'eps', 'v'"),
+    ("train_unet2d", {"unet2d": {"corruption": "gauss"}}, "unet2d.corruption: got 'gauss', allowed: 'ddpm', 'toy'"),
+    ("train_unet2d", {"unet2d": {"corruption": "toy", "conditioning": "amount"}, "objective": "v"},
+     "objective: got 'v' with unet2d.corruption=toy"),
+    ("train_unet2d", {"unet2d": {"conditioning": "time"}}, "unet2d.conditioning: got 'time', allowed"),
+    ("train_unet2d", {"unet2d": {"beta_start": 0.1, "beta_end": 0.01}}, "unet2d.beta_end: got 0.01"),
+    ("train_unet2d", {"unet2d": {"block_out_channels": [32, "wide", 64]}},
+     "unet2d.block_out_channels[1]: got 'wide', expected an integer"),
+    ("train_unet2d", {"unet2d": {"block_out_channels": 32}}, "unet2d.block_out_channels: got 32, expected a non-empty"),
+    ("train_unet2d", {"unet2d": {"ema_decay": 1.5}}, "unet2d.ema_decay: got 1.5, allowed range [0.0, 0.99999]"),
+    ("train_unet2d", {"unet2d": {"loss_weighting": "snr"}}, "unet2d.loss_weighting: got 'snr', allowed: 'none'"),
+    ("train_unet2d", {"unet2d": {"lr_schedule": "linear"}}, "unet2d.lr_schedule: got 'linear', allowed"),
+    ("sample", {"sample": {"settings": [{"model": "unet2d", "sampler": "plms", "steps": 10}]}},
+     "sample.settings[0].sampler: got 'plms', allowed: 'toy', 'ddpm'"),
+    ("sample", {"sample": {"settings": [{"model": "unet2d", "sampler": "ddim", "steps": 2000}]}},
+     "unet2d/ddim-2000 has 2000 steps, more than unet2d.num_train_timesteps (1000)"),
+    ("sample", {"sample": {"settings": [{"model": "basic", "sampler": "ddim", "steps": 10}]}},
+     "sample.settings[0].sampler: got 'ddim' for model 'basic'"),
+    ("sample", {"sample": {"settings": [{"model": "unet2d", "sampler": "euler", "steps": 10, "eta": 0.5}]}},
+     "sample.settings[0].eta: got 0.5 for sampler 'euler'; eta is for ddim only"),
+    ("sample", {"sample": {"settings": [{"model": "unet2d", "sampler": "ddim", "stpes": 10}]}},
+     "sample.settings[0].stpes: unknown key"),
+    ("sample", {"sample": {"n": 6000}}, "sample.n: got 6000, allowed range [2, 5000]"),
+    ("sample", {"sample": {"settings": [{"model": "basic", "sampler": "toy", "steps": 5}] * 2}},
+     "sample.settings: 'basic/toy-5' appears twice"),
+    ("download", {"data": {"dataset": "cifar10"}}, "data.dataset: got 'cifar10', allowed: 'mnist', 'fashion_mnist'"),
+    ("download", {"data": {"source": "/nowhere"}}, "data.source: got '/nowhere', which is no folder"),
+    ("train_classifier", {"classifier": {"lr": 0}}, "classifier.lr: got 0.0, allowed range (0.0, 1.0]"),
+    ("compare", {"mlflow": {"experiment": 5}}, "mlflow.experiment: got 5, expected a string"),
+    ("visualize_schedule", {"seed": "abc"}, "seed: got 'abc', expected an integer"),
+]  # fmt: skip
+
+
+def _run_stage(stage, project, monkeypatch, capsys):
+    monkeypatch.chdir(project)
+    monkeypatch.setattr("sys.argv", [f"stages/{stage}.py"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(REPO / f"stages/{stage}.py"), run_name="__main__")
+    return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("stage", "overrides", "message"), CASES, ids=[c[2][:40] for c in CASES])
+def test_bad_params(project, monkeypatch, capsys, stage, overrides, message):
+    write_params(project, overrides)
+    before = sorted(p.relative_to(project) for p in project.rglob("*") if ".git" not in p.parts)
+    code, err = _run_stage(stage, project, monkeypatch, capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    after = sorted(p.relative_to(project) for p in project.rglob("*") if ".git" not in p.parts)
+    assert after == before  # nothing written
+
+
+@pytest.mark.parametrize(("stage", "message"), [
+    ("train_basic", "dvc repro download"),
+    ("train_unet2d", "dvc repro download"),
+    ("train_classifier", "dvc repro download"),
+    ("sample", "dvc repro train-basic"),
+    ("visualize_schedule", "dvc repro train-basic"),
+    ("compare", "dvc repro sample"),
+])  # fmt: skip
+def test_missing_upstream_output_names_the_stage(project, monkeypatch, capsys, stage, message):
+    code, err = _run_stage(stage, project, monkeypatch, capsys)
+    assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_unreachable_tracking_server_fails_fast(project, monkeypatch, capsys, mnist_raw):
+    import time
+
+    _run_download = runpy.run_path  # the stage needs data before it reaches the tracking check
+    monkeypatch.chdir(project)
+    monkeypatch.setattr("sys.argv", ["stages/download.py"])
+    _run_download(str(REPO / "stages/download.py"), run_name="__main__")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://user:s3cret@127.0.0.1:9/")
+    start = time.monotonic()
+    code, err = _run_stage("train_basic", project, monkeypatch, capsys)
+    assert code == 2 and time.monotonic() - start < 30
+    assert "MLFLOW_TRACKING_URI=http://127.0.0.1:9/: the tracking server does not answer" in err
+    assert "s3cret" not in err
