@@ -60,6 +60,10 @@ def test_kill_and_resume_gives_identical_weights_and_one_run(downloaded, tmp_pat
 
     store = tmp_path / "store.db"
     _kill_after_checkpoint(project, store, step=10)
+    # Everything in a checkpoint loads weights-only: safetensors, JSON, and Accelerate's weights_only loads.
+    saved = {p.name for p in (project / "checkpoints/train-basic/step-0000010").iterdir()}
+    assert {"model.safetensors", "train_state.json", "complete.json"} <= saved
+    assert not any(name.startswith("custom_checkpoint") for name in saved)
     out = run(STAGE, cwd=project, env={"MLFLOW_TRACKING_URI": f"sqlite:///{store}"}).stdout
     assert "resumed from" in out
 

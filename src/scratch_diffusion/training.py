@@ -22,6 +22,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 from tqdm.auto import tqdm
 
@@ -197,11 +198,13 @@ def fit(
         num_training_steps=total,
     )
     progress = _Progress()
-    accelerator.register_for_checkpointing(scheduler, progress, *([ema] if ema is not None else []))
+    # Not registered with Accelerate: it unpickles registered objects with weights_only=False. The lr schedule
+    # and progress go to JSON, the EMA weights to safetensors (see _save / _resume).
+    extras = {"scheduler": scheduler, "progress": progress, "ema": ema}
     main = accelerator.is_main_process
     if checkpointing is not None:
         progress.run_id = checkpointing.run_id
-        _resume(accelerator, checkpointing, progress, main)
+        _resume(accelerator, checkpointing, extras, main)
 
     bar = tqdm(total=total, initial=progress.step, desc=desc, disable=not (main and sys.stderr.isatty()),
                dynamic_ncols=True)  # fmt: skip
@@ -268,7 +271,7 @@ def fit(
                 progress.epoch, progress.batch_in_epoch = (epoch + 1, 0) if epoch_done else (epoch, batch_in_epoch)
                 progress.window = [window_sum.item(), window_n]
                 progress.epoch_acc = [0.0, 0] if epoch_done else [epoch_sum.item(), epoch_n]
-                _save(accelerator, checkpointing, progress, main)
+                _save(accelerator, checkpointing, extras, main)
             if last:
                 break
         if step >= total and batch_in_epoch < len(loader):
@@ -287,12 +290,19 @@ def fit(
     )
 
 
-def _save(accelerator: Accelerator, ckpt: Checkpointing, progress: _Progress, main: bool) -> None:
-    """save_state on every process (it synchronises), then the completion marker and pruning on the main one."""
+def _save(accelerator: Accelerator, ckpt: Checkpointing, extras: dict, main: bool) -> None:
+    """save_state on every process (it synchronises: model as safetensors, optimizer, RNG states), then our own
+    state, the completion marker and pruning on the main one."""
+    progress, ema = extras["progress"], extras["ema"]
     path = Path(ckpt.dir) / f"step-{progress.step:07d}"
     accelerator.save_state(str(path))
     accelerator.wait_for_everyone()
     if main:
+        state = {"progress": progress.state_dict(), "scheduler": extras["scheduler"].state_dict()}
+        if ema is not None:
+            state["ema_updates"] = ema.updates
+            save_file({k: v.contiguous() for k, v in ema.model.state_dict().items()}, str(path / "ema.safetensors"))
+        (path / "train_state.json").write_text(json.dumps(state))
         marker = {"step": progress.step, "params_hash": ckpt.params_hash, "run_id": progress.run_id}
         (path / COMPLETE).write_text(json.dumps(marker) + "\n")
         complete = sorted(p for p in Path(ckpt.dir).glob("step-*") if (p / COMPLETE).is_file())
@@ -301,7 +311,8 @@ def _save(accelerator: Accelerator, ckpt: Checkpointing, progress: _Progress, ma
     accelerator.wait_for_everyone()
 
 
-def _resume(accelerator: Accelerator, ckpt: Checkpointing, progress: _Progress, main: bool) -> None:
+def _resume(accelerator: Accelerator, ckpt: Checkpointing, extras: dict, main: bool) -> None:
+    progress, ema = extras["progress"], extras["ema"]
     log = print if main else (lambda *a: None)
     usable = find_checkpoints(ckpt, log=log)
     if main:  # incomplete ones and those of other params can never be resumed: clear them out of the way
@@ -312,7 +323,13 @@ def _resume(accelerator: Accelerator, ckpt: Checkpointing, progress: _Progress, 
     accelerator.wait_for_everyone()
     for path, _ in usable:
         try:
-            accelerator.load_state(str(path))
+            accelerator.load_state(str(path))  # model, optimizer, RNG: all loaded weights-only
+            state = json.loads((path / "train_state.json").read_text())
+            extras["scheduler"].load_state_dict(state["scheduler"])
+            if ema is not None:
+                ema.model.load_state_dict(load_file(path / "ema.safetensors", device=str(accelerator.device)))
+                ema.updates = state["ema_updates"]
+            progress.load_state_dict(state["progress"])
         except Exception as e:  # truncated or corrupt files: fall back to the previous checkpoint
             warnings.warn(f"checkpoint {path} could not be loaded ({type(e).__name__}: {e}); trying an older one",
                           stacklevel=2)  # fmt: skip
