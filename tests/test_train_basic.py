@@ -57,7 +57,8 @@ def test_mlflow_run_is_complete(trained):
     assert [m.step for m in client.get_metric_history(r.info.run_id, "loss")] == [2, 4, 6]
     assert len(client.get_metric_history(r.info.run_id, "epoch_loss")) == 1
     images = [f.path for f in client.list_artifacts(r.info.run_id, "images")]
-    assert any("samples+step+3+" in p for p in images) and any("samples+step+6+" in p for p in images)
+    logged_steps = {int(p.split("+step+")[1].split("+")[0]) for p in images}
+    assert logged_steps == {0, 3, 6}, logged_steps  # before training, every 3 steps, and the final model
 
     mlflow.set_tracking_uri(uri)
     model = mlflow.pytorch.load_model(info["model_uri"])

@@ -209,6 +209,10 @@ def fit(
     bar = tqdm(total=total, initial=progress.step, desc=desc, disable=not (main and sys.stderr.isatty()),
                dynamic_ncols=True)  # fmt: skip
     plain_every = max(1, total // 20)  # off a terminal: about 20 plain progress lines
+    if on_sample and sample_every and main and progress.step == 0:
+        # The untrained model's grid: a baseline for the later ones, and the step MLflow's image slider opens at.
+        on_sample(0, ema.model if ema is not None else accelerator.unwrap_model(model))
+        model.train()
     device = accelerator.device
     start, seen_at_start = time.perf_counter(), progress.seen
     step = progress.step

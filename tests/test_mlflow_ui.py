@@ -1,0 +1,117 @@
+"""The MLflow UI as a person sees it: a real `mlflow server` on 127.0.0.1 over a store filled by real (tiny) training
+stages, driven by headless Chromium (Debian's package; Playwright only drives it, nothing is downloaded)."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import REPO, run
+
+try:
+    from playwright.sync_api import expect, sync_playwright
+except ImportError:  # pragma: no cover - the dev extra installs it
+    sync_playwright = None
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# No background traffic: this machine's network is closed, and Chromium retries refused connections by the dozen.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+                 "--disable-background-networking", "--disable-component-update"]  # fmt: skip
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(sync_playwright is None, reason="playwright is not installed (pip install -e '.[dev]')"),
+    pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on PATH (Debian: apt-get install chromium; .ci/run does)"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"mlflow server exited with {proc.returncode}:\n{proc.stdout.read()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"mlflow server at {url} did not answer /health within {timeout} s")
+
+
+@pytest.fixture
+def server(project, tmp_path):
+    """Two real training runs in a SQLite store, served by `mlflow server` on loopback."""
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    env = {"MLFLOW_TRACKING_URI": uri}
+    run([sys.executable, str(REPO / "stages/download.py")], cwd=project)
+    for stage in ("train_basic", "train_unet2d"):
+        run([sys.executable, str(REPO / f"stages/{stage}.py")], cwd=project, env=env)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+    )  # fmt: skip
+    try:
+        wait_until_up(url, proc)
+        yield url, MlflowClient(tracking_uri=uri)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_runs_loss_and_sample_grid_are_shown(server, tmp_path):
+    url, client = server
+    experiment = client.get_experiment_by_name("scratch-diffusion")
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert {"train-basic", "train-unet2d"} <= set(runs)
+    basic = runs["train-basic"].info.run_id
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            expect.set_options(timeout=45_000)  # a 2-core machine renders the UI slowly
+
+            # The experiment's runs table lists one run per stage.
+            page.goto(f"{url}/#/experiments/{experiment.experiment_id}/runs")
+            for name in ("train-basic", "train-unet2d"):
+                expect(page.get_by_text(name, exact=True).first).to_be_visible()
+            page.screenshot(path=tmp_path / "experiment.png", full_page=True)
+
+            # One training run: its params, its loss metric...
+            page.goto(f"{url}/#/experiments/{experiment.experiment_id}/runs/{basic}")
+            expect(page.get_by_text("basic.batch_size", exact=True)).to_be_visible()
+            expect(page.get_by_role("link", name="loss", exact=True)).to_be_visible()
+            # ... and, under Model metrics, the loss chart and the sample grid, fetched from the run's artifacts.
+            page.get_by_role("tab", name="Model metrics").click()
+            expect(page.get_by_text("loss", exact=True).first).to_be_visible()
+            grid = page.locator("img[src*='get-artifact'][src*='samples']").first
+            expect(grid).to_be_visible()
+            page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=grid.element_handle())
+            width = grid.evaluate("img => img.naturalWidth")
+            shot = tmp_path / "run.png"
+            page.screenshot(path=shot, full_page=True)
+        finally:
+            browser.close()
+    assert width >= 28  # a decoded grid of 28-pixel digits, not a broken-image icon
+    assert shot.stat().st_size > 20_000
+    print(f"screenshots: {tmp_path / 'experiment.png'} {shot}")
