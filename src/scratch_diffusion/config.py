@@ -238,8 +238,18 @@ class Params:
     sample: SampleParams = field(default_factory=SampleParams)
     classifier: ClassifierParams = field(default_factory=ClassifierParams)
     mlflow: MlflowParams = field(default_factory=MlflowParams)
+    # How dvc.yaml starts the training stages (`cmd: ${launch} stages/train_....py`): `python` (one process: the
+    # GPU if there is one, else the CPU), `accelerate launch [...]` (as `accelerate config` saved, or with flags),
+    # or `torchrun --nproc_per_node N`. Part of the stage command, so changing it reruns the training stages.
+    launch: str = "python"
 
     def validate(self, key: str = "") -> None:
+        words = self.launch.split()
+        if not words or not (words[0] in ("python", "python3", "torchrun") or words[:2] == ["accelerate", "launch"]):
+            raise ParamsError(
+                f"launch: got {self.launch!r}, allowed: a command starting with 'python', 'accelerate launch' or "
+                "'torchrun' (e.g. 'accelerate launch --num_processes 2', 'torchrun --nproc_per_node 2')"
+            )
         for s in self.sample.settings:
             if s.sampler != "toy" and s.steps > self.unet2d.num_train_timesteps:
                 raise ParamsError(

@@ -8,8 +8,10 @@ so there is no per-item PIL decode in the hot loop. `loss_fn(model, x0)` holds e
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -33,7 +35,12 @@ def make_accelerator(mixed_precision: str = "fp32") -> Accelerator:
     allowed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
     if mixed_precision not in allowed:
         raise ValueError(f"unknown mixed precision {mixed_precision!r}; allowed: {', '.join(allowed)}")
-    return Accelerator(mixed_precision=allowed[mixed_precision])
+    # Started by torchrun (or mpirun) on a machine without GPUs, Accelerate joins the processes only when told to
+    # use the CPU; otherwise each process would train alone, as its own main process. `accelerate launch --cpu`
+    # says so through ACCELERATE_USE_CPU, which Accelerator reads itself.
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "LOCAL_RANK" in os.environ
+    cpu = launched and not torch.cuda.is_available()
+    return Accelerator(mixed_precision=allowed[mixed_precision], cpu=cpu)
 
 
 class EMA:
@@ -173,7 +180,7 @@ def fit(
     """
     if lr_schedule not in ("constant", "cosine"):
         raise ValueError(f"unknown lr schedule {lr_schedule!r}; allowed: constant, cosine")
-    set_seed(seed)
+    set_seed(seed, device_specific=True)  # seed + process index: each shard draws its own noise
     # The data order is a function of (seed, epoch) alone, so a resumed run replays it exactly: the sampler's
     # generator is reseeded at every epoch, and the loader gets its own generator so that creating an iterator
     # never draws from the global RNG (which the corruption noise uses).
@@ -285,6 +292,13 @@ def fit(
     bar.close()
     accelerator.wait_for_everyone()
     wall = time.perf_counter() - start
+    if accelerator.num_processes > 1:
+        # Data-parallel replicas must end identical; each process says what it holds, so a divergence shows.
+        held = f"weights sha256 {weights_digest(accelerator.unwrap_model(model))}"
+        if ema is not None:
+            held += f", EMA sha256 {weights_digest(ema.model)}"
+        print(f"{desc}: process {accelerator.process_index} of {accelerator.num_processes} ends with {held}",
+              flush=True)  # fmt: skip
     return TrainResult(
         steps=step,
         epoch_losses=list(progress.epoch_losses),
@@ -292,6 +306,16 @@ def fit(
         wall_s=wall,
         images_per_s=(progress.seen - seen_at_start) / wall if wall > 0 else 0.0,
     )
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of a model's state (names, shapes, dtypes and bytes), the same for bit-identical weights."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _save(accelerator: Accelerator, ckpt: Checkpointing, extras: dict, main: bool) -> None:
