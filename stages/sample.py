@@ -10,6 +10,7 @@ named `sample`, tagged with the ids of the training runs it used.
 """
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -66,7 +67,7 @@ def main() -> None:
     used["sample"]["settings"] = [s.name for s in sp.settings]
     tags = {f"train_run_{name}": m[3] for name, m in models.items()}
     timings = {}
-    bar = tqdm(total=sp.n * len(sp.settings), desc="sample", unit="img")
+    bar = tqdm(total=sp.n * len(sp.settings), desc="sample", unit="img", disable=not sys.stderr.isatty())
     with tracking.start_run(params.mlflow.experiment, "sample", flatten(used), tags) as active:
         for s in sp.settings:
             model, corruption, config, _ = models[s.model]
@@ -74,7 +75,7 @@ def main() -> None:
             start = time.perf_counter()
             images, nfe = generate(
                 model, s.sampler, s.steps, sp.n, batch_size=sp.batch_size, seed=sp.seed, corruption=corruption,
-                trained_config=config, device=device, eta=s.eta, progress=bar.update,
+                trained_config=config, device=device, eta=s.eta, precision=sp.precision, progress=bar.update,
             )  # fmt: skip
             seconds = time.perf_counter() - start
             with files.atomic_path(f"samples/{s.name}.npz") as tmp, open(tmp, "wb") as f:

@@ -72,11 +72,12 @@ def main() -> None:
             sample_every=p.sample_every,
             on_sample=lambda s, net: s > logged and tracking.log_image(sample_grid(net), key="samples", step=s),
             checkpointing=ckpt,
+            channels_last=p.channels_last,
             desc="train-basic",
         )  # fmt: skip
         if not main_proc:
             return
-        net = accelerator.unwrap_model(model)
+        net = accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # plain forward: picklable for MLflow
         with files.atomic_path(f"{OUT}/model.safetensors") as tmp:
             save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
         report_training(result, sample_grid(net), "metrics/train_basic.json", "plots/train_basic")

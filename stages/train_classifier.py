@@ -38,7 +38,7 @@ def main() -> None:
             lr_schedule="cosine", on_log=lambda s, v: tracking.log_metrics({"loss": v}, step=s),
             desc="train-classifier",
         )  # fmt: skip
-        net = accelerator.unwrap_model(model).cpu().eval()
+        net = accelerator.unwrap_model(model, keep_fp32_wrapper=False).cpu().eval()
         acc = accuracy(net, test_images, test_labels)
         metrics = {"test_accuracy": acc, "final_loss": result.final_loss, "wall_s": result.wall_s}
         tracking.log_metrics(metrics)

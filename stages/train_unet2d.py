@@ -84,11 +84,12 @@ def main() -> None:
             sample_every=p.sample_every,
             on_sample=lambda s, net: s > logged and tracking.log_image(sample_grid(net), key="samples", step=s),
             checkpointing=ckpt,
+            channels_last=p.channels_last,
             desc="train-unet2d",
         )  # fmt: skip
         if not main_proc:
             return
-        final = ema.model if ema is not None else accelerator.unwrap_model(model)
+        final = ema.model if ema is not None else accelerator.unwrap_model(model, keep_fp32_wrapper=False)
         meta = {"objective": params.objective, "corruption": p.corruption, "conditioning": p.conditioning,
                 "ema_decay": p.ema_decay, "run_id": active.info.run_id}  # fmt: skip
         save_unet2d(OUT, final, scheduler, meta)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import resource
 import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 from scratch_diffusion.config import ParamsError
 from scratch_diffusion.data import DataError
@@ -14,11 +18,23 @@ class StageError(RuntimeError):
 
 
 def run_stage(main: Callable[[], None]) -> None:
+    """Run a stage's `main`; on success record its cost in metrics/cost/<stage>.json (a DVC metric): wall time
+    and peak resident memory, so `dvc exp show` and benchmarks/speed.py can tell what each stage costs."""
+    start = time.perf_counter()
     try:
         main()
     except (ParamsError, DataError, StageError, ConnectionError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if int(os.environ.get("RANK", "0")) == 0:  # under a launcher, the main process speaks for the stage
+        from scratch_diffusion.files import write_json
+
+        stage = Path(sys.argv[0]).stem.replace("_", "-")
+        peak_kib = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+        write_json(f"metrics/cost/{stage}.json", {
+            "wall_s": round(time.perf_counter() - start, 2),
+            "peak_rss_mib": round(peak_kib / 1024, 1),
+        })  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -103,6 +119,8 @@ def generate_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="start-noise seed; same seed, same images (default: 0)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM only: 0 deterministic, 1 DDPM-like")
     parser.add_argument("--batch-size", type=int, default=250, help="images per model call (default: 250)")
+    parser.add_argument("--precision", default="bf16", choices=("fp32", "bf16"),
+                        help="model evaluations under bf16 autocast, or all fp32 (default: bf16)")  # fmt: skip
     parser.add_argument("--out", default="generated", help="output folder (default: generated/)")
     args = parser.parse_args(argv)  # fmt: skip
     for name in ("steps", "n", "batch_size"):
@@ -121,7 +139,8 @@ def generate_main(argv: list[str] | None = None) -> None:
         parser.error(f"--steps: got {args.steps}, allowed: 1..{config.num_train_timesteps} for this model")
 
     images, nfe = generate(net, args.sampler, args.steps, args.n, batch_size=args.batch_size, seed=args.seed,
-                           corruption=corruption, trained_config=config, device=device, eta=args.eta)  # fmt: skip
+                           corruption=corruption, trained_config=config, device=device, eta=args.eta,
+                           precision=args.precision)  # fmt: skip
     out = Path(args.out)
     stem = f"{args.sampler}-{args.steps}-seed{args.seed}"
     from scratch_diffusion.files import atomic_path

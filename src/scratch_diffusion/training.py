@@ -168,6 +168,7 @@ def fit(
     desc: str = "train",
     labels: torch.Tensor | None = None,
     checkpointing: Checkpointing | None = None,
+    channels_last: bool = False,
 ) -> TrainResult:
     """Train `model` on `images` (uint8, (N, 1, H, W)) with Adam; returns losses and throughput.
 
@@ -177,6 +178,7 @@ def fit(
     N * batch_size, and `lr` applies to that global batch (no automatic scaling).
     With `checkpointing`, the full state is saved every `checkpointing.every` steps and training resumes from the
     newest complete checkpoint of the same params, ending with the same weights as an uninterrupted run.
+    `channels_last` trains in the NHWC memory layout (weights and batches), which oneDNN's convolutions prefer.
     """
     if lr_schedule not in ("constant", "cosine"):
         raise ValueError(f"unknown lr schedule {lr_schedule!r}; allowed: constant, cosine")
@@ -188,7 +190,11 @@ def fit(
     order = torch.Generator()
     loader = DataLoader(dataset, batch_size=batch_size, sampler=RandomSampler(dataset, generator=order),
                         generator=torch.Generator().manual_seed(seed))  # fmt: skip
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(memory_format=layout)
+    # The fused kernel updates all parameters in one pass (CPU and CUDA): ~5% of a small network's step here.
+    fused = accelerator.device.type in ("cpu", "cuda") or None
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=fused)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     if ema is not None:
         ema.model.to(accelerator.device)
@@ -236,7 +242,8 @@ def fit(
         window_n, epoch_n = progress.window[1], progress.epoch_acc[1]
         batch_in_epoch = skip
         for batch, *y in batches:
-            x0 = batch.float() / 255  # uint8 -> [0, 1]; models map to their own range in loss_fn
+            # uint8 -> [0, 1]; models map to their own range in loss_fn
+            x0 = (batch.float() / 255).contiguous(memory_format=layout)
             loss = loss_fn(model, x0, *y)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)

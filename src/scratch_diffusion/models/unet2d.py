@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 from diffusers import UNet2DModel
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
 CONDITIONINGS = ("timestep", "none", "amount")
@@ -38,6 +39,24 @@ def build_unet(
     )
 
 
+class CpuFp32Attention(AttnProcessor2_0):
+    """diffusers' attention, run in fp32 on the CPU even under bf16 autocast.
+
+    The lesson's UNet2DModel has 8 heads of dimension 8: PyTorch's CPU flash attention is slower in bf16 than
+    in fp32 at that size, and attention is ~40% of a training step, so bf16 autocast of the whole network was
+    slower than fp32 here; with this processor it is 1.3x faster (benchmarks/speed.py). On GPUs, bf16 attention
+    is fast: there it is left to autocast.
+    """
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        # The same parameters as the parent: diffusers drops keyword arguments a processor does not name.
+        inputs = (encoder_hidden_states, attention_mask, temb)
+        if hidden_states.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+            return super().__call__(attn, hidden_states, *inputs)
+        with torch.autocast("cpu", enabled=False):
+            return super().__call__(attn, hidden_states.float(), *inputs)
+
+
 class UNet2DDenoiser(nn.Module):
     def __init__(self, unet: UNet2DModel, conditioning: str = "timestep"):
         super().__init__()
@@ -45,6 +64,9 @@ class UNet2DDenoiser(nn.Module):
             raise ValueError(f"unknown conditioning {conditioning!r}; allowed: {', '.join(CONDITIONINGS)}")
         self.unet = unet
         self.conditioning = conditioning
+        for module in unet.modules():
+            if isinstance(module, Attention):
+                module.set_processor(CpuFp32Attention())
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x_t: (B, C, H, W); t: (B,) timesteps (or toy amounts in [0, 1]) -> prediction (B, C, H, W)."""

@@ -1,0 +1,248 @@
+"""How fast the pipeline trains and samples, against the lesson's own loop on the same machine. Prints ratios.
+
+    python benchmarks/speed.py                      # everything (~15 min on a 2-core CPU); needs data/dataset
+    python benchmarks/speed.py --only train --models basic --repeats 5
+    python benchmarks/speed.py --only loss          # loss curve: stage defaults vs fp32, equal seed, 500 steps
+
+Training: for each model, the same number of optimizer steps at batch 128 done (a) as the lesson does it
+(torchvision MNIST with ToTensor through a DataLoader, fp32, eager, `loss.item()` every step) and (b) as the train
+stage runs by default (its params from params.yaml, through `training.fit`), interleaved A B A B in one process;
+median images/s of each and the ratio b/a. Peak memory of each variant comes from a fresh subprocess.
+Sampling: each default sampler setting at the stage's batch size and precision, and one model evaluation of the
+UNet2DModel against a plain fp32 eager call (interleaved). End to end: each stage's wall time and peak memory
+from metrics/cost/ (written by the last `dvc repro`), and how long a no-op `dvc repro` takes.
+Not part of the test suite: timings belong here, never in a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from scratch_diffusion.config import PREDICTION_TYPES, load_params
+from scratch_diffusion.corruption import corrupt, ddpm_scheduler
+from scratch_diffusion.data import load_split
+from scratch_diffusion.models import BasicUNet
+from scratch_diffusion.models.unet2d import UNet2DDenoiser, build_unet
+from scratch_diffusion.objectives import ddpm_loss, toy_loss
+from scratch_diffusion.samplers import generate
+from scratch_diffusion.training import EMA, fit, make_accelerator
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data/dataset"
+BATCH = 128
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{cpu} ({'AVX512-BF16' if 'avx512_bf16' in flags else 'no AVX512-BF16'}), {device}; "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads")  # fmt: skip
+
+
+# --- the two ways to train ----------------------------------------------------------------------------------------
+
+
+def lesson_loop(model_name: str, steps: int, seed: int = 0) -> tuple[float, list[float]]:
+    """The notebook's loop, as written there: returns (images/s over the steps after the first, losses)."""
+    import torchvision
+    from torch.utils.data import DataLoader
+
+    torch.manual_seed(seed)
+    dataset = torchvision.datasets.MNIST(root=str(DATA), train=True, download=False,
+                                         transform=torchvision.transforms.ToTensor())  # fmt: skip
+    loader = DataLoader(dataset, batch_size=BATCH, shuffle=True)
+    net = BasicUNet() if model_name == "basic" else build_unet()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    losses, start = [], None
+    for i, (x, _) in enumerate(loader):
+        if i == 1:
+            start = time.perf_counter()  # the first step pays one-off costs (allocations, kernel choice)
+        noise_amount = torch.rand(x.shape[0])
+        noisy_x = corrupt(x, noise_amount)
+        pred = net(noisy_x) if model_name == "basic" else net(noisy_x, 0).sample  # the lesson's calls
+        loss = F.mse_loss(pred, x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if i + 1 == steps:
+            break
+    return (steps - 1) * BATCH / (time.perf_counter() - start), losses
+
+
+def stage_run(model_name: str, steps: int, seed: int = 0, **overrides) -> tuple[float, list[float]]:
+    """`steps` optimizer steps as the train stage runs them with params.yaml's defaults (plus `overrides`)."""
+    params = load_params(ROOT / "params.yaml")
+    p = params.basic if model_name == "basic" else params.unet2d
+    settings = {"mixed_precision": p.mixed_precision, "channels_last": p.channels_last, "log_every": p.log_every}
+    settings.update(overrides)
+    images, _ = load_split(DATA, train=True)
+    torch.manual_seed(seed)
+    ema = None
+    if model_name == "basic":
+        model, loss_fn = BasicUNet(), toy_loss
+    else:
+        model = UNet2DDenoiser(build_unet(p.block_out_channels, p.layers_per_block, p.down_block_types,
+                                          p.up_block_types), p.conditioning)  # fmt: skip
+        scheduler = ddpm_scheduler(p.num_train_timesteps, p.beta_schedule, p.beta_start, p.beta_end,
+                                   PREDICTION_TYPES[params.objective])  # fmt: skip
+        loss_fn = ddpm_loss(scheduler, params.objective, p.loss_weighting, p.min_snr_gamma)
+        ema = EMA(model, p.ema_decay) if p.ema_decay > 0 else None
+    with contextlib.redirect_stdout(io.StringIO()):  # fit's progress lines
+        result = fit(
+            model, loss_fn, images, make_accelerator(settings["mixed_precision"]),
+            batch_size=BATCH, lr=p.lr, epochs=1, seed=seed, max_steps=steps, ema=ema,
+            log_every=settings["log_every"], channels_last=settings["channels_last"], desc=f"bench-{model_name}",
+        )  # fmt: skip
+    return result.images_per_s, [loss for _, loss in result.loss_curve]
+
+
+def peak_rss_mib(variant: str, model_name: str, steps: int) -> float:
+    """Peak resident memory of a fresh process that trains `steps` steps one way (imports included)."""
+    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import speed, resource; "
+            f"speed.{variant}({model_name!r}, {steps}); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    return int(out.stdout.strip().splitlines()[-1]) / 1024
+
+
+def bench_training(models: list[str], steps: int, repeats: int) -> None:
+    print(f"\n## Training: {steps} steps at batch {BATCH}, interleaved, {repeats} repeats (median images/s)")
+    for name in models:
+        stage_run(name, 3)  # warm both paths up (allocator, oneDNN kernel choice) outside the timings
+        lesson_loop(name, 3)
+        a, b = [], []
+        for _ in range(repeats):
+            a.append(lesson_loop(name, steps)[0])
+            b.append(stage_run(name, steps)[0])
+        ma, mb = statistics.median(a), statistics.median(b)
+        mem_a, mem_b = peak_rss_mib("lesson_loop", name, 5), peak_rss_mib("stage_run", name, 5)
+        print(f"{name:7s} lesson loop {ma:7.1f} img/s (runs: {', '.join(f'{v:.0f}' for v in a)}), "
+              f"peak {mem_a:.0f} MiB")  # fmt: skip
+        print(f"{name:7s} train stage {mb:7.1f} img/s (runs: {', '.join(f'{v:.0f}' for v in b)}), "
+              f"peak {mem_b:.0f} MiB")  # fmt: skip
+        print(f"{name:7s} ratio stage / lesson: {mb / ma:.2f}x")
+
+
+def bench_loss(models: list[str], steps: int) -> None:
+    """The speed levers must not change what is learned: mean loss over the last fifth, defaults vs fp32."""
+    print(f"\n## Loss curve: {steps} steps, equal seed, stage defaults vs fp32 contiguous (mean of the last fifth)")
+    for name in models:
+        _, fast = stage_run(name, steps, log_every=1)
+        _, ref = stage_run(name, steps, log_every=1, mixed_precision="fp32", channels_last=False)
+        tail = max(1, steps // 5)
+        mf, mr = statistics.fmean(fast[-tail:]), statistics.fmean(ref[-tail:])
+        print(f"{name:7s} defaults {mf:.5f}  fp32 {mr:.5f}  difference {100 * (mf - mr) / mr:+.2f}%")
+
+
+def bench_sampling(repeats: int) -> None:
+    params = load_params(ROOT / "params.yaml")
+    sp, u = params.sample, params.unet2d
+    bs = sp.batch_size
+    print(f"\n## Sampling: one batch of {bs} per default setting, precision {sp.precision} (untrained weights)")
+    torch.manual_seed(0)
+    nets = {"basic": BasicUNet().eval(),
+            "unet2d": UNet2DDenoiser(build_unet(u.block_out_channels, u.layers_per_block, u.down_block_types,
+                                                u.up_block_types), u.conditioning).eval()}  # fmt: skip
+    config = ddpm_scheduler(u.num_train_timesteps, u.beta_schedule, u.beta_start, u.beta_end,
+                            PREDICTION_TYPES[params.objective]).config  # fmt: skip
+    for s in sp.settings:
+        corruption = "toy" if s.sampler == "toy" else "ddpm"
+        start = time.perf_counter()
+        _, nfe = generate(nets[s.model], s.sampler, s.steps, bs, batch_size=bs, seed=0, corruption=corruption,
+                          trained_config=config, eta=s.eta, precision=sp.precision)  # fmt: skip
+        seconds = time.perf_counter() - start
+        print(f"{s.name:24s} NFE {nfe:4d}  {bs / seconds:8.1f} img/s  {1000 * seconds / bs:7.1f} ms/image")
+
+    # One UNet2DModel evaluation at the stage's batch: a plain fp32 eager call vs the sample stage's call.
+    x, t = torch.randn(bs, 1, 28, 28), torch.full((bs,), 500)
+    plain = build_unet(u.block_out_channels, u.layers_per_block, u.down_block_types, u.up_block_types).eval()
+    plain.load_state_dict(nets["unet2d"].unet.state_dict())
+
+    def plain_call():
+        with torch.no_grad():
+            plain(x, t)
+
+    def stage_call():
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=sp.precision == "bf16"):
+            nets["unet2d"](x, t)
+
+    timings = {"plain": [], "stage": []}
+    for f in (plain_call, stage_call):
+        f()
+    for _ in range(repeats):
+        for name, f in (("plain", plain_call), ("stage", stage_call)):
+            start = time.perf_counter()
+            f()
+            timings[name].append(bs / (time.perf_counter() - start))
+    mp, ms = statistics.median(timings["plain"]), statistics.median(timings["stage"])
+    print(f"UNet2DModel evaluation, batch {bs}: plain fp32 eager {mp:.1f} img/s, sample stage {ms:.1f} img/s, "
+          f"ratio {ms / mp:.2f}x")  # fmt: skip
+
+
+def bench_end_to_end() -> None:
+    print("\n## End to end: the last `dvc repro` (metrics/cost/<stage>.json)")
+    costs = {p.stem: json.loads(p.read_text()) for p in sorted((ROOT / "metrics/cost").glob("*.json"))}
+    if not costs:
+        print("no metrics/cost/*.json yet: run `dvc repro` first")
+        return
+    order = ["download", "train-basic", "train-unet2d", "train-classifier", "visualize-schedule", "sample", "compare"]
+    print("| stage | wall | peak memory |\n|---|---|---|")
+    for stage in sorted(costs, key=lambda s: order.index(s) if s in order else len(order)):
+        c = costs[stage]
+        print(f"| {stage} | {c['wall_s'] / 60:.1f} min | {c['peak_rss_mib']:.0f} MiB |")
+    total = sum(c["wall_s"] for c in costs.values())
+    print(f"| all | {total / 60:.1f} min | {max(c['peak_rss_mib'] for c in costs.values()):.0f} MiB (max) |")
+    start = time.perf_counter()
+    proc = subprocess.run(["dvc", "repro", "--dry"], cwd=ROOT, capture_output=True, text=True)
+    noop = time.perf_counter() - start
+    state = "nothing to do" if "Running stage" not in proc.stdout else "stages would run (workspace changed)"
+    print(f"`dvc repro --dry`: {noop:.1f} s ({state})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", choices=("train", "loss", "sample", "end-to-end"), action="append",
+                        help="run only these parts (repeatable); default: train, sample, end-to-end")  # fmt: skip
+    parser.add_argument("--models", nargs="+", default=["basic", "unet2d"], choices=("basic", "unet2d"))
+    parser.add_argument("--steps", type=int, default=0, help="training steps per run (default: 60 basic, 8 unet2d)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--loss-steps", type=int, default=500)
+    args = parser.parse_args()
+    if not (DATA / "MNIST/raw").is_dir():
+        sys.exit(f"error: {DATA}/MNIST/raw not found: run `dvc repro download` first")
+    parts = args.only or ["train", "sample", "end-to-end"]
+    print(f"# benchmarks/speed.py\n{machine()}")
+    if "train" in parts:
+        for name in args.models:
+            bench_training([name], args.steps or (60 if name == "basic" else 8), args.repeats)
+    if "loss" in parts:
+        bench_loss(args.models, args.loss_steps)
+    if "sample" in parts:
+        bench_sampling(args.repeats)
+    if "end-to-end" in parts:
+        bench_end_to_end()
+    print(f"\npeak memory of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
