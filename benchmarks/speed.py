@@ -21,7 +21,6 @@ import contextlib
 import io
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from scratch_diffusion.cli import peak_rss_kib
 from scratch_diffusion.config import PREDICTION_TYPES, load_params
 from scratch_diffusion.corruption import corrupt, ddpm_scheduler
 from scratch_diffusion.data import load_split
@@ -118,9 +118,10 @@ def stage_run(model_name: str, steps: int, seed: int = 0, **overrides) -> tuple[
 
 def peak_rss_mib(variant: str, model_name: str, steps: int) -> float:
     """Peak resident memory of a fresh process that trains `steps` steps one way (imports included)."""
-    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import speed, resource; "
-            f"speed.{variant}({model_name!r}, {steps}); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")  # fmt: skip
+    # VmHWM (via peak_rss_kib), not ru_maxrss: that one is inherited from this (large) process through fork.
+    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import speed; "
+            f"from scratch_diffusion.cli import peak_rss_kib; speed.{variant}({model_name!r}, {steps}); "
+            "print(peak_rss_kib())")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     return int(out.stdout.strip().splitlines()[-1]) / 1024
 
@@ -241,7 +242,7 @@ def main() -> None:
         bench_sampling(args.repeats)
     if "end-to-end" in parts:
         bench_end_to_end()
-    print(f"\npeak memory of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    print(f"\npeak memory of this process: {peak_rss_kib() / 1024:.0f} MiB")
 
 
 if __name__ == "__main__":

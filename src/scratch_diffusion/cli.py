@@ -30,11 +30,23 @@ def run_stage(main: Callable[[], None]) -> None:
         from scratch_diffusion.files import write_json
 
         stage = Path(sys.argv[0]).stem.replace("_", "-")
-        peak_kib = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+        peak_kib = max(peak_rss_kib(), resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
         write_json(f"metrics/cost/{stage}.json", {
             "wall_s": round(time.perf_counter() - start, 2),
             "peak_rss_mib": round(peak_kib / 1024, 1),
         })  # fmt: skip
+
+
+def peak_rss_kib() -> int:
+    """This process's own peak resident memory. Linux's ru_maxrss survives fork and exec, so a stage started by a
+    large parent (dvc) would report the parent's peak; VmHWM belongs to this process's memory map alone."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux; elsewhere the best there is
 
 
 # ---------------------------------------------------------------------------------------------------------
