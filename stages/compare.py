@@ -19,9 +19,24 @@ from scratch_diffusion import files, tracking
 from scratch_diffusion.cli import StageError, run_stage
 from scratch_diffusion.config import load_params
 from scratch_diffusion.data import load_split
-from scratch_diffusion.metrics import FID, memorisation_threshold, predict_proba, recognised_share, sample_metrics
+from scratch_diffusion.metrics import (
+    FID,
+    conditional_metrics,
+    memorisation_threshold,
+    predict_proba,
+    recognised_share,
+    sample_metrics,
+)
 from scratch_diffusion.models.classifier import MnistClassifier
-from scratch_diffusion.report import plot_fid_vs_nfe, plot_losses, plot_montage, summarise, write_report
+from scratch_diffusion.report import (
+    plot_digit_grid,
+    plot_fid_vs_nfe,
+    plot_guidance,
+    plot_losses,
+    plot_montage,
+    summarise,
+    write_report,
+)
 
 REPORTS = Path("reports")
 # What each model was trained with; the UNet2DModel's comes from its saved metadata.
@@ -57,7 +72,7 @@ def main() -> None:
     classifier.eval()
     classifier_accuracy = _read_json("metrics/classifier.json", "train-classifier")["test_accuracy"]
 
-    test_images, _ = load_split("data/dataset", train=False)
+    test_images, test_labels = load_split("data/dataset", train=False)
     train_images, _ = load_split("data/dataset", train=True)
     if 2 * n > len(test_images):
         raise StageError(
@@ -72,17 +87,26 @@ def main() -> None:
     metas = {"basic": BASIC_META}
     if any(name.startswith("unet2d/") for name in timings):
         metas["unet2d"] = _read_json("models/unet2d/scratch_diffusion.json", "train-unet2d")
-    rows, images = [], {}
+    # Class-conditional sets are judged per class against real test images outside the reference and floor sets.
+    spare_images, spare_labels = test_images[2 * n :], test_labels[2 * n :].numpy()
+    rows, images, labels = [], {}, {}
     for name, t in sorted(timings.items()):
         model, rest = name.split("/", 1)
         sampler, steps = rest.split("-")[0], int(rest.split("-")[1])
-        images[name] = np.load(f"samples/{name}.npz")["images"]
+        with np.load(f"samples/{name}.npz") as npz:
+            images[name] = npz["images"]
+            if "labels" in npz:
+                labels[name] = npz["labels"]
         quality = sample_metrics(images[name], classifier, fid, train_images, memorisation_cut)
+        if name in labels:
+            quality |= conditional_metrics(images[name], labels[name], classifier, spare_images, spare_labels)
+            quality["guidance_scale"] = t["guidance_scale"]
         meta = metas[model]
         rows.append({"setting": name, "model": model, "sampler": sampler, "steps": steps, "nfe": t["nfe"],
                      "seconds_per_image": t["seconds_per_image"], **quality,
                      **{k: meta[k] for k in ("corruption", "objective", "conditioning")}})  # fmt: skip
-        print(f"compare: {name}: FID {quality['fid']:.2f}, recognised {quality['recognised']:.3f}", flush=True)
+        shown = f", conditional accuracy {quality['cond_accuracy']:.3f}" if name in labels else ""
+        print(f"compare: {name}: FID {quality['fid']:.2f}, recognised {quality['recognised']:.3f}{shown}", flush=True)
     rows.sort(key=lambda r: (r["model"], r["fid"]))
     summary = summarise(rows, floor)
 
@@ -98,6 +122,15 @@ def main() -> None:
             curves[name] = _loss_curve(f"plots/train_{name}/loss.tsv")
     plot_losses(curves, figures["Training loss"])
     plot_montage(rows, images, figures["Samples, in table order"])
+    conditional = [r for r in rows if r.get("cond_accuracy") is not None]
+    if conditional:
+        best_cond = max(conditional, key=lambda r: (r["cond_accuracy"], -r["fid"]))
+        figures["Conditional accuracy and FID against guidance scale"] = REPORTS / "figures/guidance.png"
+        figures["Ten of each digit"] = REPORTS / "figures/digits.png"
+        plot_guidance(conditional, figures["Conditional accuracy and FID against guidance scale"])
+        plot_digit_grid(images[best_cond["setting"]], labels[best_cond["setting"]], figures["Ten of each digit"],
+                        f"{best_cond['setting']}: one row per digit asked for "
+                        f"(conditional accuracy {best_cond['cond_accuracy']:.3f})")  # fmt: skip
     context = {"n": n, "classifier_accuracy": classifier_accuracy, "real_recognised": real_recognised}
     write_report(rows, summary, context, figures, REPORTS / "compare.md", REPORTS / "compare.html")
 
@@ -106,11 +139,18 @@ def main() -> None:
         best = min((r for r in rows if r["model"] == model), key=lambda r: r["fid"])
         headline[f"best_fid_{model}"] = best["fid"]
         headline[f"best_recognised_{model}"] = best["recognised"]
-    keep = ("fid", "recognised", "coverage_kl", "memorised", "nfe", "seconds_per_image")
-    settings = {r["setting"]: {k: r[k] for k in keep} for r in rows}
+    if conditional:
+        headline["best_cond_accuracy_unet2d"] = best_cond["cond_accuracy"]
+    keep = ("fid", "recognised", "coverage_kl", "memorised", "nfe", "seconds_per_image", "guidance_scale",
+            "cond_accuracy", "fid_class_mean")  # fmt: skip
+    settings = {r["setting"]: {k: r[k] for k in keep if r.get(k) is not None} for r in rows}
     files.write_json("metrics/compare.json", {**headline, "settings": settings})
     files.write_tsv("plots/compare/fid_vs_nfe.tsv", ["setting", "sampler", "nfe", "fid"],
                     [(r["setting"], r["sampler"], r["nfe"], r["fid"]) for r in rows])  # fmt: skip
+    # Always written (header only without class-conditional sets), so the DVC plot exists in every experiment.
+    files.write_tsv("plots/compare/guidance.tsv", ["setting", "sampler", "guidance", "cond_accuracy", "fid"],
+                    [(r["setting"], f"{r['sampler']}-{r['steps']}", r["guidance_scale"], r["cond_accuracy"], r["fid"])
+                     for r in conditional])  # fmt: skip
 
     tags = {"best_setting": summary["best"]["setting"]}
     for name in ("basic", "unet2d", "classifier"):
@@ -121,6 +161,10 @@ def main() -> None:
         tags["sample_run"] = json.loads(Path("samples/run.json").read_text())["run_id"]
     with tracking.start_run(params.mlflow.experiment, "compare", {"n": n}, tags):
         tracking.log_metrics({k: v for k, v in headline.items() if k != "n"})
+        for r in conditional:  # the accuracy/FID trade-off, one step per guidance scale x 10 (MLflow steps are ints)
+            key = f"{r['sampler']}-{r['steps']}".replace("+", "p")
+            step = round(10 * r["guidance_scale"])
+            tracking.log_metrics({f"{key}.cond_accuracy": r["cond_accuracy"], f"{key}.fid": r["fid"]}, step=step)
         tracking.log_artifact(REPORTS / "compare.md", "report")
         tracking.log_artifact(REPORTS / "compare.html", "report")
         for fig in figures.values():

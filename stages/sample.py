@@ -5,8 +5,9 @@
 
 Reads params `sample.*`, `mlflow.experiment`, and models/basic, models/unet2d (only those its settings name).
 Writes samples/<model>/<sampler>-<steps>.npz (uint8, N x 28 x 28, key `images`), plots/sample/<model>-<sampler>-
-<steps>.png (a grid of the first 64), metrics/sample.json (NFE, seconds per image per setting). Logs one MLflow run
-named `sample`, tagged with the ids of the training runs it used.
+<steps>.png (a grid of the first 64), metrics/sample.json (NFE, seconds per image per setting). A class-conditional
+UNet2DModel is sampled once per guidance scale: <sampler>-<steps>-g<scale>.npz, with the digits asked for under key
+`labels` and a 10-column grid. Logs one MLflow run named `sample`, tagged with the ids of the training runs it used.
 """
 
 import json
@@ -30,21 +31,23 @@ GRID_N = 64
 
 
 def load_models(names: set[str], device) -> dict:
-    """{name: (denoiser, corruption, trained scheduler config or None, training run id)}"""
+    """{name: (denoiser, corruption, trained scheduler config or None, training run id, class-conditional)}"""
     loaded = {}
     for name in sorted(names):
         path = MODEL_DIRS[name]
         try:
             if name == "basic":
                 loaded[name] = (load_basic(path, device), "toy", None)
+                conditional = False
             else:
                 model, scheduler, meta = load_unet2d(path, device)
                 loaded[name] = (model, meta["corruption"], scheduler.config)
+                conditional = model.null_label is not None
         except FileNotFoundError as e:
             raise StageError(str(e)) from None
         run_file = path / "run.json"
         run_id = json.loads(run_file.read_text())["run_id"] if run_file.is_file() else ""
-        loaded[name] = (*loaded[name], run_id)
+        loaded[name] = (*loaded[name], run_id, conditional)
     return loaded
 
 
@@ -66,32 +69,45 @@ def main() -> None:
     used = {"sample": params.section("sample"), "mlflow.experiment": params.mlflow.experiment}
     used["sample"]["settings"] = [s.name for s in sp.settings]
     tags = {f"train_run_{name}": m[3] for name, m in models.items()}
+    # One sample set per setting; a class-conditional model's settings once per guidance scale, asking for
+    # sample.digits cycled over the n images (so grid columns are digits when 10 are asked for).
+    labels = torch.tensor([sp.digits[i % len(sp.digits)] for i in range(sp.n)])
+    jobs = []
+    for s in sp.settings:
+        if models[s.model][4]:
+            jobs += [(f"{s.name}-g{g:g}", s, g) for g in sp.guidance_scales]
+        else:
+            jobs.append((s.name, s, None))
     timings = {}
-    bar = tqdm(total=sp.n * len(sp.settings), desc="sample", unit="img", disable=not sys.stderr.isatty())
+    bar = tqdm(total=sp.n * len(jobs), desc="sample", unit="img", disable=not sys.stderr.isatty())
     with tracking.start_run(params.mlflow.experiment, "sample", flatten(used), tags) as active:
-        for s in sp.settings:
-            model, corruption, config, _ = models[s.model]
-            bar.set_postfix_str(s.name)
+        for name, s, scale in jobs:
+            model, corruption, config, *_ = models[s.model]
+            bar.set_postfix_str(name)
+            guidance = {} if scale is None else {"labels": labels, "guidance_scale": scale}
             start = time.perf_counter()
             images, nfe = generate(
                 model, s.sampler, s.steps, sp.n, batch_size=sp.batch_size, seed=sp.seed, corruption=corruption,
                 trained_config=config, device=device, eta=s.eta, precision=sp.precision, progress=bar.update,
+                **guidance,
             )  # fmt: skip
             seconds = time.perf_counter() - start
-            with files.atomic_path(f"samples/{s.name}.npz") as tmp, open(tmp, "wb") as f:
-                np.savez_compressed(f, images=images)
-            picture = grid(images[:GRID_N])
-            save_png(f"plots/sample/{s.name.replace('/', '-')}.png", picture)
-            key = s.name.replace("/", "-").replace("+", "p")  # MLflow metric/image keys: no '+'
+            arrays = {"images": images} if scale is None else {"images": images, "labels": labels.numpy()}
+            with files.atomic_path(f"samples/{name}.npz") as tmp, open(tmp, "wb") as f:
+                np.savez_compressed(f, **arrays)
+            picture = grid(images[:GRID_N]) if scale is None else grid(images[:100], nrow=10)
+            save_png(f"plots/sample/{name.replace('/', '-')}.png", picture)
+            key = name.replace("/", "-").replace("+", "p")  # MLflow metric/image keys: no '+'
             tracking.log_image(picture, key=f"samples-{key}", step=0)
-            timings[s.name] = {
+            timings[name] = {
                 "n": sp.n,
                 "nfe": nfe,
                 "seconds_per_image": seconds / sp.n,
                 "images_per_s": sp.n / seconds,
+                **({} if scale is None else {"guidance_scale": scale}),
             }
             tracking.log_metrics({f"{key}.seconds_per_image": seconds / sp.n, f"{key}.nfe": nfe})
-            print(f"sample: {s.name}: {sp.n} images, NFE {nfe}, {seconds / sp.n * 1000:.1f} ms/image", flush=True)
+            print(f"sample: {name}: {sp.n} images, NFE {nfe}, {seconds / sp.n * 1000:.1f} ms/image", flush=True)
         bar.close()
         files.write_json("metrics/sample.json", timings)
         files.write_json("samples/run.json", {"run_id": active.info.run_id})

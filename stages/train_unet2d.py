@@ -20,8 +20,8 @@ from scratch_diffusion import files, tracking
 from scratch_diffusion.cli import run_stage
 from scratch_diffusion.config import PREDICTION_TYPES, flatten, load_params, params_hash
 from scratch_diffusion.corruption import ddpm_scheduler
-from scratch_diffusion.data import load_split
-from scratch_diffusion.models import UNet2DDenoiser, build_unet
+from scratch_diffusion.data import NUM_CLASSES, load_split
+from scratch_diffusion.models import Guided, UNet2DDenoiser, build_unet
 from scratch_diffusion.objectives import ddpm_loss, toy_loss
 from scratch_diffusion.plots import grid, to_uint8
 from scratch_diffusion.pretrained import META, save_unet2d
@@ -39,18 +39,21 @@ def main() -> None:
     p = params.unet2d
     used = {"seed": params.seed, "objective": params.objective, "data.n_train": params.data.n_train,
             "unet2d": params.section("unet2d"), "mlflow": params.section("mlflow")}  # fmt: skip
-    images, _ = load_split(DATA_ROOT, train=True, n=params.data.n_train)
+    images, labels = load_split(DATA_ROOT, train=True, n=params.data.n_train)
 
     accelerator = make_accelerator(p.mixed_precision)
     torch.manual_seed(params.seed)
-    unet = build_unet(p.block_out_channels, p.layers_per_block, p.down_block_types, p.up_block_types)
+    num_classes = NUM_CLASSES if p.class_conditional else 0
+    unet = build_unet(p.block_out_channels, p.layers_per_block, p.down_block_types, p.up_block_types,
+                      num_classes=num_classes)  # fmt: skip
     model = UNet2DDenoiser(unet, p.conditioning)
     scheduler = ddpm_scheduler(p.num_train_timesteps, p.beta_schedule, p.beta_start, p.beta_end,
                                PREDICTION_TYPES[params.objective])  # fmt: skip
     if p.corruption == "toy":
         loss_fn = toy_loss
     else:
-        loss_fn = ddpm_loss(scheduler, params.objective, p.loss_weighting, p.min_snr_gamma)
+        loss_fn = ddpm_loss(scheduler, params.objective, p.loss_weighting, p.min_snr_gamma,
+                            label_dropout=p.label_dropout, null_label=model.null_label)  # fmt: skip
     ema = EMA(model, p.ema_decay) if p.ema_decay > 0 else None
     # Same start noise for every grid: comparable across steps and runs. DDIM for DDPM models, the lesson's
     # sampler for toy ones.
@@ -59,6 +62,8 @@ def main() -> None:
 
     def sample_grid(net):
         net.eval()
+        if p.class_conditional:  # digits 0..9 along each row, plain conditional
+            net = Guided(net, torch.arange(p.sample_n) % NUM_CLASSES, scale=1.0)
         x01, _ = sample_images(net, sampler, p.sample_steps, noise.to(accelerator.device), scheduler.config,
                                seed=params.seed)  # fmt: skip
         return grid(to_uint8(x01))
@@ -85,13 +90,15 @@ def main() -> None:
             on_sample=lambda s, net: s > logged and tracking.log_image(sample_grid(net), key="samples", step=s),
             checkpointing=ckpt,
             channels_last=p.channels_last,
+            labels=labels if p.class_conditional else None,
             desc="train-unet2d",
         )  # fmt: skip
         if not main_proc:
             return
         final = ema.model if ema is not None else accelerator.unwrap_model(model, keep_fp32_wrapper=False)
         meta = {"objective": params.objective, "corruption": p.corruption, "conditioning": p.conditioning,
-                "ema_decay": p.ema_decay, "run_id": active.info.run_id}  # fmt: skip
+                "ema_decay": p.ema_decay, "class_conditional": p.class_conditional,
+                "run_id": active.info.run_id}  # fmt: skip
         save_unet2d(OUT, final, scheduler, meta)
         report_training(result, sample_grid(final), "metrics/train_unet2d.json", "plots/train_unet2d")
         info = None

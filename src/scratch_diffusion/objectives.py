@@ -72,20 +72,27 @@ def min_snr_weight(objective: str, snr_t: torch.Tensor, gamma: float = 5.0) -> t
     return clipped / (snr_t + 1)
 
 
-def ddpm_loss(scheduler, objective: str, weighting: str = "none", gamma: float = 5.0) -> Callable:
-    """`loss_fn(model, x0_pixels)` for DDPM training: t ~ U{0..T-1}, Gaussian noise, MSE on the objective's target."""
+def ddpm_loss(scheduler, objective: str, weighting: str = "none", gamma: float = 5.0, label_dropout: float = 0.0,
+              null_label: int | None = None) -> Callable:  # fmt: skip
+    """`loss_fn(model, x0_pixels[, labels])` for DDPM training: t ~ U{0..T-1}, Gaussian noise, MSE on the objective's
+    target. With labels (class-conditional nets), each is replaced by `null_label` with probability `label_dropout`,
+    so the same net also learns the unconditional prediction that classifier-free guidance needs."""
     _check(objective)
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown loss weighting {weighting!r}; allowed: {', '.join(WEIGHTINGS)}")
     num_t = scheduler.config.num_train_timesteps
 
-    def loss_fn(model, x01: torch.Tensor) -> torch.Tensor:
+    def loss_fn(model, x01: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         x0 = to_model_range(x01)  # (B, 1, 28, 28) in [-1, 1]
         eps = torch.randn_like(x0)
         t = torch.randint(0, num_t, (x0.shape[0],), device=x0.device)
         alpha_bar = per_image(scheduler.alphas_cumprod.to(x0.device)[t].float(), x0)
         x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps  # = scheduler.add_noise(x0, eps, t)
-        pred = model(x_t, t).float()
+        if y is None:
+            pred = model(x_t, t).float()
+        else:
+            drop = torch.rand(y.shape[0], device=y.device) < label_dropout
+            pred = model(x_t, t, torch.where(drop, null_label, y)).float()
         per_img = ((pred - target(objective, x0, eps, alpha_bar)) ** 2).mean(dim=(1, 2, 3))
         if weighting == "min_snr":
             per_img = per_img * min_snr_weight(objective, snr(alpha_bar.flatten()), gamma)

@@ -32,7 +32,23 @@ COLUMNS = [
     ("memorised", "memorised", "{:.3f}"),
     ("seconds_per_image", "s / image", "{:.4f}"),
 ]
+# Added when any sample set is class-conditional (blank for the others).
+CONDITIONAL_COLUMNS = [
+    ("guidance_scale", "guidance", "{:g}"),
+    ("cond_accuracy", "cond. accuracy", "{:.3f}"),
+    ("fid_class_mean", "FID per class (mean)", "{:.2f}"),
+]
 NEAR_BEST = 1.10  # "fastest within 10% of the best FID"
+
+
+def columns(rows: list[dict]) -> list[tuple[str, str, str]]:
+    if any("cond_accuracy" in r for r in rows):
+        return COLUMNS[:8] + CONDITIONAL_COLUMNS + COLUMNS[8:]
+    return COLUMNS
+
+
+def _cell(r: dict, key: str, fmt: str) -> str:
+    return fmt.format(r[key]) if r.get(key) is not None else ""
 
 
 def summarise(rows: list[dict], floor: float) -> dict:
@@ -62,9 +78,10 @@ def summary_text(summary: dict) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = "| " + " | ".join(label for _, label, _ in COLUMNS) + " |"
-    sep = "|" + "|".join("---" for _ in COLUMNS) + "|"
-    body = ["| " + " | ".join(fmt.format(r[key]) for key, _, fmt in COLUMNS) + " |" for r in rows]
+    cols = columns(rows)
+    head = "| " + " | ".join(label for _, label, _ in cols) + " |"
+    sep = "|" + "|".join("---" for _ in cols) + "|"
+    body = ["| " + " | ".join(_cell(r, key, fmt) for key, _, fmt in cols) + " |" for r in rows]
     return "\n".join([head, sep, *body])
 
 
@@ -97,6 +114,36 @@ def plot_fid_vs_nfe(rows: list[dict], floor: float, path: Path) -> None:
     ax.set(xscale="log", yscale="log", xlabel="model evaluations per image (NFE)", ylabel="FID (classifier features)",
            title="sample quality against cost")  # fmt: skip
     ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_guidance(rows: list[dict], path: Path) -> None:
+    """Class-conditional sets: conditional accuracy and FID against the guidance scale, one line per sampler."""
+    fig, (acc_ax, fid_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if r.get("cond_accuracy") is not None:
+            groups.setdefault(f"{r['sampler']}-{r['steps']}", []).append(r)
+    for i, (name, group) in enumerate(sorted(groups.items())):
+        group = sorted(group, key=lambda r: r["guidance_scale"])
+        scales = [r["guidance_scale"] for r in group]
+        acc_ax.plot(scales, [r["cond_accuracy"] for r in group], "o-", color=f"C{i % 10}", label=name)
+        fid_ax.plot(scales, [r["fid"] for r in group], "o-", color=f"C{i % 10}", label=name)
+    acc_ax.axhline(0.1, color="grey", linestyle=":", label="chance")
+    acc_ax.set(xlabel="guidance scale (0 = unconditional, 1 = conditional)", ylabel="conditional accuracy",
+               title="samples read as the digit asked for", ylim=(0, 1.02))  # fmt: skip
+    fid_ax.set(xlabel="guidance scale", ylabel="FID (classifier features)", title="overall FID", yscale="log")
+    acc_ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_digit_grid(images: np.ndarray, labels: np.ndarray, path: Path, title: str, per_digit: int = 10) -> None:
+    """One row per digit: the first `per_digit` samples asked to be that digit."""
+    rows = [images[labels == d][:per_digit] for d in range(10) if (labels == d).any()]
+    fig, ax = plt.subplots(figsize=(6, 6))
+    ax.imshow(grid(np.concatenate(rows), nrow=per_digit), cmap="gray", vmin=0, vmax=255)
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
     _save(fig, path)
 
 
@@ -143,9 +190,10 @@ def write_report(rows: list[dict], summary: dict, context: dict, figures: dict[s
         return "data:image/png;base64," + base64.b64encode(p.read_bytes()).decode()
 
     cells = lambda vals, tag: "".join(f"<{tag}>{html.escape(str(v))}</{tag}>" for v in vals)  # noqa: E731
-    table = "<table><tr>" + cells([label for _, label, _ in COLUMNS], "th") + "</tr>"
+    cols = columns(rows)
+    table = "<table><tr>" + cells([label for _, label, _ in cols], "th") + "</tr>"
     for r in rows:
-        table += "<tr>" + cells([fmt.format(r[key]) for key, _, fmt in COLUMNS], "td") + "</tr>"
+        table += "<tr>" + cells([_cell(r, key, fmt) for key, _, fmt in cols], "td") + "</tr>"
     table += "</table>"
     bold = lambda s: html.escape(s).replace("**", "")  # noqa: E731
     page = [

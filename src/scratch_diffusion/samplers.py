@@ -21,6 +21,8 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
+from scratch_diffusion.models.unet2d import Guided
+
 SCHEDULERS = {
     "ddpm": DDPMScheduler,
     "ddim": DDIMScheduler,
@@ -118,12 +120,15 @@ PRECISIONS = ("fp32", "bf16")
 
 def generate(model, sampler: str, steps: int, n: int, *, batch_size: int, seed: int, corruption: str,
              trained_config=None, device="cpu", eta: float = 0.0, precision: str = "fp32",
+             labels: torch.Tensor | None = None, guidance_scale: float = 1.0,
              progress=None) -> tuple[np.ndarray, int]:  # fmt: skip
     """`n` images as uint8 (n, H, W) from one sampler setting, in batches, and the NFE per image.
 
     The start noise of all n images comes from one generator seeded with `seed`, so a batch size change does
     not change the images of a deterministic sampler; stochastic ones (ddpm) get one generator per batch.
     `precision` bf16 evaluates the model under bf16 autocast; noise, scheduler steps and outputs stay fp32.
+    `labels` (n,) asks a class-conditional model for those classes, with classifier-free guidance at
+    `guidance_scale`; NFE then counts forward calls (a guided call evaluates a double batch).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
@@ -132,8 +137,9 @@ def generate(model, sampler: str, steps: int, n: int, *, batch_size: int, seed: 
     options = {"eta": eta} if sampler == "ddim" else {}
     out, nfe = [], 0
     for i, start in enumerate(range(0, n, batch_size)):
+        net = model if labels is None else Guided(model, labels[start : start + batch_size], guidance_scale)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            x01, nfe = sample_images(model, sampler, steps, noise[start : start + batch_size].to(device),
+            x01, nfe = sample_images(net, sampler, steps, noise[start : start + batch_size].to(device),
                                      trained_config, seed=seed + i, **options)  # fmt: skip
         out.append((x01[:, 0] * 255).round().to(torch.uint8).cpu().numpy())
         if progress is not None:

@@ -26,8 +26,13 @@ def build_unet(
     up_block_types: Sequence[str] = ("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
     sample_size: int = 28,
     channels: int = 1,
+    num_classes: int = 0,
 ) -> UNet2DModel:
-    """The lesson's UNet2DModel by default (1,707,009 parameters)."""
+    """The lesson's UNet2DModel by default (1,707,009 parameters).
+
+    With `num_classes` > 0 it is class-conditional: diffusers adds an embedding of `num_classes + 1` labels to the
+    time embedding; the last label means "no label" (classifier-free guidance's unconditional model).
+    """
     return UNet2DModel(
         sample_size=sample_size,
         in_channels=channels,
@@ -36,6 +41,7 @@ def build_unet(
         block_out_channels=tuple(block_out_channels),
         down_block_types=tuple(down_block_types),
         up_block_types=tuple(up_block_types),
+        num_class_embeds=num_classes + 1 if num_classes else None,
     )
 
 
@@ -68,10 +74,51 @@ class UNet2DDenoiser(nn.Module):
             if isinstance(module, Attention):
                 module.set_processor(CpuFp32Attention())
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x_t: (B, C, H, W); t: (B,) timesteps (or toy amounts in [0, 1]) -> prediction (B, C, H, W)."""
+    @property
+    def null_label(self) -> int | None:
+        """The "no label" token of a class-conditional net (None for an unconditional one)."""
+        n = self.unet.config.num_class_embeds
+        return n - 1 if n else None
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """x_t: (B, C, H, W); t: (B,) timesteps (or toy amounts in [0, 1]) -> prediction (B, C, H, W).
+
+        `y`: (B,) digit labels for a class-conditional net; None (or the null label) asks for no label.
+        """
         if self.conditioning == "none":
             t = torch.zeros_like(t)
         elif self.conditioning == "amount":
             t = t * 1000
-        return self.unet(x_t, t).sample
+        if self.null_label is None:
+            if y is not None:
+                raise ValueError("labels given to a UNet2DModel that was not trained class-conditional")
+            return self.unet(x_t, t).sample
+        if y is None:
+            y = torch.full((x_t.shape[0],), self.null_label, device=x_t.device)
+        return self.unet(x_t, t, class_labels=y).sample
+
+
+class Guided(nn.Module):
+    """Classifier-free guidance (Ho & Salimans 2022) behind the shared call `model(x_t, t)`, for every sampler.
+
+    pred = uncond + scale * (cond - uncond): scale 0 is the unconditional model, 1 the plain conditional one (one
+    forward pass each); otherwise both go through one forward call of twice the batch. Predictions of x0, eps and
+    v are all affine in each other at fixed x_t, so the same combination serves every objective.
+    """
+
+    def __init__(self, model: UNet2DDenoiser, labels: torch.Tensor, scale: float):
+        super().__init__()
+        if model.null_label is None:
+            raise ValueError("guidance needs a class-conditional model (unet2d.class_conditional: true)")
+        self.model, self.labels, self.scale = model, labels, float(scale)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        labels = self.labels.to(x_t.device)
+        if self.scale == 1:
+            return self.model(x_t, t, labels)
+        null = torch.full_like(labels, self.model.null_label)
+        if self.scale == 0:
+            return self.model(x_t, t, null)
+        both = self.model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, null]))
+        cond, uncond = both.float().chunk(2)
+        return uncond + self.scale * (cond - uncond)
