@@ -71,6 +71,7 @@ def main() -> None:
     main_proc = accelerator.is_main_process
     tags = {"params_hash": params_hash(used), "model": "unet2d", "objective": params.objective}
     ckpt = None
+    Path(CHECKPOINTS).mkdir(parents=True, exist_ok=True)  # a DVC output even when checkpointing is off (empty)
     if p.checkpoint_every:
         ckpt = Checkpointing(Path(CHECKPOINTS), p.checkpoint_every, p.checkpoints_keep, tags["params_hash"])
     resume_id = resumable_run_id(ckpt)

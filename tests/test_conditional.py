@@ -98,14 +98,15 @@ def test_class_conditional_needs_ddpm_noise():
 def test_a_tiny_conditional_model_draws_the_digit_asked_for(project, tmp_path):
     write_params(project, {
         "data": {"n_train": 3000},
-        "unet2d": {"class_conditional": True, "block_out_channels": [32, 64], "max_steps": 300, "batch_size": 32, "lr": 2e-3, "sample_every": 0,
-                   "checkpoint_every": 0},
+        "unet2d": {"class_conditional": True, "block_out_channels": [32, 64], "max_steps": 200, "batch_size": 32,
+                   "lr": 2e-3, "sample_every": 0, "checkpoint_every": 0},
         "classifier": {"max_steps": 150},
         "sample": {"n": 100, "batch_size": 100, "guidance_scales": [0, 1, 3],
                    "settings": [{"model": "basic", "sampler": "toy", "steps": 3},
                                 {"model": "unet2d", "sampler": "ddim", "steps": 10}]},
     })  # fmt: skip
-    run(["dvc", "repro"], cwd=project, env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'store.db'}"})
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'store.db'}"}
+    run(["dvc", "repro"], cwd=project, env=env)
     compare = json.loads((project / "metrics/compare.json").read_text())
     accuracy = {g: compare["settings"][f"unet2d/ddim-10-g{g}"]["cond_accuracy"] for g in (0, 1, 3)}
     assert accuracy[3] > 0.25, accuracy  # chance is 0.1
@@ -117,3 +118,10 @@ def test_a_tiny_conditional_model_draws_the_digit_asked_for(project, tmp_path):
     assert "cond. accuracy" in report and "figures/digits.png" in report and "figures/guidance.png" in report
     rows = (project / "plots/compare/guidance.tsv").read_text().splitlines()
     assert rows[0] == "setting\tsampler\tguidance\tcond_accuracy\tfid" and len(rows) == 4
+
+    # "Draw me a 7", from the DVC output and from the model registry.
+    for model in ("models/unet2d", "models:/scratch-diffusion-unet2d/1"):
+        run(["scratch-diffusion", "generate", "--model", model, "--digit", "7", "--guidance-scale", "3", "--n", "10",
+             "--sampler", "ddim", "--steps", "10", "--out", "sevens"], cwd=project, env=env)  # fmt: skip
+        with np.load(project / "sevens/ddim-10-seed0-digits7-g3.npz") as npz:
+            assert npz["images"].shape == (10, 28, 28) and set(npz["labels"].tolist()) == {7}

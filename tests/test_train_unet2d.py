@@ -69,6 +69,8 @@ def test_saved_model_loads_in_ddpm_pipeline_and_generates(downloaded, tmp_path):
     assert bad.returncode == 2 and "--model: cannot load 'models:/no-such-model/1'" in bad.stderr
     bad = run([*cli[:-4], "--sampler", "toy", "--model", "models/unet2d"], cwd=downloaded, env=env, check=False)
     assert bad.returncode == 2 and "--sampler: got 'toy'" in bad.stderr
+    bad = run([*cli, "--model", "models/unet2d", "--digit", "7"], cwd=downloaded, env=env, check=False)
+    assert bad.returncode == 2 and "is not class-conditional" in bad.stderr
 
 
 @pytest.mark.parametrize(

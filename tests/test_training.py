@@ -6,7 +6,7 @@ from accelerate import Accelerator
 
 from scratch_diffusion.models import BasicUNet
 from scratch_diffusion.objectives import toy_loss
-from scratch_diffusion.training import EMA, Checkpointing, fit
+from scratch_diffusion.training import EMA, Checkpointing, find_checkpoints, fit
 
 
 class Crash(Exception):
@@ -38,3 +38,16 @@ def test_resume_restores_ema_and_lr_schedule(tmp_path):
         sa, sb = a.state_dict(), b.state_dict()
         assert all(torch.equal(sa[k].cpu(), sb[k].cpu()) for k in sa)
     assert ema.updates == ref_ema.updates == 12
+
+
+def test_checkpoints_of_another_process_count_are_not_resumed(tmp_path):
+    images = (torch.rand(96, 1, 28, 28) * 255).to(torch.uint8)
+    with pytest.raises(Crash):
+        _train(images, tmp_path / "run", crash_at=8)
+    one = Checkpointing(tmp_path / "run", every=3, params_hash="h")
+    assert one.num_processes == 1 and [p.name for p, _ in find_checkpoints(one)] == ["step-0000006", "step-0000003"]
+    # The same checkpoints seen by a run of two processes (each has its own RNG state and data shard).
+    two = Checkpointing(tmp_path / "run", every=3, params_hash="h", num_processes=2)
+    said = []
+    assert find_checkpoints(two, log=said.append) == []
+    assert "made by 1 processes, this run has 2; not resumed from" in said[0]

@@ -78,13 +78,16 @@ class EMA:
 class Checkpointing:
     """Where and how often `fit` saves its full state (Accelerate's save_state: model, optimizer, lr schedule,
     EMA, RNG states, plus the step, data position and loss history), and the params hash that a checkpoint must
-    carry to be resumed from: checkpoints of other params are ignored."""
+    carry to be resumed from: checkpoints of other params, or of another number of processes (each process has
+    its own RNG state and data shard), are ignored."""
 
     dir: Path
     every: int
     keep: int = 2
     params_hash: str = ""
     run_id: str = ""  # the MLflow run a resumed training continues
+    # As set by the launcher (torchrun, accelerate launch); 1 for a plain `python stages/...`.
+    num_processes: int = field(default_factory=lambda: int(os.environ.get("WORLD_SIZE", "1")))
 
 
 class _Progress:
@@ -121,6 +124,10 @@ def find_checkpoints(ckpt: Checkpointing, log=print) -> list[tuple[Path, dict]]:
         if info.get("params_hash") != ckpt.params_hash:
             log(f"checkpoint {path}: made with other params ({info.get('params_hash')} != {ckpt.params_hash}), "
                 "not resumed from")  # fmt: skip
+            continue
+        if info.get("num_processes", 1) != ckpt.num_processes:
+            log(f"checkpoint {path}: made by {info.get('num_processes', 1)} processes, this run has "
+                f"{ckpt.num_processes}; not resumed from (resume with the same number of processes)")  # fmt: skip
             continue
         found.append((path, info))
     return found
@@ -338,7 +345,8 @@ def _save(accelerator: Accelerator, ckpt: Checkpointing, extras: dict, main: boo
             state["ema_updates"] = ema.updates
             save_file({k: v.contiguous() for k, v in ema.model.state_dict().items()}, str(path / "ema.safetensors"))
         (path / "train_state.json").write_text(json.dumps(state))
-        marker = {"step": progress.step, "params_hash": ckpt.params_hash, "run_id": progress.run_id}
+        marker = {"step": progress.step, "params_hash": ckpt.params_hash, "run_id": progress.run_id,
+                  "num_processes": accelerator.num_processes}  # fmt: skip
         (path / COMPLETE).write_text(json.dumps(marker) + "\n")
         complete = sorted(p for p in Path(ckpt.dir).glob("step-*") if (p / COMPLETE).is_file())
         for old in complete[: -ckpt.keep]:
