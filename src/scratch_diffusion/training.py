@@ -311,8 +311,10 @@ def fit(
         held = f"weights sha256 {weights_digest(accelerator.unwrap_model(model))}"
         if ema is not None:
             held += f", EMA sha256 {weights_digest(ema.model)}"
-        print(f"{desc}: process {accelerator.process_index} of {accelerator.num_processes} ends with {held}",
-              flush=True)  # fmt: skip
+        # One write per line: the processes share stdout, and print() writes the newline separately.
+        sys.stdout.write(f"{desc}: process {accelerator.process_index} of {accelerator.num_processes} ends with "
+                         f"{held}\n")  # fmt: skip
+        sys.stdout.flush()
     return TrainResult(
         steps=step,
         epoch_losses=list(progress.epoch_losses),
