@@ -1,6 +1,7 @@
 """The MLflow UI as a person sees it: a real `mlflow server` on 127.0.0.1 over a store filled by real (tiny) training
 stages, driven by headless Chromium (Debian's package; Playwright only drives it, nothing is downloaded)."""
 
+import contextlib
 import os
 import shutil
 import socket
@@ -51,6 +52,28 @@ def wait_until_up(url: str, proc: subprocess.Popen, timeout: float = 90) -> None
     raise AssertionError(f"mlflow server at {url} did not answer /health within {timeout} s")
 
 
+@contextlib.contextmanager
+def mlflow_server(backend_uri: str, *args: str, cwd=None, timeout: float = 90):
+    """`mlflow server` on a free loopback port (plus `args`); yields its URL once /health answers, then stops it."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri, *args,
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "MLFLOW_TRACKING_URI": backend_uri},
+    )  # fmt: skip
+    try:
+        wait_until_up(url, proc, timeout)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 @pytest.fixture
 def server(project, tmp_path):
     """Two real training runs in a SQLite store, served by `mlflow server` on loopback."""
@@ -59,23 +82,8 @@ def server(project, tmp_path):
     run([sys.executable, str(REPO / "stages/download.py")], cwd=project)
     for stage in ("train_basic", "train_unet2d"):
         run([sys.executable, str(REPO / f"stages/{stage}.py")], cwd=project, env=env)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "MLFLOW_TRACKING_URI": uri},
-    )  # fmt: skip
-    try:
-        wait_until_up(url, proc)
+    with mlflow_server(uri, cwd=project) as url:
         yield url, MlflowClient(tracking_uri=uri)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def test_runs_loss_and_sample_grid_are_shown(server, tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, run
-from tests.test_mlflow_ui import free_port, wait_until_up
+from tests.test_mlflow_ui import free_port, mlflow_server
 
 pytestmark = pytest.mark.slow
 
@@ -68,23 +68,9 @@ def postgres():
 
 @pytest.fixture
 def tracking_server(postgres, tmp_path):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres,
-         "--artifacts-destination", str(tmp_path / "artifact-store"), "--serve-artifacts",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    try:
-        wait_until_up(url, proc, timeout=120)
+    artifacts = ("--artifacts-destination", str(tmp_path / "artifact-store"), "--serve-artifacts")
+    with mlflow_server(postgres, *artifacts, timeout=120) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def test_training_logs_to_the_team_server(project, tracking_server, tmp_path):
