@@ -43,6 +43,7 @@ from scratch_diffusion.training import EMA, fit, make_accelerator
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data/dataset"
 BATCH = 128
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as the lesson's notebook picks it
 
 
 def machine() -> str:
@@ -62,7 +63,7 @@ def machine() -> str:
 
 
 def lesson_loop(model_name: str, steps: int, seed: int = 0) -> tuple[float, list[float]]:
-    """The notebook's loop, as written there: returns (images/s over the steps after the first, losses)."""
+    """The notebook's loop, as written there (on its `device`): returns (images/s after the first step, losses)."""
     import torchvision
     from torch.utils.data import DataLoader
 
@@ -70,13 +71,14 @@ def lesson_loop(model_name: str, steps: int, seed: int = 0) -> tuple[float, list
     dataset = torchvision.datasets.MNIST(root=str(DATA), train=True, download=False,
                                          transform=torchvision.transforms.ToTensor())  # fmt: skip
     loader = DataLoader(dataset, batch_size=BATCH, shuffle=True)
-    net = BasicUNet() if model_name == "basic" else build_unet()
+    net = (BasicUNet() if model_name == "basic" else build_unet()).to(DEVICE)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     losses, start = [], None
     for i, (x, _) in enumerate(loader):
         if i == 1:
             start = time.perf_counter()  # the first step pays one-off costs (allocations, kernel choice)
-        noise_amount = torch.rand(x.shape[0])
+        x = x.to(DEVICE)
+        noise_amount = torch.rand(x.shape[0]).to(DEVICE)
         noisy_x = corrupt(x, noise_amount)
         pred = net(noisy_x) if model_name == "basic" else net(noisy_x, 0).sample  # the lesson's calls
         loss = F.mse_loss(pred, x)
@@ -86,6 +88,8 @@ def lesson_loop(model_name: str, steps: int, seed: int = 0) -> tuple[float, list
         losses.append(loss.item())
         if i + 1 == steps:
             break
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
     return (steps - 1) * BATCH / (time.perf_counter() - start), losses
 
 
@@ -164,19 +168,21 @@ def bench_sampling(repeats: int) -> None:
     nets = {"basic": BasicUNet().eval(),
             "unet2d": UNet2DDenoiser(build_unet(u.block_out_channels, u.layers_per_block, u.down_block_types,
                                                 u.up_block_types), u.conditioning).eval()}  # fmt: skip
+    nets = {name: net.to(DEVICE) for name, net in nets.items()}
     config = ddpm_scheduler(u.num_train_timesteps, u.beta_schedule, u.beta_start, u.beta_end,
                             PREDICTION_TYPES[params.objective]).config  # fmt: skip
     for s in sp.settings:
         corruption = "toy" if s.sampler == "toy" else "ddpm"
         start = time.perf_counter()
         _, nfe = generate(nets[s.model], s.sampler, s.steps, bs, batch_size=bs, seed=0, corruption=corruption,
-                          trained_config=config, eta=s.eta, precision=sp.precision)  # fmt: skip
+                          trained_config=config, eta=s.eta, precision=sp.precision, device=DEVICE)  # fmt: skip
         seconds = time.perf_counter() - start
         print(f"{s.name:24s} NFE {nfe:4d}  {bs / seconds:8.1f} img/s  {1000 * seconds / bs:7.1f} ms/image")
 
     # One UNet2DModel evaluation at the stage's batch: a plain fp32 eager call vs the sample stage's call.
-    x, t = torch.randn(bs, 1, 28, 28), torch.full((bs,), 500)
+    x, t = torch.randn(bs, 1, 28, 28, device=DEVICE), torch.full((bs,), 500, device=DEVICE)
     plain = build_unet(u.block_out_channels, u.layers_per_block, u.down_block_types, u.up_block_types).eval()
+    plain.to(DEVICE)
     plain.load_state_dict(nets["unet2d"].unet.state_dict())
 
     def plain_call():
@@ -184,7 +190,7 @@ def bench_sampling(repeats: int) -> None:
             plain(x, t)
 
     def stage_call():
-        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=sp.precision == "bf16"):
+        with torch.inference_mode(), torch.autocast(DEVICE.type, torch.bfloat16, enabled=sp.precision == "bf16"):
             nets["unet2d"](x, t)
 
     timings = {"plain": [], "stage": []}
@@ -194,6 +200,8 @@ def bench_sampling(repeats: int) -> None:
         for name, f in (("plain", plain_call), ("stage", stage_call)):
             start = time.perf_counter()
             f()
+            if DEVICE.type == "cuda":
+                torch.cuda.synchronize()
             timings[name].append(bs / (time.perf_counter() - start))
     mp, ms = statistics.median(timings["plain"]), statistics.median(timings["stage"])
     print(f"UNet2DModel evaluation, batch {bs}: plain fp32 eager {mp:.1f} img/s, sample stage {ms:.1f} img/s, "

@@ -14,7 +14,17 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 # What a fresh clone holds that the pipeline needs (the library is installed editable from REPO, but dvc.yaml
 # lists src/ files as deps, so they are copied too).
-PROJECT_FILES = ["stages", "src", "dvc.yaml", "params.yaml", ".dvcignore", ".dvc/config", ".gitignore"]
+PROJECT_FILES = [
+    "stages",
+    "src",
+    "dvc.yaml",
+    "params.yaml",
+    ".dvcignore",
+    ".dvc/config",
+    ".gitignore",
+    "ablations",
+    "README.md",
+]
 
 # Tiny but real: a few hundred MNIST images and a few optimizer steps.
 TINY = {

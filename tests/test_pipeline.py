@@ -1,6 +1,7 @@
 """End to end: the real `dvc repro` and `dvc exp run` on a git+DVC copy of the project with tiny params."""
 
 import json
+import sys
 import time
 
 import numpy as np
@@ -98,8 +99,9 @@ def test_dvc_repro_then_experiments(project):
     assert [r.data.params["objective"] for r in runs if r.info.run_name == "train-unet2d"] == ["eps"]
 
     # Queued experiments, two at a time in temporary copies: both complete, both land in the same MLflow store.
-    for name, override in [("q-v", "objective=v"), ("q-lr", "unet2d.lr=2e-3")]:
-        run(["dvc", "exp", "run", "--queue", "-S", override, "-n", name], cwd=project)
+    # One is queued by the ablation script (its `full` budget adds nothing to the axis's -S values).
+    run([sys.executable, "ablations/run.py", "queue", "--budget", "full", "--only", "objective v"], cwd=project)
+    run(["dvc", "exp", "run", "--queue", "-S", "unet2d.lr=2e-3", "-n", "q-lr"], cwd=project)
     run(["dvc", "queue", "start", "-j", "2"], cwd=project)
     deadline = time.monotonic() + 600
     while True:
@@ -110,8 +112,8 @@ def test_dvc_repro_then_experiments(project):
         time.sleep(3)
     assert status.count("Success") == 2, status
     shown = run(["dvc", "exp", "show", "--json"], cwd=project).stdout
-    assert '"q-v"' in shown and '"q-lr"' in shown
-    for name in ("q-v", "q-lr"):
+    assert '"abl-full-objective-v"' in shown and '"q-lr"' in shown
+    for name in ("abl-full-objective-v", "q-lr"):
         runs = client.search_runs(
             [client.get_experiment_by_name("scratch-diffusion").experiment_id],
             filter_string=f"tags.dvc_exp_name = '{name}'",
@@ -119,3 +121,18 @@ def test_dvc_repro_then_experiments(project):
         assert sorted(r.info.run_name for r in runs) == ["compare", "sample", "train-unet2d"], name
         assert all(r.info.status == "FINISHED" for r in runs)
     assert not list((project / ".dvc/tmp/exps").rglob("mlflow.db"))  # no store left inside a temp copy
+
+    # The ablation table is built from `dvc exp show --json`: one row per ablation experiment, its params diff
+    # against the baseline commit, and the numbers its compare stage logged to MLflow.
+    run([sys.executable, "ablations/run.py", "collect"], cwd=project)
+    row = json.loads((project / "ablations/results.json").read_text())["rows"]["abl-full-objective-v"]
+    assert row["params_diff"] == {"objective": "v"} and row["change"] == "objective=v" and row["budget"] == "full"
+    compare_run = client.search_runs(
+        [client.get_experiment_by_name("scratch-diffusion").experiment_id],
+        filter_string="tags.dvc_exp_name = 'abl-full-objective-v' and tags.mlflow.runName = 'compare'",
+    )[0]
+    assert row["fid"] == pytest.approx(compare_run.data.metrics["best_fid_unet2d"])
+    assert row["recognised"] == pytest.approx(compare_run.data.metrics["best_recognised_unet2d"])
+    assert row["train_wall_s"] > 0 and row["best_sampler"] in ("ddim-3", "heun-2", "dpmsolver++-3")
+    readme = (project / "README.md").read_text()
+    assert "| full | objective v | `objective=v` |" in readme and (project / "docs/ablation.png").is_file()

@@ -1,0 +1,285 @@
+"""The ablation: one DVC experiment per design choice of the UNet2DModel, each against the default, and the table and
+chart made from them (the README's results are regenerated from here, never typed by hand).
+
+    python ablations/run.py run --budget screen    # queue every axis value, run the queue (-j 1), collect
+    python ablations/run.py run --budget full --only default "EMA 0.999"   # confirm a few at the full budget
+    python ablations/run.py queue --budget screen  # only queue (then: dvc queue start; dvc queue status)
+    python ablations/run.py collect                # finished experiments -> ablations/results.json
+    python ablations/run.py table                  # results.json -> README table + docs/ablation.png
+
+Budgets: `full` is the default pipeline (the lesson's 3 epochs, every default sampler setting, n from params.yaml);
+`screen` stops training after 200 steps and samples 300 images with two samplers, about 7 minutes an experiment on
+2 CPU cores. Rankings at the screening budget favour choices that learn fast; confirm the winners at `full`.
+
+Every row is reproducible from its `dvc exp` params: `dvc exp apply <name>` or `dvc exp run` with the same -S values.
+The collected rows are kept in ablations/results.json (in git), so they outlive the local DVC and MLflow state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "ablations" / "results.json"
+CHART = ROOT / "docs" / "ablation.png"
+README = ROOT / "README.md"
+TABLE_START, TABLE_END = "<!-- ablation-table:start -->", "<!-- ablation-table:end -->"
+
+# One entry per experiment: (label, the -S overrides that make it). Each axis changes one choice of the default.
+AXES: list[tuple[str, dict]] = [
+    ("default", {}),
+    ("objective eps", {"objective": "eps"}),
+    ("objective v", {"objective": "v"}),
+    ("min-SNR weighting", {"unet2d.loss_weighting": "min_snr"}),
+    ("EMA off", {"unet2d.ema_decay": 0}),
+    ("EMA 0.999", {"unet2d.ema_decay": 0.999}),
+    ("warm-up + cosine lr", {"unet2d.lr_schedule": "cosine", "unet2d.lr_warmup_steps": "WARMUP"}),
+    ("cosine betas", {"unet2d.beta_schedule": "squaredcos_cap_v2"}),
+    ("no timestep conditioning", {"unet2d.conditioning": "none"}),
+]
+
+SCREEN_SETTINGS = ("[{model: basic, sampler: toy, steps: 5}, {model: unet2d, sampler: ddim, steps: 50}, "
+                   "{model: unet2d, sampler: dpmsolver++, steps: 20}]")  # fmt: skip
+BUDGETS = {
+    "screen": {"overrides": {"unet2d.max_steps": 200, "sample.n": 300, "sample.settings": SCREEN_SETTINGS},
+               "warmup": 20},
+    "full": {"overrides": {}, "warmup": 100},
+}  # fmt: skip
+# Keys that set the budget rather than a design choice: left out of a row's "change" column.
+BUDGET_KEYS = {"unet2d.max_steps", "sample.n", "sample.settings"}
+
+
+def slug(label: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+
+
+def exp_name(budget: str, label: str) -> str:
+    return f"abl-{budget}-{slug(label)}"
+
+
+def overrides(budget: str, label: str) -> dict:
+    axis = dict(AXES)[label]
+    axis = {k: (BUDGETS[budget]["warmup"] if v == "WARMUP" else v) for k, v in axis.items()}
+    return {**BUDGETS[budget]["overrides"], **axis}
+
+
+def dvc(*args: str, capture: bool = False) -> str:
+    """Run the dvc of this interpreter's environment; exit with its message on failure."""
+    exe = Path(sys.executable).with_name("dvc")
+    cmd = [str(exe if exe.exists() else "dvc"), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=capture)
+    if proc.returncode != 0:
+        sys.exit(f"error: `{' '.join(cmd[:4])} ...` failed ({proc.returncode})\n{proc.stderr if capture else ''}")
+    return proc.stdout if capture else ""
+
+
+def selected(only: list[str] | None) -> list[str]:
+    labels = [label for label, _ in AXES]
+    unknown = [o for o in only or [] if o not in labels]
+    if unknown:
+        sys.exit(f"error: --only: unknown experiment(s) {unknown}; allowed: {labels}")
+    return only or labels
+
+
+def queue(budget: str, only: list[str] | None) -> list[str]:
+    names = []
+    for label in selected(only):
+        name = exp_name(budget, label)
+        args = [a for k, v in overrides(budget, label).items() for a in ("-S", f"{k}={v}")]
+        dvc("exp", "run", "--queue", "--name", name, *args)
+        names.append(name)
+    return names
+
+
+def wait_for_queue(poll_s: float = 30.0) -> None:
+    while True:
+        status = dvc("queue", "status", capture=True)
+        if not re.search(r"\b(Queued|Running)\b", status):
+            print(status)
+            return
+        time.sleep(poll_s)
+
+
+# ---- collecting: dvc exp show --json -> rows ---------------------------------------------------------------------
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _data(rev: dict, kind: str, file: str) -> dict:
+    return ((rev.get("data") or {}).get(kind) or {}).get(file, {}).get("data") or {}
+
+
+def experiments_from_show(show: list) -> list[tuple[dict, dict]]:
+    """(baseline rev, experiment rev) for every finished experiment in `dvc exp show --json` output."""
+    found = []
+    for baseline in show:
+        for exp in baseline.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                if rev.get("name") and not rev.get("error") and _data(rev, "metrics", "metrics/compare.json"):
+                    found.append((baseline, rev))
+    return found
+
+
+def row_from(baseline: dict, rev: dict) -> dict:
+    params = flatten(_data(rev, "params", "params.yaml"))
+    base = flatten(_data(baseline, "params", "params.yaml"))
+    diff = {k: v for k, v in params.items() if base.get(k) != v}
+    compare = _data(rev, "metrics", "metrics/compare.json")
+    unet = {s: m for s, m in compare["settings"].items() if s.startswith("unet2d/")}
+    best = min(unet, key=lambda s: unet[s]["fid"])
+    cost = _data(rev, "metrics", "metrics/cost/train-unet2d.json")
+    return {
+        "name": rev["name"],
+        "commit": baseline["rev"][:7],
+        "params_diff": diff,
+        "change": ", ".join(f"{k}={v}" for k, v in diff.items() if k not in BUDGET_KEYS) or "(default)",
+        "train_wall_s": cost.get("wall_s"),
+        "n": compare["n"],
+        "floor_fid": compare["real_floor_fid"],
+        "best_sampler": best.removeprefix("unet2d/"),
+        "fid": unet[best]["fid"],
+        "recognised": unet[best]["recognised"],
+        "coverage_kl": unet[best]["coverage_kl"],
+        "samplers": {
+            s.removeprefix("unet2d/"): {k: unet[s][k] for k in ("fid", "recognised", "coverage_kl")} for s in unet
+        },  # fmt: skip
+    }
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def collect() -> dict:
+    show = json.loads(dvc("exp", "show", "--json", "--all-commits", capture=True))
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"rows": {}}
+    for baseline, rev in experiments_from_show(show):
+        m = re.fullmatch(r"abl-(screen|full)-(.+)", rev["name"])
+        if not m:
+            continue
+        label = next((label for label, _ in AXES if slug(label) == m.group(2)), m.group(2))
+        row = {"budget": m.group(1), "label": label, **row_from(baseline, rev), "machine": machine()}
+        results["rows"][rev["name"]] = row
+    RESULTS.parent.mkdir(exist_ok=True)
+    tmp = RESULTS.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    tmp.replace(RESULTS)
+    print(f"{len(results['rows'])} rows in {RESULTS.relative_to(ROOT)}")
+    return results
+
+
+# ---- the table and the chart ----------------------------------------------------------------------------------------
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = [
+        "| budget | experiment | change (`-S`) | train min | best sampler | FID | x floor | recognised | coverage KL |",
+        "|---|---|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        wall = f"{r['train_wall_s'] / 60:.1f}" if r.get("train_wall_s") else "-"
+        lines.append(f"| {r['budget']} | {r['label']} | `{r['change']}` | {wall} | {r['best_sampler']} | "
+                     f"{r['fid']:.1f} | {r['fid'] / r['floor_fid']:.2f} | {r['recognised']:.3f} | "
+                     f"{r['coverage_kl']:.3f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def ordered(results: dict) -> list[dict]:
+    order = {label: i for i, (label, _) in enumerate(AXES)}
+    return sorted(results["rows"].values(), key=lambda r: (r["budget"] != "full", order.get(r["label"], 99)))
+
+
+def chart(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for budget, marker in (("screen", "o"), ("full", "s")):
+        pts = [r for r in rows if r["budget"] == budget and r.get("train_wall_s")]
+        if not pts:
+            continue
+        ax.scatter([r["train_wall_s"] / 60 for r in pts], [r["fid"] for r in pts], marker=marker,
+                   label=f"{budget} (n={pts[0]['n']})")  # fmt: skip
+        for r in pts:
+            ax.annotate(r["label"], (r["train_wall_s"] / 60, r["fid"]), fontsize=7, xytext=(4, 2),
+                        textcoords="offset points")  # fmt: skip
+    ax.set(xlabel="train-unet2d wall time (min)", ylabel="FID of the best sampler (lower is better)", yscale="log",
+           title="UNet2DModel ablation: quality against training time")  # fmt: skip
+    ax.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def table(results: dict) -> None:
+    rows = ordered(results)
+    if not rows:
+        sys.exit(f"error: {RESULTS.relative_to(ROOT)} has no rows; run `python ablations/run.py collect` first")
+    chart(rows, CHART)
+    machines = sorted({r["machine"] for r in rows})
+    commits = sorted({r["commit"] for r in rows})
+    block = "\n".join([
+        TABLE_START,
+        markdown_table(rows),
+        "",
+        f"Machine: {'; '.join(machines)}. Code: {', '.join(commits)}. FID and recognised share are those of the "
+        "experiment's best UNet2DModel sampler (lowest FID); \"x floor\" is FID over the real-vs-real floor at "
+        "the same n. Made by `python ablations/run.py table` from ablations/results.json.",
+        "",
+        "![FID against training time](docs/ablation.png)",
+        TABLE_END,
+    ])  # fmt: skip
+    text = README.read_text()
+    if TABLE_START not in text or TABLE_END not in text:
+        sys.exit(f"error: README.md lacks the markers {TABLE_START} ... {TABLE_END} that hold the ablation table")
+    head, rest = text.split(TABLE_START, 1)
+    README.write_text(head + block + rest.split(TABLE_END, 1)[1])
+    print(markdown_table(rows))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["run", "queue", "collect", "table"])
+    parser.add_argument("--budget", choices=sorted(BUDGETS), default="screen")
+    parser.add_argument("--only", nargs="+", metavar="LABEL", help="experiments to queue (labels of AXES)")
+    args = parser.parse_args(argv)
+    if args.command in ("run", "queue"):
+        names = queue(args.budget, args.only)
+        print(f"queued {len(names)}: {' '.join(names)}")
+    if args.command == "run":
+        dvc("queue", "start", "-j", "1")
+        wait_for_queue()
+    if args.command in ("run", "collect"):
+        table(collect())
+    if args.command == "table":
+        table(json.loads(RESULTS.read_text()))
+
+
+if __name__ == "__main__":
+    main()
