@@ -131,6 +131,8 @@ def experiments_from_show(show: list) -> list[tuple[dict, dict]]:
     found = []
     for baseline in show:
         for exp in baseline.get("experiments") or []:
+            if (exp.get("executor") or {}).get("state", "success") != "success":
+                continue  # queued or running: its data are the baseline's, not its own
             for rev in exp.get("revs") or []:
                 if rev.get("name") and not rev.get("error") and _data(rev, "metrics", "metrics/compare.json"):
                     found.append((baseline, rev))
