@@ -105,7 +105,9 @@ class Unet2dParams:
     # What the time embedding sees: timestep (the real t), none (always 0), amount (toy: t = amount * 1000).
     conditioning: str = field(default="timestep", metadata=_choice("timestep", "none", "amount"))
     num_train_timesteps: int = field(default=1000, metadata=_range(2, 10000))
-    beta_schedule: str = field(default="linear", metadata=_choice("linear", "scaled_linear", "squaredcos_cap_v2"))
+    beta_schedule: str = field(
+        default="squaredcos_cap_v2", metadata=_choice("linear", "scaled_linear", "squaredcos_cap_v2")
+    )
     beta_start: float = field(default=1e-4, metadata=_range(0.0, 1.0, lo_open=True))
     beta_end: float = field(default=0.02, metadata=_range(0.0, 1.0, lo_open=True))
     # none: plain MSE on the target; min_snr: Min-SNR-gamma weighting (Hang et al. 2023).
