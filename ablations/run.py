@@ -4,7 +4,8 @@ chart made from them (the README's results are regenerated from here, never type
     python ablations/run.py run --budget screen    # queue every axis value, run the queue (-j 1), collect
     python ablations/run.py run --budget full --only default "EMA 0.999"   # confirm a few at the full budget
     python ablations/run.py queue --budget screen  # only queue (then: dvc queue start; dvc queue status)
-    python ablations/run.py collect                # finished experiments -> ablations/results.json
+    python ablations/run.py collect                # finished abl-* experiments and the workspace's own dvc repro
+                                                   # (the defaults at the full budget) -> ablations/results.json
     python ablations/run.py table                  # results.json -> README table + docs/ablation.png
 
 Budgets: `full` is the default pipeline (the lesson's 3 epochs, every default sampler setting, n from params.yaml);
@@ -184,6 +185,16 @@ def collect() -> dict:
         label = next((label for label, _ in AXES if slug(label) == m.group(2)), m.group(2))
         row = {"budget": m.group(1), "label": label, **row_from(baseline, rev), "machine": machine()}
         results["rows"][rev["name"]] = row
+    # The workspace's own `dvc repro` at the full budget (params.yaml as committed): the defaults' row.
+    workspace = next((rev for rev in show if rev.get("rev") == "workspace"), None)
+    if workspace and _data(workspace, "metrics", "metrics/compare.json"):
+        params = flatten(_data(workspace, "params", "params.yaml"))
+        if not params.get("unet2d.max_steps"):
+            head = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=ROOT, text=True, capture_output=True)
+            row = row_from({"rev": head.stdout.strip() or "workspace", "data": workspace["data"]}, workspace)
+            label = "defaults (dvc repro)"
+            results["rows"]["dvc-repro"] = {**row, "name": "dvc repro", "budget": "full", "label": label,
+                                            "machine": machine()}  # fmt: skip
     RESULTS.parent.mkdir(exist_ok=True)
     tmp = RESULTS.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
@@ -209,7 +220,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def ordered(results: dict) -> list[dict]:
-    order = {label: i for i, (label, _) in enumerate(AXES)}
+    order = {"defaults (dvc repro)": -1} | {label: i for i, (label, _) in enumerate(AXES)}
     return sorted(results["rows"].values(), key=lambda r: (r["budget"] != "full", order.get(r["label"], 99)))
 
 
@@ -219,18 +230,19 @@ def chart(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(9, 5.5))
     for budget, marker in (("screen", "o"), ("full", "s")):
-        pts = [r for r in rows if r["budget"] == budget and r.get("train_wall_s")]
+        pts = sorted((r for r in rows if r["budget"] == budget and r.get("train_wall_s")), key=lambda r: r["fid"])
         if not pts:
             continue
-        ax.scatter([r["train_wall_s"] / 60 for r in pts], [r["fid"] for r in pts], marker=marker,
-                   label=f"{budget} (n={pts[0]['n']})")  # fmt: skip
-        for r in pts:
-            ax.annotate(r["label"], (r["train_wall_s"] / 60, r["fid"]), fontsize=7, xytext=(4, 2),
-                        textcoords="offset points")  # fmt: skip
-    ax.set(xlabel="train-unet2d wall time (min)", ylabel="FID of the best sampler (lower is better)", yscale="log",
-           title="UNet2DModel ablation: quality against training time")  # fmt: skip
+        # FID over the real-vs-real floor at the same n: FIDs at different n (screen 300, full 1000) do not compare.
+        ratio = [r["fid"] / r["floor_fid"] for r in pts]
+        ax.scatter([r["train_wall_s"] / 60 for r in pts], ratio, marker=marker, label=f"{budget} (n={pts[0]['n']})")
+        for i, (r, y) in enumerate(zip(pts, ratio, strict=True)):
+            ax.annotate(r["label"], (r["train_wall_s"] / 60, y), fontsize=7, xytext=(5, 9 * (i % 3) - 9),
+                        textcoords="offset points", va="center")  # fmt: skip
+    ax.set(xlabel="train-unet2d wall time (min)", ylabel="FID / real-data floor at the same n (lower is better)",
+           yscale="log", title="UNet2DModel ablation: quality against training time")  # fmt: skip
     ax.legend()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.png")
