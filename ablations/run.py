@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from scratch_diffusion import files
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "ablations" / "results.json"
 CHART = ROOT / "docs" / "ablation.png"
@@ -195,10 +197,7 @@ def collect() -> dict:
             label = "defaults (dvc repro)"
             results["rows"]["dvc-repro"] = {**row, "name": "dvc repro", "budget": "full", "label": label,
                                             "machine": machine()}  # fmt: skip
-    RESULTS.parent.mkdir(exist_ok=True)
-    tmp = RESULTS.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-    tmp.replace(RESULTS)
+    files.write_json(RESULTS, results)
     print(f"{len(results['rows'])} rows in {RESULTS.relative_to(ROOT)}")
     return results
 
@@ -244,11 +243,9 @@ def chart(rows: list[dict], path: Path) -> None:
     ax.set(xlabel="train-unet2d wall time (min)", ylabel="FID / real-data floor at the same n (lower is better)",
            yscale="log", title="UNet2DModel ablation: quality against training time")  # fmt: skip
     ax.legend()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    with files.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    tmp.replace(path)
 
 
 def table(results: dict) -> None:
@@ -273,7 +270,7 @@ def table(results: dict) -> None:
     if TABLE_START not in text or TABLE_END not in text:
         sys.exit(f"error: README.md lacks the markers {TABLE_START} ... {TABLE_END} that hold the ablation table")
     head, rest = text.split(TABLE_START, 1)
-    README.write_text(head + block + rest.split(TABLE_END, 1)[1])
+    files.write_text(README, head + block + rest.split(TABLE_END, 1)[1])
     print(markdown_table(rows))
 
 
