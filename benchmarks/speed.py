@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import io
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from scratch_diffusion.cli import peak_rss_kib
 from scratch_diffusion.config import PREDICTION_TYPES, load_params
 from scratch_diffusion.corruption import corrupt, ddpm_scheduler
 from scratch_diffusion.data import load_split
+from scratch_diffusion.hardware import cpu_name, has_cpu_flag
 from scratch_diffusion.models import BasicUNet
 from scratch_diffusion.models.unet2d import UNet2DDenoiser, build_unet
 from scratch_diffusion.objectives import ddpm_loss, toy_loss
@@ -47,16 +47,9 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as the 
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    bf16 = "AVX512-BF16" if has_cpu_flag("avx512_bf16") else "no AVX512-BF16"
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{cpu} ({'AVX512-BF16' if 'avx512_bf16' in flags else 'no AVX512-BF16'}), {device}; "
-            f"torch {torch.__version__}, {torch.get_num_threads()} threads")  # fmt: skip
+    return f"{cpu_name()} ({bf16}), {device}; torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 # --- the two ways to train ----------------------------------------------------------------------------------------
