@@ -51,3 +51,20 @@ def test_checkpoints_of_another_process_count_are_not_resumed(tmp_path):
     said = []
     assert find_checkpoints(two, log=said.append) == []
     assert "made by 1 processes, this run has 2; not resumed from" in said[0]
+
+
+def test_a_run_resumed_from_its_final_checkpoint_reports_the_speed_of_the_run_that_made_it(tmp_path):
+    images = (torch.rand(96, 1, 28, 28) * 255).to(torch.uint8)
+
+    def train():
+        torch.manual_seed(0)
+        return fit(BasicUNet(), toy_loss, images, Accelerator(cpu=True), batch_size=16, lr=1e-3, epochs=2, seed=3,
+                   checkpointing=Checkpointing(tmp_path / "run", every=3, params_hash="h"))  # fmt: skip
+
+    first = train()
+    again = train()  # finds step 12 complete: nothing left to train
+    assert first.steps == again.steps == 12 and first.images_per_s > 0
+    # The run's 12 steps up to its last checkpoint (not that checkpoint's save), plus loading it: about the same.
+    assert again.wall_s == pytest.approx(first.wall_s, rel=0.25)
+    assert again.images_per_s == pytest.approx(192 / again.wall_s)
+    assert again.loss_curve == first.loss_curve

@@ -101,6 +101,7 @@ class _Progress:
         self.loss_curve: list[list[float]] = []
         self.epoch_losses: list[float] = []
         self.run_id = ""
+        self.train_s = 0.0  # seconds spent training up to this checkpoint, over all resumes
 
     def state_dict(self) -> dict:
         return dict(vars(self))
@@ -234,7 +235,7 @@ def fit(
         on_sample(0, ema.model if ema is not None else accelerator.unwrap_model(model))
         model.train()
     device = accelerator.device
-    start, seen_at_start = time.perf_counter(), progress.seen
+    start, seen_at_start, train_s_before = time.perf_counter(), progress.seen, progress.train_s
     step = progress.step
     for epoch in range(progress.epoch, epochs):
         if step >= total:
@@ -296,6 +297,7 @@ def fit(
                 progress.epoch, progress.batch_in_epoch = (epoch + 1, 0) if epoch_done else (epoch, batch_in_epoch)
                 progress.window = [window_sum.item(), window_n]
                 progress.epoch_acc = [0.0, 0] if epoch_done else [epoch_sum.item(), epoch_n]
+                progress.train_s = train_s_before + time.perf_counter() - start
                 _save(accelerator, checkpointing, extras, main)
             if last:
                 break
@@ -305,7 +307,10 @@ def fit(
         progress.window, progress.epoch_acc = [0.0, 0], [0.0, 0]
     bar.close()
     accelerator.wait_for_everyone()
-    wall = time.perf_counter() - start
+    # The run's own time and speed over all its resumes: a run resumed from its final checkpoint reports the
+    # figures of the run that made it (a checkpoint from before this was recorded counts from the resume).
+    wall = train_s_before + time.perf_counter() - start
+    seen = progress.seen if train_s_before else progress.seen - seen_at_start
     if accelerator.num_processes > 1:
         # Data-parallel replicas must end identical; each process says what it holds, so a divergence shows.
         held = f"weights sha256 {weights_digest(accelerator.unwrap_model(model))}"
@@ -320,7 +325,7 @@ def fit(
         epoch_losses=list(progress.epoch_losses),
         loss_curve=[(int(s), float(v)) for s, v in progress.loss_curve],
         wall_s=wall,
-        images_per_s=(progress.seen - seen_at_start) / wall if wall > 0 else 0.0,
+        images_per_s=seen / wall if wall > 0 else 0.0,
     )
 
 
