@@ -176,6 +176,16 @@ def machine() -> str:
     return f"{cpu_name()}, {os.cpu_count()} cores"
 
 
+def results_commit() -> str:
+    """The commit whose dvc.lock the workspace's results are (not HEAD: later commits may not touch them)."""
+    git = ["git", "-C", str(ROOT)]
+    if subprocess.run([*git, "diff", "--quiet", "HEAD", "--", "dvc.lock"]).returncode != 0:
+        return "workspace"  # results newer than any commit
+    last = subprocess.run([*git, "log", "-1", "--format=%h", "--abbrev=7", "--", "dvc.lock"], text=True,
+                          capture_output=True)  # fmt: skip
+    return last.stdout.strip() or "workspace"
+
+
 def collect() -> dict:
     show = json.loads(dvc("exp", "show", "--json", "--all-commits", capture=True))
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"rows": {}}
@@ -191,8 +201,7 @@ def collect() -> dict:
     if workspace and _data(workspace, "metrics", "metrics/compare.json"):
         params = flatten(_data(workspace, "params", "params.yaml"))
         if not params.get("unet2d.max_steps"):
-            head = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=ROOT, text=True, capture_output=True)
-            row = row_from({"rev": head.stdout.strip() or "workspace", "data": workspace["data"]}, workspace)
+            row = row_from({"rev": results_commit(), "data": workspace["data"]}, workspace)
             label = "defaults (dvc repro)"
             results["rows"]["dvc-repro"] = {**row, "name": "dvc repro", "budget": "full", "label": label,
                                             "machine": machine()}  # fmt: skip
