@@ -36,9 +36,10 @@ from scratch_diffusion.data import load_split
 from scratch_diffusion.hardware import cpu_name, has_cpu_flag
 from scratch_diffusion.models import BasicUNet
 from scratch_diffusion.models.unet2d import UNet2DDenoiser, build_unet
-from scratch_diffusion.objectives import ddpm_loss, toy_loss
+from scratch_diffusion.objectives import toy_loss
+from scratch_diffusion.recipe import unet2d_parts
 from scratch_diffusion.samplers import generate
-from scratch_diffusion.training import EMA, fit, make_accelerator
+from scratch_diffusion.training import fit, make_accelerator
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data/dataset"
@@ -98,12 +99,7 @@ def stage_run(model_name: str, steps: int, seed: int = 0, **overrides) -> tuple[
     if model_name == "basic":
         model, loss_fn = BasicUNet(), toy_loss
     else:
-        model = UNet2DDenoiser(build_unet(p.block_out_channels, p.layers_per_block, p.down_block_types,
-                                          p.up_block_types), p.conditioning)  # fmt: skip
-        scheduler = ddpm_scheduler(p.num_train_timesteps, p.beta_schedule, p.beta_start, p.beta_end,
-                                   PREDICTION_TYPES[params.objective])  # fmt: skip
-        loss_fn = ddpm_loss(scheduler, params.objective, p.loss_weighting, p.min_snr_gamma)
-        ema = EMA(model, p.ema_decay) if p.ema_decay > 0 else None
+        model, _, loss_fn, ema = unet2d_parts(params)
     with contextlib.redirect_stdout(io.StringIO()):  # fit's progress lines
         result = fit(
             model, loss_fn, images, make_accelerator(settings["mixed_precision"]),

@@ -18,16 +18,15 @@ import torch
 
 from scratch_diffusion import files, tracking
 from scratch_diffusion.cli import run_stage
-from scratch_diffusion.config import PREDICTION_TYPES, flatten, load_params, params_hash
-from scratch_diffusion.corruption import ddpm_scheduler
+from scratch_diffusion.config import flatten, load_params, params_hash
 from scratch_diffusion.data import NUM_CLASSES, load_split
-from scratch_diffusion.models import Guided, UNet2DDenoiser, build_unet
-from scratch_diffusion.objectives import ddpm_loss, toy_loss
+from scratch_diffusion.models import Guided
 from scratch_diffusion.plots import grid, to_uint8
 from scratch_diffusion.pretrained import META, save_unet2d
+from scratch_diffusion.recipe import unet2d_parts
 from scratch_diffusion.reporting import report_training
 from scratch_diffusion.samplers import fixed_noise, sample_images
-from scratch_diffusion.training import EMA, Checkpointing, fit, make_accelerator, resumable_run_id
+from scratch_diffusion.training import Checkpointing, fit, make_accelerator, resumable_run_id
 
 DATA_ROOT = "data/dataset"
 CHECKPOINTS = "checkpoints/train-unet2d"
@@ -42,19 +41,8 @@ def main() -> None:
     images, labels = load_split(DATA_ROOT, train=True, n=params.data.n_train)
 
     accelerator = make_accelerator(p.mixed_precision)
-    torch.manual_seed(params.seed)
-    num_classes = NUM_CLASSES if p.class_conditional else 0
-    unet = build_unet(p.block_out_channels, p.layers_per_block, p.down_block_types, p.up_block_types,
-                      num_classes=num_classes)  # fmt: skip
-    model = UNet2DDenoiser(unet, p.conditioning)
-    scheduler = ddpm_scheduler(p.num_train_timesteps, p.beta_schedule, p.beta_start, p.beta_end,
-                               PREDICTION_TYPES[params.objective])  # fmt: skip
-    if p.corruption == "toy":
-        loss_fn = toy_loss
-    else:
-        loss_fn = ddpm_loss(scheduler, params.objective, p.loss_weighting, p.min_snr_gamma,
-                            label_dropout=p.label_dropout, null_label=model.null_label)  # fmt: skip
-    ema = EMA(model, p.ema_decay) if p.ema_decay > 0 else None
+    torch.manual_seed(params.seed)  # the initial weights
+    model, scheduler, loss_fn, ema = unet2d_parts(params)
     # Same start noise for every grid: comparable across steps and runs. DDIM for DDPM models, the lesson's
     # sampler for toy ones.
     sampler = "toy" if p.corruption == "toy" else "ddim"

@@ -27,6 +27,7 @@ CASES = [
      "unet2d.block_out_channels[1]: got 'wide', expected an integer"),
     ("train_unet2d", {"unet2d": {"block_out_channels": 32}}, "unet2d.block_out_channels: got 32, expected a non-empty"),
     ("train_unet2d", {"unet2d": {"ema_decay": 1.5}}, "unet2d.ema_decay: got 1.5, allowed range [0.0, 0.99999]"),
+    ("train_unet2d", {"unet2d": {"ema_warmup": 1}}, "unet2d.ema_warmup: got 1, allowed range [2, 1000]"),
     ("train_unet2d", {"unet2d": {"loss_weighting": "snr"}}, "unet2d.loss_weighting: got 'snr', allowed: 'none'"),
     ("train_unet2d", {"unet2d": {"lr_schedule": "linear"}}, "unet2d.lr_schedule: got 'linear', allowed"),
     ("sample", {"sample": {"settings": [{"model": "unet2d", "sampler": "plms", "steps": 10}]}},

@@ -78,6 +78,16 @@ def test_dvc_repro_then_experiments(project):
     assert compare["best_fid_unet2d"] == min(r["fid"] for n, r in compare["settings"].items() if n.startswith("unet2d"))
     assert "Best setting: **" in report and "data:image/png;base64," in (project / "reports/compare.html").read_text()
 
+    # The EMA axis from one run: the script retraces the stage's trajectory, so its copy at params.yaml's own
+    # ema_warmup is the stage's model, bit for bit, and each copy gets the compare stage's metrics.
+    run([sys.executable, "ablations/ema_horizons.py", "train", "--warmups", "10", "4"], cwd=project)
+    run([sys.executable, "ablations/ema_horizons.py", "measure", "--steps", "3"], cwd=project)
+    horizons = json.loads((project / "ablations/ema_horizons.json").read_text())
+    assert horizons["default_matches_models_unet2d"] is True
+    assert [r["warmup"] for r in horizons["rows"]] == [10, 4] and all(r["steps"] == 8 for r in horizons["rows"])
+    assert horizons["rows"][0]["fid"] != horizons["rows"][1]["fid"]
+    assert "| 4 | 2 |" in (project / "README.md").read_text()  # mean age 8 / 4 steps
+
     # Changing the objective reruns train-unet2d only: neither download nor train-basic.
     run(["git", "add", "-A"], cwd=project)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline"], cwd=project)

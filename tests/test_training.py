@@ -71,3 +71,21 @@ def test_a_run_resumed_from_its_final_checkpoint_reports_the_speed_of_the_run_th
     assert 0 < recorded <= first.wall_s and recorded <= again.wall_s
     assert again.images_per_s == pytest.approx(192 / again.wall_s)
     assert again.loss_curve == first.loss_curve
+
+
+@pytest.mark.parametrize("warmup", [10, 4])
+def test_ema_warmup_sets_the_mean_age_of_the_averaged_weights(warmup):
+    # A weight that equals the step number: its average is the mean step that the EMA weighs, T - T / warmup.
+    model = torch.nn.Linear(1, 1, bias=False)
+    ema = EMA(model, decay=0.99999, warmup=warmup)
+    steps = 1000
+    for k in range(1, steps + 1):
+        with torch.no_grad():
+            model.weight.fill_(k)
+        ema.update(model)
+    assert ema.model.weight.item() == pytest.approx(steps - steps / warmup, rel=1e-3)
+
+
+def test_ema_warmup_below_2_is_refused():
+    with pytest.raises(ValueError, match="EMA warmup: got 1, allowed: >= 2"):
+        EMA(torch.nn.Linear(1, 1), decay=0.995, warmup=1)

@@ -114,8 +114,10 @@ class Unet2dParams:
     loss_weighting: str = field(default="none", metadata=_choice("none", "min_snr"))
     min_snr_gamma: float = field(default=5.0, metadata=_range(0.0, None, lo_open=True))
     # EMA of the weights; samples and the saved model use it. 0 = off. The decay warms up as
-    # min(decay, (1 + step) / (10 + step)), so a 1.4k-step run averages over its last few hundred steps.
+    # min(decay, (1 + step) / (ema_warmup + step)): the averaged weights are on average step / ema_warmup steps
+    # old (10: about the last tenth of the run, 4: about its last quarter; training.EMA).
     ema_decay: float = field(default=0.995, metadata=_range(0.0, 0.99999))
+    ema_warmup: int = field(default=10, metadata=_range(2, 1000))
     batch_size: int = field(default=128, metadata=_range(1))
     lr: float = field(default=1e-3, metadata=_range(0.0, 1.0, lo_open=True))
     lr_schedule: str = field(default="constant", metadata=_choice("constant", "cosine"))
@@ -211,7 +213,7 @@ class SampleSetting:
 DEFAULT_SETTINGS = (
     SampleSetting("basic", "toy", 5),
     SampleSetting("basic", "toy", 40),
-    SampleSetting("unet2d", "ddpm", 100),
+    SampleSetting("unet2d", "ddim", 50, eta=1.0),
     SampleSetting("unet2d", "heun", 15),
     SampleSetting("unet2d", "dpmsolver++", 20),
 )

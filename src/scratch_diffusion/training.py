@@ -46,20 +46,25 @@ def make_accelerator(mixed_precision: str = "fp32") -> Accelerator:
 class EMA:
     """Exponential moving average of a model's weights, the copy that samples and gets saved.
 
-    decay_k = min(decay, (1 + k) / (10 + k)) after k updates: early on the average follows the weights closely,
-    so a run of ~1.4k steps ends averaged over its last few hundred steps, not stuck near the initialisation
-    (diffusers' EMAModel with power 3/4 warm-up reaches 0.999 only after ~10k steps).
+    decay_k = min(decay, (1 + k) / (warmup + k)) after k updates: early on the average follows the weights closely,
+    so a run of ~1.4k steps is not stuck near its initialisation (diffusers' EMAModel with power 3/4 warm-up
+    reaches 0.999 only after ~10k steps). Until the cap `decay` is reached this is a power-function average
+    (Karras et al. 2024, EDM2; exponent warmup - 2) whose weights are on average k / warmup steps old: warmup 10
+    averages over about the last tenth of the run, warmup 4 over about its last quarter.
     """
 
-    def __init__(self, model: torch.nn.Module, decay: float):
+    def __init__(self, model: torch.nn.Module, decay: float, warmup: int = 10):
+        if warmup < 2:  # warmup 1 would never move from the initial weights
+            raise ValueError(f"EMA warmup: got {warmup}, allowed: >= 2")
         self.decay = decay
+        self.warmup = warmup
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.updates = 0
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        decay = min(self.decay, (1 + self.updates) / (self.warmup + self.updates))
         ema_params = list(self.model.parameters())
         params = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params, strict=True)]
         torch._foreach_lerp_(ema_params, params, 1 - decay)  # e <- e + (1 - decay) * (p - e)

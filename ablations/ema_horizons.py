@@ -1,0 +1,186 @@
+"""The EMA axis, measured from one training run: the default train-unet2d trajectory with its weight average
+tracked at several horizons at once (`unet2d.ema_warmup` values), each copy sampled and measured as compare does.
+
+    python ablations/ema_horizons.py train                 # ~35 min here: checkpoints/ema-horizons/w<k>/
+    python ablations/ema_horizons.py measure               # ~4 min a copy: ablations/ema_horizons.json + README
+    python ablations/ema_horizons.py train --warmups 10 4  # other horizons (10 = the EMA before it had a knob)
+
+Why one run: the EMA never feeds back into training, so `dvc exp run -S unet2d.ema_warmup=k -S
+unet2d.ema_decay=0.99999` trains the same trajectory and saves the same weights as the copy w<k> here (the script
+says whether the copy of params.yaml's own ema_warmup matches models/unet2d bit for bit). K horizons cost one
+training instead of K experiments. The decay cap is set out of reach (0.99999) so that the warm-up alone sets each
+horizon; the default's cap (0.995) is not reached within the lesson's 1407 steps either (not before step 1790).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from scratch_diffusion import files
+from scratch_diffusion.config import load_params
+from scratch_diffusion.data import load_split
+from scratch_diffusion.hardware import cpu_name
+from scratch_diffusion.metrics import FID, memorisation_threshold, sample_metrics
+from scratch_diffusion.models.classifier import MnistClassifier
+from scratch_diffusion.pretrained import load_unet2d, save_unet2d
+from scratch_diffusion.recipe import unet2d_parts
+from scratch_diffusion.samplers import generate
+from scratch_diffusion.training import EMA, fit, make_accelerator
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "checkpoints" / "ema-horizons"
+RESULTS = ROOT / "ablations" / "ema_horizons.json"
+README = ROOT / "README.md"
+TABLE_START, TABLE_END = "<!-- ema-table:start -->", "<!-- ema-table:end -->"
+CAP = 0.99999  # the largest unet2d.ema_decay allowed: out of reach, so ema_warmup alone sets the horizon
+DATA = ROOT / "data" / "dataset"
+
+
+class Horizons:
+    """Several EMAs of one run behind the interface that `fit` drives (update, model, updates)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float, warmups: list[int]):
+        self.emas = {w: EMA(model, decay, w) for w in warmups}
+        self.model = self.emas[warmups[0]].model  # what fit moves to the device first; the rest follow below
+        self.updates = 0
+
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        for ema in self.emas.values():
+            ema.update(model)
+
+
+def train(warmups: list[int]) -> None:
+    params = load_params(ROOT / "params.yaml")
+    p = params.unet2d
+    images, labels = load_split(DATA, train=True, n=params.data.n_train)
+    # The stage's order of construction, so the trajectory is the stage's (see the module docstring).
+    accelerator = make_accelerator(p.mixed_precision)
+    torch.manual_seed(params.seed)
+    model, scheduler, loss_fn, _ = unet2d_parts(params)
+    horizons = Horizons(model, CAP, warmups)
+    for ema in horizons.emas.values():
+        ema.model.to(accelerator.device)
+    fit(
+        model, loss_fn, images, accelerator,
+        batch_size=p.batch_size, lr=p.lr, epochs=p.epochs, seed=params.seed, max_steps=p.max_steps,
+        grad_clip=p.grad_clip, lr_schedule=p.lr_schedule, warmup_steps=p.lr_warmup_steps, ema=horizons,
+        log_every=p.log_every, channels_last=p.channels_last, labels=labels if p.class_conditional else None,
+        desc="ema-horizons",
+    )  # fmt: skip
+    shutil.rmtree(MODELS, ignore_errors=True)  # copies of an earlier run would be measured as if of this one
+    for w, ema in horizons.emas.items():
+        meta = {"objective": params.objective, "corruption": p.corruption, "conditioning": p.conditioning,
+                "ema_decay": CAP, "ema_warmup": w, "class_conditional": p.class_conditional,
+                "steps": horizons.updates, "run_id": ""}  # fmt: skip
+        save_unet2d(MODELS / f"w{w}", ema.model.cpu(), scheduler, meta)
+    print(f"saved {len(warmups)} EMA copies after {horizons.updates} steps to {MODELS.relative_to(ROOT)}")
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    wa, wb = (load_file(d / "unet" / "diffusion_pytorch_model.safetensors") for d in (a, b))
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def measure(sampler: str, steps: int, eta: float) -> dict:
+    params = load_params(ROOT / "params.yaml")
+    sp = params.sample
+    dirs = sorted((d for d in MODELS.glob("w*") if (d / "scratch_diffusion.json").is_file()),
+                  key=lambda d: -int(d.name[1:]))  # fmt: skip
+    if not dirs:
+        sys.exit(f"error: {MODELS.relative_to(ROOT)}: no EMA copies; run `python ablations/ema_horizons.py train`")
+    classifier_file = ROOT / "models" / "classifier" / "model.safetensors"
+    if not classifier_file.is_file():
+        sys.exit(f"error: {classifier_file.relative_to(ROOT)}: missing; run `dvc repro train-classifier` first")
+    classifier = MnistClassifier()
+    classifier.load_state_dict(load_file(classifier_file))
+    classifier.eval()
+    test_images, _ = load_split(DATA, train=False)
+    train_images, _ = load_split(DATA, train=True)
+    n = sp.n
+    reference, held_out = test_images[:n], test_images[n : 2 * n]  # as compare splits them
+    fid = FID(classifier, reference)
+    floor = fid(held_out)
+    cut = memorisation_threshold(held_out, train_images)
+    setting = f"{sampler}-{steps}" + (f"-eta{eta:g}" if eta else "")
+    rows = []
+    for d in dirs:
+        model, scheduler, meta = load_unet2d(d)
+        images, _ = generate(model, sampler, steps, n, batch_size=sp.batch_size, seed=sp.seed,
+                             corruption=meta["corruption"], trained_config=scheduler.config, eta=eta,
+                             precision=sp.precision)  # fmt: skip
+        quality = sample_metrics(images, classifier, fid, train_images, cut)
+        row = {"warmup": meta["ema_warmup"], "steps": meta["steps"], **quality}
+        print(f"ema_warmup {row['warmup']}: FID {row['fid']:.2f} ({row['fid'] / floor:.2f}x floor), "
+              f"recognised {row['recognised']:.3f}", flush=True)  # fmt: skip
+        rows.append(row)
+    own = MODELS / f"w{params.unet2d.ema_warmup}"
+    stage_model = ROOT / "models" / "unet2d"
+    matches = same_weights(own, stage_model) if own.is_dir() and stage_model.is_dir() else None
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=7", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()  # fmt: skip
+    results = {"rows": rows, "n": n, "floor_fid": floor, "sampler": setting, "machine": f"{cpu_name()}, "
+               f"{os.cpu_count()} cores", "commit": commit, "default_matches_models_unet2d": matches}  # fmt: skip
+    files.write_json(RESULTS, results)
+    return results
+
+
+def markdown_table(results: dict) -> str:
+    lines = ["| `unet2d.ema_warmup` | mean age of the averaged weights (steps) | FID | x floor | recognised | "
+             "coverage KL |", "|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for r in results["rows"]:
+        ratio = r["fid"] / results["floor_fid"]
+        lines.append(f"| {r['warmup']} | {r['steps'] / r['warmup']:.0f} | {r['fid']:.1f} | {ratio:.2f} | "
+                     f"{r['recognised']:.3f} | {r['coverage_kl']:.3f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def table(results: dict) -> None:
+    matches = {True: "matches `models/unet2d` bit for bit", False: "does NOT match `models/unet2d`",
+               None: "was not checked against `models/unet2d`"}[results["default_matches_models_unet2d"]]  # fmt: skip
+    block = "\n".join([
+        TABLE_START,
+        markdown_table(results),
+        "",
+        f"One training run (params.yaml's defaults), {results['sampler']}, n = {results['n']}, floor "
+        f"{results['floor_fid']:.2f}. Machine: {results['machine']}. Code: {results['commit']}. The copy of "
+        f"params.yaml's own `ema_warmup` {matches}. Made by `python ablations/ema_horizons.py measure`.",
+        TABLE_END,
+    ])  # fmt: skip
+    try:
+        files.replace_block(README, TABLE_START, TABLE_END, block)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    print(markdown_table(results))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["train", "measure", "table"])
+    parser.add_argument("--warmups", type=int, nargs="+", default=[20, 10, 6, 4, 3], metavar="K")
+    parser.add_argument("--sampler", default="ddim", help="measure: one sampler setting (default: DDIM-50, eta 1)")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--eta", type=float, default=1.0)
+    args = parser.parse_args(argv)
+    bad = [w for w in args.warmups if w < 2]
+    if bad:
+        parser.error(f"--warmups: got {bad}; allowed: integers >= 2")
+    if args.command == "train":
+        train(args.warmups)
+    elif args.command == "measure":
+        table(measure(args.sampler, args.steps, args.eta))
+    else:
+        table(json.loads(RESULTS.read_text()))
+
+
+if __name__ == "__main__":
+    main()
