@@ -244,19 +244,30 @@ def chart(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 5.5))
+    points = []  # (x, y, label)
     for budget, marker in (("screen", "o"), ("full", "s")):
-        pts = sorted((r for r in rows if r["budget"] == budget and r.get("train_wall_s")), key=lambda r: r["fid"])
+        pts = [r for r in rows if r["budget"] == budget and r.get("train_wall_s")]
         if not pts:
             continue
         # FID over the real-vs-real floor at the same n: FIDs at different n (screen 300, full 1000) do not compare.
-        ratio = [r["fid"] / r["floor_fid"] for r in pts]
-        ax.scatter([r["train_wall_s"] / 60 for r in pts], ratio, marker=marker, label=f"{budget} (n={pts[0]['n']})")
-        for i, (r, y) in enumerate(zip(pts, ratio, strict=True)):
-            ax.annotate(r["label"], (r["train_wall_s"] / 60, y), fontsize=7, xytext=(5, 9 * (i % 3) - 9),
-                        textcoords="offset points", va="center")  # fmt: skip
+        xy = [(r["train_wall_s"] / 60, r["fid"] / r["floor_fid"], r["label"]) for r in pts]
+        ax.scatter([x for x, _, _ in xy], [y for _, y, _ in xy], marker=marker, label=f"{budget} (n={pts[0]['n']})")
+        points += xy
     ax.set(xlabel="train-unet2d wall time (min)", ylabel="FID / real-data floor at the same n (lower is better)",
            yscale="log", title="UNet2DModel ablation: quality against training time")  # fmt: skip
     ax.legend()
+    # Labels to the right of their points, pushed up (in display space) until none overlaps a nearby one.
+    fig.canvas.draw()
+    line_px, placed = 11.0, []
+    for x, y, label in sorted(points, key=lambda p: p[1]):
+        px, py = ax.transData.transform((x, y))
+        ly = py
+        for qx, qy in sorted(placed, key=lambda q: q[1]):
+            if abs(qx - px) < 150 and abs(qy - ly) < line_px:
+                ly = qy + line_px
+        placed.append((px, ly))
+        offset_pt = (ly - py) * 72 / fig.dpi
+        ax.annotate(label, (x, y), fontsize=7, xytext=(6, offset_pt), textcoords="offset points", va="center")
     with files.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
