@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 from scratch_diffusion import files
-from scratch_diffusion.config import load_params
+from scratch_diffusion.config import SAMPLERS, ParamsError, SampleSetting, load_params
 from scratch_diffusion.data import load_split
 from scratch_diffusion.hardware import cpu_name
 from scratch_diffusion.metrics import FID, memorisation_threshold, sample_metrics
@@ -91,7 +91,7 @@ def same_weights(a: Path, b: Path) -> bool:
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def measure(sampler: str, steps: int, eta: float) -> dict:
+def measure(setting: SampleSetting) -> dict:
     params = load_params(ROOT / "params.yaml")
     sp = params.sample
     dirs = sorted((d for d in MODELS.glob("w*") if (d / "scratch_diffusion.json").is_file()),
@@ -111,12 +111,11 @@ def measure(sampler: str, steps: int, eta: float) -> dict:
     fid = FID(classifier, reference)
     floor = fid(held_out)
     cut = memorisation_threshold(held_out, train_images)
-    setting = f"{sampler}-{steps}" + (f"-eta{eta:g}" if eta else "")
     rows = []
     for d in dirs:
         model, scheduler, meta = load_unet2d(d)
-        images, _ = generate(model, sampler, steps, n, batch_size=sp.batch_size, seed=sp.seed,
-                             corruption=meta["corruption"], trained_config=scheduler.config, eta=eta,
+        images, _ = generate(model, setting.sampler, setting.steps, n, batch_size=sp.batch_size, seed=sp.seed,
+                             corruption=meta["corruption"], trained_config=scheduler.config, eta=setting.eta,
                              precision=sp.precision)  # fmt: skip
         quality = sample_metrics(images, classifier, fid, train_images, cut)
         row = {"warmup": meta["ema_warmup"], "steps": meta["steps"], **quality}
@@ -128,8 +127,9 @@ def measure(sampler: str, steps: int, eta: float) -> dict:
     matches = same_weights(own, stage_model) if own.is_dir() and stage_model.is_dir() else None
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=7", "HEAD"], capture_output=True,
                             text=True).stdout.strip()  # fmt: skip
-    results = {"rows": rows, "n": n, "floor_fid": floor, "sampler": setting, "machine": f"{cpu_name()}, "
-               f"{os.cpu_count()} cores", "commit": commit, "default_matches_models_unet2d": matches}  # fmt: skip
+    results = {"rows": rows, "n": n, "floor_fid": floor, "sampler": setting.name.removeprefix("unet2d/"),
+               "machine": f"{cpu_name()}, {os.cpu_count()} cores", "commit": commit,
+               "default_matches_models_unet2d": matches}  # fmt: skip
     files.write_json(RESULTS, results)
     return results
 
@@ -167,9 +167,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["train", "measure", "table"])
     parser.add_argument("--warmups", type=int, nargs="+", default=[20, 10, 6, 4, 3], metavar="K")
-    parser.add_argument("--sampler", default="ddim", help="measure: one sampler setting (default: DDIM-50, eta 1)")
+    parser.add_argument("--sampler", default="ddim", choices=[s for s in SAMPLERS if s != "toy"],
+                        help="measure: one sampler setting (default: DDIM-50, eta 1)")  # fmt: skip
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--eta", type=float, default=1.0)
+    parser.add_argument("--eta", type=float, default=None, help="DDIM only (default 1)")
     args = parser.parse_args(argv)
     bad = [w for w in args.warmups if w < 2]
     if bad:
@@ -177,7 +178,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "train":
         train(args.warmups)
     elif args.command == "measure":
-        table(measure(args.sampler, args.steps, args.eta))
+        eta = args.eta if args.eta is not None else 1.0 if args.sampler == "ddim" else 0.0
+        setting = SampleSetting("unet2d", args.sampler, args.steps, eta)
+        try:
+            setting.validate("--")
+        except ParamsError as e:
+            parser.error(str(e))
+        table(measure(setting))
     else:
         table(json.loads(RESULTS.read_text()))
 
