@@ -51,6 +51,9 @@ AXES: list[tuple[str, dict]] = [
     # 89 at 128, 96 at 64, 92 at 32). Grids and checkpoints keep the default's cadence in images.
     ("batch 64", {"unet2d.batch_size": 64, "unet2d.sample_every": 400, "unet2d.checkpoint_every": 400}),
     ("batch 32", {"unet2d.batch_size": 32, "unet2d.sample_every": 800, "unet2d.checkpoint_every": 800}),
+    # The budget itself, the second frame: twice the lesson's epochs (ablations/sweep.py budget measured on a GPU
+    # that 6 epochs is where the quality targets come within reach).
+    ("6 epochs", {"unet2d.epochs": 6}),
 ]
 
 SCREEN_SETTINGS = ("[{model: basic, sampler: toy, steps: 5}, {model: unet2d, sampler: ddim, steps: 50}, "

@@ -1,0 +1,286 @@
+"""A wide screen of train-unet2d settings at the full budget, for a machine with a GPU: each setting is trained in
+its own process (several at once share the device), sampled with params.yaml's unet2d sample settings and measured
+as compare does (FID, recognised share, coverage at sample.n against the same real test images).
+
+    python ablations/sweep.py run --jobs 8                    # the settings below; ablations/sweep.json
+    python ablations/sweep.py run --setting "unet2d.lr=2e-3 unet2d.lr_schedule=cosine"   # others, `-S` syntax
+    python ablations/sweep.py table                           # the README's sweep block from ablations/sweep.json
+
+Why it exists: on this project's 2-core CPU one full-budget setting costs ~45 min, so the DVC-experiment ablation
+(ablations/run.py) can afford a handful; a GPU trains the same 1407 steps in about a minute. The numbers are not
+the CPU's (other arithmetic, other kernels): they rank settings, and the chosen one is then confirmed on the CPU as
+a DVC experiment, which is what the README's main table reports. A setting is written as `dvc exp run -S` would
+take it (dotted keys of params.yaml, YAML values), so any row can be rerun with `dvc exp run -S ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from scratch_diffusion import files
+from scratch_diffusion.config import ParamsError, params_from_dict
+from scratch_diffusion.data import load_split
+from scratch_diffusion.metrics import FID, memorisation_threshold, sample_metrics
+from scratch_diffusion.models.classifier import MnistClassifier
+from scratch_diffusion.recipe import unet2d_parts
+from scratch_diffusion.samplers import generate
+from scratch_diffusion.training import fit, make_accelerator
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data" / "dataset"
+RESULTS = ROOT / "ablations" / "sweep.json"
+README = ROOT / "README.md"
+TABLE_START, TABLE_END = "<!-- sweep-table:start -->", "<!-- sweep-table:end -->"
+
+# The screen as run: the defaults first (the calibration against the CPU's numbers), then learning rate and its
+# schedule, batch size, EMA, and the budget itself as a second frame (what more steps would buy).
+SETTINGS = [
+    "",
+    "unet2d.lr=2e-3",
+    "unet2d.lr=3e-3 unet2d.lr_warmup_steps=100",
+    "unet2d.lr=5e-4",
+    "unet2d.lr_schedule=cosine unet2d.lr_warmup_steps=100",
+    "unet2d.lr=2e-3 unet2d.lr_schedule=cosine unet2d.lr_warmup_steps=100",
+    "unet2d.lr=3e-3 unet2d.lr_schedule=cosine unet2d.lr_warmup_steps=100",
+    "unet2d.lr=4e-3 unet2d.lr_schedule=cosine unet2d.lr_warmup_steps=200",
+    "unet2d.batch_size=64",
+    "unet2d.batch_size=64 unet2d.lr=5e-4",
+    "unet2d.batch_size=64 unet2d.lr=2e-3 unet2d.lr_schedule=cosine unet2d.lr_warmup_steps=100",
+    "unet2d.batch_size=256 unet2d.lr=2e-3",
+    "unet2d.batch_size=256 unet2d.lr=3e-3 unet2d.lr_schedule=cosine unet2d.lr_warmup_steps=50",
+    "unet2d.ema_decay=0",
+    "unet2d.ema_decay=0 unet2d.lr=2e-3 unet2d.lr_schedule=cosine unet2d.lr_warmup_steps=100",
+    "unet2d.ema_warmup=20 unet2d.lr=2e-3 unet2d.lr_schedule=cosine unet2d.lr_warmup_steps=100",
+    "unet2d.ema_warmup=6 unet2d.lr=2e-3 unet2d.lr_schedule=cosine unet2d.lr_warmup_steps=100",
+    "unet2d.grad_clip=0",
+    "unet2d.loss_weighting=min_snr unet2d.lr=2e-3 unet2d.lr_schedule=cosine unet2d.lr_warmup_steps=100",
+    "unet2d.beta_schedule=linear unet2d.lr=2e-3 unet2d.lr_schedule=cosine unet2d.lr_warmup_steps=100",
+    "objective=v unet2d.lr=2e-3 unet2d.lr_schedule=cosine unet2d.lr_warmup_steps=100",
+    "unet2d.epochs=6",
+    "unet2d.epochs=6 unet2d.lr=2e-3 unet2d.lr_schedule=cosine unet2d.lr_warmup_steps=100",
+    "unet2d.epochs=12",
+]
+
+
+def parse_setting(text: str) -> dict:
+    """'a.b=1 c=x' -> {'a.b': 1, 'c': 'x'}, values read as YAML (as `dvc exp run -S` reads them)."""
+    overrides = {}
+    for item in text.split():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ParamsError(f"setting {text!r}: {item!r} is not key=value (e.g. unet2d.lr=2e-3)")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def apply(raw: dict, overrides: dict) -> dict:
+    """params.yaml's dict with dotted-key overrides set; a key params.yaml lacks is an error (as with -S)."""
+    raw = json.loads(json.dumps(raw))  # a deep copy of plain data
+    for key, value in overrides.items():
+        node, *path = raw, *key.split(".")
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ParamsError(f"{key}: no such section in params.yaml")
+            node = node[part]
+        if path[-1] not in node:
+            raise ParamsError(f"{key}: no such key in params.yaml")
+        node[path[-1]] = value
+    return raw
+
+
+def setting_params(text: str):
+    params = params_from_dict(apply(yaml.safe_load((ROOT / "params.yaml").read_text()), parse_setting(text)))
+    if params.unet2d.corruption != "ddpm" or params.unet2d.class_conditional:
+        raise ParamsError(f"setting {text!r}: the sweep measures unconditional DDPM models only")
+    return params
+
+
+class Judge:
+    """compare's measurements for one model: its classifier, the same real reference and held-out images."""
+
+    def __init__(self, params):
+        self.params = params
+        self.classifier = MnistClassifier()
+        self.classifier.load_state_dict(load_file(ROOT / "models" / "classifier" / "model.safetensors"))
+        self.classifier.eval()
+        n = params.sample.n
+        test_images, _ = load_split(DATA, train=False)
+        self.train_images, _ = load_split(DATA, train=True)
+        reference, held_out = test_images[:n], test_images[n : 2 * n]  # as compare splits them
+        self.fid = FID(self.classifier, reference)
+        self.floor = self.fid(held_out)
+        self.cut = memorisation_threshold(held_out, self.train_images)
+
+    def __call__(self, net, trained_config, device, lead_only: bool = False) -> dict:
+        """{sampler name: metrics} for params.yaml's unet2d sample settings (the first one only if lead_only)."""
+        sp = self.params.sample
+        settings = [s for s in sp.settings if s.model == "unet2d"]
+        out = {}
+        for setting in settings[:1] if lead_only else settings:
+            x, _ = generate(net, setting.sampler, setting.steps, sp.n, batch_size=sp.batch_size, seed=sp.seed,
+                            corruption="ddpm", trained_config=trained_config, device=device, eta=setting.eta,
+                            precision=sp.precision)  # fmt: skip
+            out[setting.name.removeprefix("unet2d/")] = sample_metrics(x, self.classifier, self.fid,
+                                                                      self.train_images, self.cut)  # fmt: skip
+        return out
+
+
+def train(params, on_sample=None, sample_every: int = 0, desc: str = "sweep"):
+    """The stage's training (its order of construction, so that on a CPU the trajectory is the stage's)."""
+    p = params.unet2d
+    images, _ = load_split(DATA, train=True, n=params.data.n_train)
+    accelerator = make_accelerator(p.mixed_precision)
+    torch.manual_seed(params.seed)
+    model, scheduler, loss_fn, ema = unet2d_parts(params)
+    start = time.perf_counter()
+    result = fit(
+        model, loss_fn, images, accelerator,
+        batch_size=p.batch_size, lr=p.lr, epochs=p.epochs, seed=params.seed, max_steps=p.max_steps,
+        grad_clip=p.grad_clip, lr_schedule=p.lr_schedule, warmup_steps=p.lr_warmup_steps, ema=ema,
+        log_every=p.log_every, channels_last=p.channels_last, desc=desc,
+        on_sample=on_sample, sample_every=sample_every,
+    )  # fmt: skip
+    net = (ema.model if ema is not None else accelerator.unwrap_model(model)).eval()
+    return net, scheduler, accelerator.device, result, time.perf_counter() - start
+
+
+def one(text: str, out: Path) -> None:
+    """Train, sample and measure one setting; its row goes to `out` (JSON)."""
+    params = setting_params(text)
+    net, scheduler, device, result, train_s = train(params, desc=text or "defaults")
+    judge = Judge(params)
+    samplers = judge(net, scheduler.config, device)
+    best = min(samplers, key=lambda k: samplers[k]["fid"])
+    row = {"setting": text, "steps": result.steps, "train_s": round(train_s, 1), "final_loss": result.final_loss,
+           "floor_fid": judge.floor, "best_sampler": best, **samplers[best], "samplers": samplers}  # fmt: skip
+    files.write_json(out, row)
+    print(f"[{text or 'defaults'}] {best}: FID {row['fid']:.2f} ({row['fid'] / judge.floor:.2f}x floor), "
+          f"recognised {row['recognised']:.3f}, train {train_s:.0f} s", flush=True)  # fmt: skip
+
+
+def budget(text: str, every: int, out: Path) -> None:
+    """The budget as a second frame: one run of `unet2d.epochs` epochs, its EMA measured every `every` epochs with
+    the lead sampler. With a constant lr, the EMA after k epochs is what a k-epoch run saves (the EMA's decay is a
+    function of the step alone), so one run gives every shorter budget too."""
+    params = setting_params(text)
+    if params.unet2d.lr_schedule != "constant":
+        raise ParamsError(f"setting {text!r}: budget needs unet2d.lr_schedule=constant (a schedule depends on the end)")
+    judge = Judge(params)
+    steps_per_epoch = -(-(params.data.n_train or 60000) // params.unet2d.batch_size)
+    rows = []
+
+    def measure(step: int, net, trained_config, device) -> None:
+        if step == 0:
+            return
+        metrics = judge(net.eval(), trained_config, device, lead_only=True)
+        (name, m), = metrics.items()
+        rows.append({"epochs": step / steps_per_epoch, "steps": step, "sampler": name, **m})
+        files.write_json(out, {"setting": text, "floor_fid": judge.floor, "rows": rows})
+        print(f"[{text or 'defaults'}] {step / steps_per_epoch:g} epochs: {name} FID {m['fid']:.2f} "
+              f"({m['fid'] / judge.floor:.2f}x floor), recognised {m['recognised']:.3f}", flush=True)  # fmt: skip
+
+    scheduler_config = unet2d_parts(params)[1].config
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    net, _, device, result, _ = train(params, lambda s, net: measure(s, net, scheduler_config, device),
+                                      every * steps_per_epoch, desc=text or "defaults")  # fmt: skip
+    measure(result.steps, net, scheduler_config, device)
+
+
+def run(settings: list[str], jobs: int, out: Path) -> None:
+    """Every setting in its own process, `jobs` at a time; rows gathered into `out` as they finish."""
+    for text in settings:  # every setting checked before any work starts
+        params_from_dict(apply(yaml.safe_load((ROOT / "params.yaml").read_text()), parse_setting(text)))
+    for need in (DATA / "manifest.json", ROOT / "models" / "classifier" / "model.safetensors"):
+        if not need.is_file():
+            sys.exit(f"error: {need.relative_to(ROOT)}: missing; run `dvc repro train-classifier` first")
+    work = Path(tempfile.mkdtemp(prefix="sweep-"))  # one row file per process, merged into `out`
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // jobs))}
+    pending = list(enumerate(settings))
+    running: dict[int, subprocess.Popen] = {}
+    rows: dict[int, dict] = {}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    machine = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+
+    def gather() -> None:
+        results = {"machine": machine, "rows": [rows[i] for i in sorted(rows)]}
+        files.write_json(out, results)
+
+    while pending or running:
+        while pending and len(running) < jobs:
+            i, text = pending.pop(0)
+            running[i] = subprocess.Popen([sys.executable, __file__, "one", "--setting", text,
+                                           "--out", str(work / f"{i}.json")], env=env)  # fmt: skip
+        time.sleep(2)
+        for i, proc in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[i]
+            part = work / f"{i}.json"
+            if proc.returncode == 0 and part.is_file():
+                rows[i] = json.loads(part.read_text())
+                gather()
+            else:
+                print(f"setting {settings[i]!r} failed (exit {proc.returncode})", file=sys.stderr)
+    gather()
+
+
+def label(text: str) -> str:
+    return f"`{text}`" if text else "defaults (params.yaml)"
+
+
+def markdown_table(results: dict) -> str:
+    lines = ["| setting (`dvc exp run -S` keys) | best sampler | FID | x floor | recognised | coverage KL |",
+             "|---|---|---:|---:|---:|---:|"]  # fmt: skip
+    for r in sorted(results["rows"], key=lambda r: r["fid"]):
+        lines.append(f"| {label(r['setting'])} | {r['best_sampler']} | {r['fid']:.1f} | "
+                     f"{r['fid'] / r['floor_fid']:.2f} | {r['recognised']:.3f} | {r['coverage_kl']:.3f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def table(results: dict) -> None:
+    block = "\n".join([TABLE_START, markdown_table(results), "",
+                       f"Trained and sampled on {results['machine']} (not this CPU's arithmetic: a ranking, confirmed "
+                       f"on the CPU as DVC experiments). Made by `python ablations/sweep.py table`.", TABLE_END])  # fmt: skip
+    try:
+        files.replace_block(README, TABLE_START, TABLE_END, block)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    print(markdown_table(results))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["run", "one", "budget", "table"])
+    parser.add_argument("--setting", action="append", help="overrides as `dvc exp run -S` takes them (repeatable)")
+    parser.add_argument("--jobs", type=int, default=1, help="settings trained at once")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--every", type=int, default=3, help="budget: measure every k epochs")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "one":
+            one((args.setting or [""])[0], args.out)
+        elif args.command == "budget":
+            budget((args.setting or [""])[0], args.every, args.out)
+        elif args.command == "run":
+            if args.jobs < 1:
+                parser.error(f"--jobs: got {args.jobs}; allowed: integers >= 1")
+            run(args.setting if args.setting is not None else SETTINGS, args.jobs, args.out)
+        else:
+            table(json.loads(args.out.read_text()))
+    except ParamsError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
