@@ -16,6 +16,7 @@ take it (dotted keys of params.yaml, YAML values), so any row can be rerun with 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -31,8 +32,10 @@ from safetensors.torch import load_file
 from scratch_diffusion import files
 from scratch_diffusion.config import ParamsError, params_from_dict
 from scratch_diffusion.data import load_split
+from scratch_diffusion.hardware import cpu_name
 from scratch_diffusion.metrics import FID, memorisation_threshold, sample_metrics
 from scratch_diffusion.models.classifier import MnistClassifier
+from scratch_diffusion.pretrained import load_unet2d, save_unet2d
 from scratch_diffusion.recipe import unet2d_parts
 from scratch_diffusion.samplers import generate
 from scratch_diffusion.training import fit, make_accelerator
@@ -40,6 +43,7 @@ from scratch_diffusion.training import fit, make_accelerator
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "dataset"
 RESULTS = ROOT / "ablations" / "sweep.json"
+BUDGET = ROOT / "ablations" / "budget.json"
 README = ROOT / "README.md"
 TABLE_START, TABLE_END = "<!-- sweep-table:start -->", "<!-- sweep-table:end -->"
 
@@ -71,6 +75,10 @@ SETTINGS = [
     "unet2d.epochs=6 unet2d.lr=2e-3 unet2d.lr_schedule=cosine unet2d.lr_warmup_steps=100",
     "unet2d.epochs=12",
 ]
+
+
+def machine() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"{cpu_name()}, {os.cpu_count()} cores"
 
 
 def parse_setting(text: str) -> dict:
@@ -122,9 +130,19 @@ class Judge:
         self.floor = self.fid(held_out)
         self.cut = memorisation_threshold(held_out, self.train_images)
 
-    def __call__(self, net, trained_config, device, lead_only: bool = False) -> dict:
-        """{sampler name: metrics} for params.yaml's unet2d sample settings (the first one only if lead_only)."""
+    def __call__(self, net, scheduler, device, lead_only: bool = False) -> dict:
+        """{sampler name: metrics} for params.yaml's unet2d sample settings (the first one only if lead_only).
+
+        The model goes through the stage's save and load first: a scheduler config read back from disk has no
+        `_use_default_values`, so samplers inherit all of DDPM's values (e.g. its timestep spacing) as the sample
+        stage's do, where the in-memory config would give them their own defaults (other Heun and DPM samples).
+        """
         sp = self.params.sample
+        with tempfile.TemporaryDirectory() as tmp:
+            meta = {"conditioning": self.params.unet2d.conditioning}
+            save_unet2d(Path(tmp) / "unet2d", copy.deepcopy(net).cpu(), scheduler, meta)
+            net, scheduler, _ = load_unet2d(Path(tmp) / "unet2d", device)
+        trained_config = scheduler.config
         settings = [s for s in sp.settings if s.model == "unet2d"]
         out = {}
         for setting in settings[:1] if lead_only else settings:
@@ -155,16 +173,17 @@ def train(params, on_sample=None, sample_every: int = 0, desc: str = "sweep"):
     return net, scheduler, accelerator.device, result, time.perf_counter() - start
 
 
-def one(text: str, out: Path) -> None:
-    """Train, sample and measure one setting; its row goes to `out` (JSON)."""
+def one(text: str, out: Path | None) -> None:
+    """Train, sample and measure one setting; its row goes to `out` (JSON) if given, and is printed."""
     params = setting_params(text)
     net, scheduler, device, result, train_s = train(params, desc=text or "defaults")
     judge = Judge(params)
-    samplers = judge(net, scheduler.config, device)
+    samplers = judge(net, scheduler, device)
     best = min(samplers, key=lambda k: samplers[k]["fid"])
     row = {"setting": text, "steps": result.steps, "train_s": round(train_s, 1), "final_loss": result.final_loss,
            "floor_fid": judge.floor, "best_sampler": best, **samplers[best], "samplers": samplers}  # fmt: skip
-    files.write_json(out, row)
+    if out is not None:
+        files.write_json(out, row)
     print(f"[{text or 'defaults'}] {best}: FID {row['fid']:.2f} ({row['fid'] / judge.floor:.2f}x floor), "
           f"recognised {row['recognised']:.3f}, train {train_s:.0f} s", flush=True)  # fmt: skip
 
@@ -177,24 +196,27 @@ def budget(text: str, every: int, out: Path) -> None:
     if params.unet2d.lr_schedule != "constant":
         raise ParamsError(f"setting {text!r}: budget needs unet2d.lr_schedule=constant (a schedule depends on the end)")
     judge = Judge(params)
-    steps_per_epoch = -(-(params.data.n_train or 60000) // params.unet2d.batch_size)
+    steps_per_epoch = -(-len(load_split(DATA, train=True, n=params.data.n_train)[1]) // params.unet2d.batch_size)
+    runs = json.loads(out.read_text())["runs"] if out.is_file() else []
+    runs = [r for r in runs if r["setting"] != text]  # this setting's earlier run is replaced
     rows = []
 
-    def measure(step: int, net, trained_config, device) -> None:
+    scheduler = unet2d_parts(params)[1]  # the run's noise schedule (train() reseeds before it draws weights)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where Accelerate will train
+
+    def measure(step: int, net) -> None:
         if step == 0:
             return
-        metrics = judge(net.eval(), trained_config, device, lead_only=True)
-        (name, m), = metrics.items()
+        metrics = judge(net, scheduler, device, lead_only=True)
+        ((name, m),) = metrics.items()
         rows.append({"epochs": step / steps_per_epoch, "steps": step, "sampler": name, **m})
-        files.write_json(out, {"setting": text, "floor_fid": judge.floor, "rows": rows})
+        this = {"setting": text, "machine": machine(), "floor_fid": judge.floor, "rows": rows}
+        files.write_json(out, {"runs": [*runs, this]})
         print(f"[{text or 'defaults'}] {step / steps_per_epoch:g} epochs: {name} FID {m['fid']:.2f} "
               f"({m['fid'] / judge.floor:.2f}x floor), recognised {m['recognised']:.3f}", flush=True)  # fmt: skip
 
-    scheduler_config = unet2d_parts(params)[1].config
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    net, _, device, result, _ = train(params, lambda s, net: measure(s, net, scheduler_config, device),
-                                      every * steps_per_epoch, desc=text or "defaults")  # fmt: skip
-    measure(result.steps, net, scheduler_config, device)
+    net, _, _, result, _ = train(params, measure, every * steps_per_epoch, desc=text or "defaults")
+    measure(result.steps, net)
 
 
 def run(settings: list[str], jobs: int, out: Path) -> None:
@@ -205,15 +227,15 @@ def run(settings: list[str], jobs: int, out: Path) -> None:
         if not need.is_file():
             sys.exit(f"error: {need.relative_to(ROOT)}: missing; run `dvc repro train-classifier` first")
     work = Path(tempfile.mkdtemp(prefix="sweep-"))  # one row file per process, merged into `out`
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // jobs))}
+    env = dict(os.environ)
+    if jobs > 1:  # the cores shared out (one job keeps the stage's own thread count, hence its arithmetic)
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // jobs))
     pending = list(enumerate(settings))
     running: dict[int, subprocess.Popen] = {}
     rows: dict[int, dict] = {}
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    machine = torch.cuda.get_device_name() if device == "cuda" else "cpu"
 
     def gather() -> None:
-        results = {"machine": machine, "rows": [rows[i] for i in sorted(rows)]}
+        results = {"machine": machine(), "rows": [rows[i] for i in sorted(rows)]}
         files.write_json(out, results)
 
     while pending or running:
@@ -248,15 +270,40 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def table(results: dict) -> None:
-    block = "\n".join([TABLE_START, markdown_table(results), "",
-                       f"Trained and sampled on {results['machine']} (not this CPU's arithmetic: a ranking, confirmed "
-                       f"on the CPU as DVC experiments). Made by `python ablations/sweep.py table`.", TABLE_END])  # fmt: skip
+def budget_table(budget: dict) -> str:
+    lines = ["| run | epochs | steps | sampler | FID | x floor | recognised | coverage KL |",
+             "|---|---:|---:|---|---:|---:|---:|---:|"]  # fmt: skip
+    for run_ in budget["runs"]:
+        for r in run_["rows"]:
+            lines.append(f"| {label(run_['setting'])} | {r['epochs']:g} | {r['steps']} | {r['sampler']} | "
+                         f"{r['fid']:.1f} | {r['fid'] / run_['floor_fid']:.2f} | {r['recognised']:.3f} | "
+                         f"{r['coverage_kl']:.3f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def table(results: dict, budget: dict | None) -> None:
+    parts = [
+        TABLE_START,
+        markdown_table(results),
+        "",
+        f"Each setting trained once at the full budget (3 epochs, 1407 steps) on {results['machine']}, "
+        "several at once; not this CPU's arithmetic, so a ranking to confirm on the CPU as DVC experiments.",
+    ]
+    if budget:
+        machines = sorted({r["machine"] for r in budget["runs"]})
+        parts += [
+            "",
+            budget_table(budget),
+            "",
+            f"The budget as a second frame: one run each, its EMA measured every few epochs ({', '.join(machines)}).",
+        ]
+    parts += ["", "Made by `python ablations/sweep.py table` from ablations/sweep.json and ablations/budget.json.",
+              TABLE_END]  # fmt: skip
     try:
-        files.replace_block(README, TABLE_START, TABLE_END, block)
+        files.replace_block(README, TABLE_START, TABLE_END, "\n".join(parts))
     except ValueError as e:
         sys.exit(f"error: {e}")
-    print(markdown_table(results))
+    print("\n\n".join([markdown_table(results), *([budget_table(budget)] if budget else [])]))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -264,20 +311,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("command", choices=["run", "one", "budget", "table"])
     parser.add_argument("--setting", action="append", help="overrides as `dvc exp run -S` takes them (repeatable)")
     parser.add_argument("--jobs", type=int, default=1, help="settings trained at once")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path,
+                        help="run, table: default ablations/sweep.json; budget: ablations/budget.json")  # fmt: skip
     parser.add_argument("--every", type=int, default=3, help="budget: measure every k epochs")
     args = parser.parse_args(argv)
     try:
         if args.command == "one":
             one((args.setting or [""])[0], args.out)
         elif args.command == "budget":
-            budget((args.setting or [""])[0], args.every, args.out)
+            if args.every < 1:
+                parser.error(f"--every: got {args.every}; allowed: integers >= 1")
+            budget((args.setting or [""])[0], args.every, args.out or BUDGET)
         elif args.command == "run":
             if args.jobs < 1:
                 parser.error(f"--jobs: got {args.jobs}; allowed: integers >= 1")
-            run(args.setting if args.setting is not None else SETTINGS, args.jobs, args.out)
+            run(args.setting if args.setting is not None else SETTINGS, args.jobs, args.out or RESULTS)
         else:
-            table(json.loads(args.out.read_text()))
+            results = args.out or RESULTS
+            if not results.is_file():
+                sys.exit(f"error: {results}: missing; run `python ablations/sweep.py run` first")
+            table(json.loads(results.read_text()), json.loads(BUDGET.read_text()) if BUDGET.is_file() else None)
     except ParamsError as e:
         sys.exit(f"error: {e}")
 

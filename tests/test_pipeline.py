@@ -88,6 +88,24 @@ def test_dvc_repro_then_experiments(project):
     assert horizons["rows"][0]["fid"] != horizons["rows"][1]["fid"]
     assert "| 4 | 2 |" in (project / "README.md").read_text()  # mean age 8 / 4 steps
 
+    # The wide screen: its defaults row retraces the stage on a CPU, so its samples score exactly what compare
+    # reported for the same sampler; another setting gives another model. The budget run measures every epoch.
+    sweep = ["ablations/sweep.py", "run", "--setting", "", "--setting", "unet2d.lr=5e-4"]
+    run([sys.executable, *sweep], cwd=project)
+    rows = json.loads((project / "ablations/sweep.json").read_text())["rows"]
+    assert [r["setting"] for r in rows] == ["", "unet2d.lr=5e-4"]
+    for name, row in rows[0]["samplers"].items():
+        assert row["fid"] == pytest.approx(compare["settings"][f"unet2d/{name}"]["fid"], rel=1e-6), name
+    assert rows[1]["samplers"]["ddim-3"]["fid"] != rows[0]["samplers"]["ddim-3"]["fid"]
+    budget = ["ablations/sweep.py", "budget", "--every", "1", "--setting", "unet2d.max_steps=0 unet2d.epochs=2"]
+    run([sys.executable, *budget], cwd=project)
+    (budget_run,) = json.loads((project / "ablations/budget.json").read_text())["runs"]
+    assert [(r["epochs"], r["steps"]) for r in budget_run["rows"]] == [(1, 16), (2, 32)]  # 256 images, batch 16
+    run([sys.executable, "ablations/sweep.py", "table"], cwd=project)
+    assert "| `unet2d.lr=5e-4` | ddim-3 |" in (project / "README.md").read_text()
+    bad = run([sys.executable, "ablations/sweep.py", "run", "--setting", "unet2d.lr=0"], cwd=project, check=False)
+    assert bad.returncode != 0 and "unet2d.lr: got 0" in bad.stderr
+
     # Changing the objective reruns train-unet2d only: neither download nor train-basic.
     run(["git", "add", "-A"], cwd=project)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline"], cwd=project)
