@@ -99,7 +99,9 @@ def test_dvc_repro_then_experiments(project):
     assert rows[1]["samplers"]["ddim-3"]["fid"] != rows[0]["samplers"]["ddim-3"]["fid"]
     budget = ["ablations/sweep.py", "budget", "--every", "1", "--setting", "unet2d.max_steps=0 unet2d.epochs=2"]
     run([sys.executable, *budget], cwd=project)
-    (budget_run,) = json.loads((project / "ablations/budget.json").read_text())["runs"]
+    setting = budget[-1]  # added to the runs already in the file (the repository's own), or replacing its own
+    (budget_run,) = [r for r in json.loads((project / "ablations/budget.json").read_text())["runs"]
+                     if r["setting"] == setting]  # fmt: skip
     assert [(r["epochs"], r["steps"]) for r in budget_run["rows"]] == [(1, 16), (2, 32)]  # 256 images, batch 16
     run([sys.executable, "ablations/sweep.py", "table"], cwd=project)
     assert "| `unet2d.lr=5e-4` | ddim-3 |" in (project / "README.md").read_text()
