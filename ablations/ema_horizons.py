@@ -28,13 +28,13 @@ from safetensors.torch import load_file
 from scratch_diffusion import files
 from scratch_diffusion.config import SAMPLERS, ParamsError, SampleSetting, load_params
 from scratch_diffusion.data import load_split
-from scratch_diffusion.hardware import cpu_name
+from scratch_diffusion.hardware import cpu_name, for_sampling
 from scratch_diffusion.metrics import FID, memorisation_threshold, sample_metrics
 from scratch_diffusion.models.classifier import MnistClassifier
 from scratch_diffusion.pretrained import load_unet2d, save_unet2d
 from scratch_diffusion.recipe import unet2d_parts
 from scratch_diffusion.samplers import generate
-from scratch_diffusion.training import EMA, fit, make_accelerator
+from scratch_diffusion.training import EMA, fit, stage_accelerator
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "checkpoints" / "ema-horizons"
@@ -64,7 +64,7 @@ def train(warmups: list[int]) -> None:
     p = params.unet2d
     images, labels = load_split(DATA, train=True, n=params.data.n_train)
     # The stage's order of construction, so the trajectory is the stage's (see the module docstring).
-    accelerator = make_accelerator(p.mixed_precision)
+    accelerator, choice = stage_accelerator("ema-horizons", "unet2d", p.mixed_precision, p.channels_last)
     torch.manual_seed(params.seed)
     model, scheduler, loss_fn, _ = unet2d_parts(params)
     horizons = Horizons(model, CAP, warmups)
@@ -74,7 +74,7 @@ def train(warmups: list[int]) -> None:
         model, loss_fn, images, accelerator,
         batch_size=p.batch_size, lr=p.lr, epochs=p.epochs, seed=params.seed, max_steps=p.max_steps,
         grad_clip=p.grad_clip, lr_schedule=p.lr_schedule, warmup_steps=p.lr_warmup_steps, ema=horizons,
-        log_every=p.log_every, channels_last=p.channels_last, labels=labels if p.class_conditional else None,
+        log_every=p.log_every, channels_last=choice.channels_last, labels=labels if p.class_conditional else None,
         desc="ema-horizons",
     )  # fmt: skip
     shutil.rmtree(MODELS, ignore_errors=True)  # copies of an earlier run would be measured as if of this one
@@ -116,7 +116,7 @@ def measure(setting: SampleSetting) -> dict:
         model, scheduler, meta = load_unet2d(d)
         images, _ = generate(model, setting.sampler, setting.steps, n, batch_size=sp.batch_size, seed=sp.seed,
                              corruption=meta["corruption"], trained_config=scheduler.config, eta=setting.eta,
-                             precision=sp.precision)  # fmt: skip
+                             precision=for_sampling(sp.precision, "cpu").precision)  # fmt: skip
         quality = sample_metrics(images, classifier, fid, train_images, cut)
         row = {"warmup": meta["ema_warmup"], "steps": meta["steps"], **quality}
         print(f"ema_warmup {row['warmup']}: FID {row['fid']:.2f} ({row['fid'] / floor:.2f}x floor), "

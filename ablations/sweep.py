@@ -34,13 +34,13 @@ from safetensors.torch import load_file
 from scratch_diffusion import files
 from scratch_diffusion.config import ParamsError, params_from_dict
 from scratch_diffusion.data import load_split
-from scratch_diffusion.hardware import cpu_name
+from scratch_diffusion.hardware import cpu_name, for_sampling
 from scratch_diffusion.metrics import FID, memorisation_threshold, sample_metrics
 from scratch_diffusion.models.classifier import MnistClassifier
 from scratch_diffusion.pretrained import load_unet2d, save_unet2d
 from scratch_diffusion.recipe import unet2d_parts
 from scratch_diffusion.samplers import generate
-from scratch_diffusion.training import fit, make_accelerator
+from scratch_diffusion.training import fit, stage_accelerator
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "dataset"
@@ -151,7 +151,7 @@ class Judge:
         for setting in settings[:1] if lead_only else settings:
             x, _ = generate(net, setting.sampler, setting.steps, sp.n, batch_size=sp.batch_size, seed=sp.seed,
                             corruption="ddpm", trained_config=trained_config, device=device, eta=setting.eta,
-                            precision=sp.precision)  # fmt: skip
+                            precision=for_sampling(sp.precision, device).precision)  # fmt: skip
             out[setting.name.removeprefix("unet2d/")] = sample_metrics(x, self.classifier, self.fid,
                                                                       self.train_images, self.cut)  # fmt: skip
         return out
@@ -161,7 +161,7 @@ def train(params, on_sample=None, sample_every: int = 0, desc: str = "sweep"):
     """The stage's training (its order of construction, so that on a CPU the trajectory is the stage's)."""
     p = params.unet2d
     images, _ = load_split(DATA, train=True, n=params.data.n_train)
-    accelerator = make_accelerator(p.mixed_precision)
+    accelerator, choice = stage_accelerator(desc, "unet2d", p.mixed_precision, p.channels_last)
     torch.manual_seed(params.seed)
     model, scheduler, loss_fn, ema = unet2d_parts(params)
     start = time.perf_counter()
@@ -169,7 +169,7 @@ def train(params, on_sample=None, sample_every: int = 0, desc: str = "sweep"):
         model, loss_fn, images, accelerator,
         batch_size=p.batch_size, lr=p.lr, epochs=p.epochs, seed=params.seed, max_steps=p.max_steps,
         grad_clip=p.grad_clip, lr_schedule=p.lr_schedule, warmup_steps=p.lr_warmup_steps, ema=ema,
-        log_every=p.log_every, channels_last=p.channels_last, desc=desc,
+        log_every=p.log_every, channels_last=choice.channels_last, desc=desc,
         on_sample=on_sample, sample_every=sample_every,
     )  # fmt: skip
     net = (ema.model if ema is not None else accelerator.unwrap_model(model)).eval()

@@ -29,16 +29,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from scratch_diffusion.cli import peak_rss_kib
 from scratch_diffusion.config import PREDICTION_TYPES, load_params
 from scratch_diffusion.corruption import corrupt, ddpm_scheduler
 from scratch_diffusion.data import load_split
-from scratch_diffusion.hardware import cpu_name, has_cpu_flag
+from scratch_diffusion.hardware import choose, cpu_class, cpu_flags, cpu_name, detect, for_sampling
 from scratch_diffusion.models import BasicUNet
 from scratch_diffusion.models.unet2d import UNet2DDenoiser, build_unet
 from scratch_diffusion.objectives import toy_loss
 from scratch_diffusion.recipe import unet2d_parts
 from scratch_diffusion.samplers import generate
+from scratch_diffusion.stage import peak_rss_kib
 from scratch_diffusion.training import fit, make_accelerator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,9 +48,12 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as the 
 
 
 def machine() -> str:
-    bf16 = "AVX512-BF16" if has_cpu_flag("avx512_bf16") else "no AVX512-BF16"
+    """The machine class every figure below belongs to: CPU and its capability, GPU, torch, threads."""
+    flags = cpu_flags()
+    bf16 = "native bf16" if detect("cpu").native_bf16 else "no native bf16"
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu_name()} ({bf16}), {device}; torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return (f"{cpu_name()}: {cpu_class(flags)} ({bf16}; torch sees {torch.backends.cpu.get_cpu_capability()}), "
+            f"{device}; torch {torch.__version__}, {torch.get_num_threads()} threads")  # fmt: skip
 
 
 # --- the two ways to train ----------------------------------------------------------------------------------------
@@ -91,7 +94,8 @@ def stage_run(model_name: str, steps: int, seed: int = 0, **overrides) -> tuple[
     """`steps` optimizer steps as the train stage runs them with params.yaml's defaults (plus `overrides`)."""
     params = load_params(ROOT / "params.yaml")
     p = params.basic if model_name == "basic" else params.unet2d
-    settings = {"mixed_precision": p.mixed_precision, "channels_last": p.channels_last, "log_every": p.log_every}
+    choice = choose(model_name, p.mixed_precision, p.channels_last, detect(DEVICE.type))  # as the stage resolves
+    settings = {"mixed_precision": choice.precision, "channels_last": choice.channels_last, "log_every": p.log_every}
     settings.update(overrides)
     images, _ = load_split(DATA, train=True)
     torch.manual_seed(seed)
@@ -113,7 +117,7 @@ def peak_rss_mib(variant: str, model_name: str, steps: int) -> float:
     """Peak resident memory of a fresh process that trains `steps` steps one way (imports included)."""
     # VmHWM (via peak_rss_kib), not ru_maxrss: that one is inherited from this (large) process through fork.
     code = (f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import speed; "
-            f"from scratch_diffusion.cli import peak_rss_kib; speed.{variant}({model_name!r}, {steps}); "
+            f"from scratch_diffusion.stage import peak_rss_kib; speed.{variant}({model_name!r}, {steps}); "
             "print(peak_rss_kib())")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     return int(out.stdout.strip().splitlines()[-1]) / 1024
@@ -121,7 +125,12 @@ def peak_rss_mib(variant: str, model_name: str, steps: int) -> float:
 
 def bench_training(models: list[str], steps: int, repeats: int) -> None:
     print(f"\n## Training: {steps} steps at batch {BATCH}, interleaved, {repeats} repeats (median images/s)")
+    params = load_params(ROOT / "params.yaml")
     for name in models:
+        p = params.basic if name == "basic" else params.unet2d
+        choice = choose(name, p.mixed_precision, p.channels_last, detect(DEVICE.type))
+        print(f"{name:7s} train stage defaults: {p.mixed_precision} -> {choice.precision}, channels_last "
+              f"{p.channels_last} -> {choice.channels_last}")  # fmt: skip
         stage_run(name, 3)  # warm both paths up (allocator, oneDNN kernel choice) outside the timings
         lesson_loop(name, 3)
         a, b = [], []
@@ -152,7 +161,8 @@ def bench_sampling(repeats: int) -> None:
     params = load_params(ROOT / "params.yaml")
     sp, u = params.sample, params.unet2d
     bs = sp.batch_size
-    print(f"\n## Sampling: one batch of {bs} per default setting, precision {sp.precision} (untrained weights)")
+    precision = for_sampling(sp.precision, DEVICE.type).precision  # as the sample stage resolves it
+    print(f"\n## Sampling: one batch of {bs} per default setting, precision {precision} (untrained weights)")
     torch.manual_seed(0)
     nets = {"basic": BasicUNet().eval(),
             "unet2d": UNet2DDenoiser(build_unet(u.block_out_channels, u.layers_per_block, u.down_block_types,
@@ -164,7 +174,7 @@ def bench_sampling(repeats: int) -> None:
         corruption = "toy" if s.sampler == "toy" else "ddpm"
         start = time.perf_counter()
         _, nfe = generate(nets[s.model], s.sampler, s.steps, bs, batch_size=bs, seed=0, corruption=corruption,
-                          trained_config=config, eta=s.eta, precision=sp.precision, device=DEVICE)  # fmt: skip
+                          trained_config=config, eta=s.eta, precision=precision, device=DEVICE)  # fmt: skip
         seconds = time.perf_counter() - start
         print(f"{s.name:24s} NFE {nfe:4d}  {bs / seconds:8.1f} img/s  {1000 * seconds / bs:7.1f} ms/image")
 
@@ -179,7 +189,7 @@ def bench_sampling(repeats: int) -> None:
             plain(x, t)
 
     def stage_call():
-        with torch.inference_mode(), torch.autocast(DEVICE.type, torch.bfloat16, enabled=sp.precision == "bf16"):
+        with torch.inference_mode(), torch.autocast(DEVICE.type, torch.bfloat16, enabled=precision == "bf16"):
             nets["unet2d"](x, t)
 
     timings = {"plain": [], "stage": []}

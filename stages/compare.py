@@ -16,7 +16,6 @@ import numpy as np
 from safetensors.torch import load_file
 
 from scratch_diffusion import files, tracking
-from scratch_diffusion.cli import StageError, run_stage
 from scratch_diffusion.config import load_params
 from scratch_diffusion.data import load_split
 from scratch_diffusion.metrics import (
@@ -37,6 +36,7 @@ from scratch_diffusion.report import (
     summarise,
     write_report,
 )
+from scratch_diffusion.stage import StageError, run_stage
 
 REPORTS = Path("reports")
 # What each model was trained with; the UNet2DModel's comes from its saved metadata.

@@ -7,9 +7,9 @@ Reads params `data.dataset`, `data.source`. Writes `data/dataset/<MNIST|FashionM
 `data/dataset/manifest.json` (source used, md5 of every file). Nothing is left behind if every source fails.
 """
 
-from scratch_diffusion.cli import run_stage
 from scratch_diffusion.config import load_params
 from scratch_diffusion.data import download
+from scratch_diffusion.stage import run_stage
 
 DATA_ROOT = "data/dataset"
 

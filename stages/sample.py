@@ -20,11 +20,12 @@ import torch
 from tqdm.auto import tqdm
 
 from scratch_diffusion import files, tracking
-from scratch_diffusion.cli import StageError, run_stage
 from scratch_diffusion.config import flatten, load_params
+from scratch_diffusion.hardware import for_sampling, threads
 from scratch_diffusion.plots import grid, save_png
 from scratch_diffusion.pretrained import load_basic, load_unet2d
 from scratch_diffusion.samplers import generate
+from scratch_diffusion.stage import StageError, duration, run_stage
 
 MODEL_DIRS = {"basic": Path("models/basic"), "unet2d": Path("models/unet2d")}
 GRID_N = 64
@@ -55,6 +56,10 @@ def main() -> None:
     params = load_params()
     sp = params.sample
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    choice = for_sampling(sp.precision, device)
+    if choice.warning:
+        print(f"warning: sample: {choice.warning}", file=sys.stderr, flush=True)
+    print(choice.line("sample", threads()), flush=True)
     models = load_models({s.model for s in sp.settings}, device)
     # Every setting must fit its model before any sampling starts.
     for i, s in enumerate(sp.settings):
@@ -80,7 +85,8 @@ def main() -> None:
             jobs.append((s.name, s, None))
     timings = {}
     bar = tqdm(total=sp.n * len(jobs), desc="sample", unit="img", disable=not sys.stderr.isatty())
-    with tracking.start_run(params.mlflow.experiment, "sample", flatten(used), tags) as active:
+    logged_params = {**flatten(used), **choice.as_params()}
+    with tracking.start_run(params.mlflow.experiment, "sample", logged_params, tags) as active:
         for name, s, scale in jobs:
             model, corruption, config, *_ = models[s.model]
             bar.set_postfix_str(name)
@@ -88,8 +94,8 @@ def main() -> None:
             start = time.perf_counter()
             images, nfe = generate(
                 model, s.sampler, s.steps, sp.n, batch_size=sp.batch_size, seed=sp.seed, corruption=corruption,
-                trained_config=config, device=device, eta=s.eta, precision=sp.precision, progress=bar.update,
-                **guidance,
+                trained_config=config, device=device, eta=s.eta, precision=choice.precision,
+                progress=progress_reporter(name, sp.n, start, bar), **guidance,
             )  # fmt: skip
             seconds = time.perf_counter() - start
             arrays = {"images": images} if scale is None else {"images": images, "labels": labels.numpy()}
@@ -111,6 +117,24 @@ def main() -> None:
         bar.close()
         files.write_json("metrics/sample.json", timings)
         files.write_json("samples/run.json", {"run_id": active.info.run_id})
+    return choice.as_params(prefix="")
+
+
+def progress_reporter(name: str, n: int, start: float, bar):
+    """The progress callback of one setting: advances the bar and, off a terminal, after the first batch says how
+    long the setting will take (the first batch's rate, so an estimate)."""
+    done = 0
+
+    def report(batch: int) -> None:
+        nonlocal done
+        bar.update(batch)
+        done += batch
+        if done == batch and done < n and bar.disable:
+            rate = done / (time.perf_counter() - start)
+            print(f"sample: {name}: {rate:.1f} img/s; about {duration((n - done) / rate)} left for this setting",
+                  flush=True)
+
+    return report
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ import torch
 from safetensors.torch import save_file
 
 from scratch_diffusion import files, tracking
-from scratch_diffusion.cli import run_stage
 from scratch_diffusion.config import flatten, load_params, params_hash
 from scratch_diffusion.data import load_split
 from scratch_diffusion.models import BasicUNet
@@ -24,7 +23,8 @@ from scratch_diffusion.objectives import toy_loss
 from scratch_diffusion.plots import grid, to_uint8
 from scratch_diffusion.reporting import report_training
 from scratch_diffusion.samplers import toy_sample
-from scratch_diffusion.training import Checkpointing, fit, make_accelerator, resumable_run_id
+from scratch_diffusion.stage import run_stage
+from scratch_diffusion.training import Checkpointing, fit, resumable_run_id, stage_accelerator
 
 DATA_ROOT = "data/dataset"
 CHECKPOINTS = "checkpoints/train-basic"
@@ -42,7 +42,7 @@ def main() -> None:
     }
     images, _ = load_split(DATA_ROOT, train=True, n=params.data.n_train)
 
-    accelerator = make_accelerator(p.mixed_precision)
+    accelerator, choice = stage_accelerator("train-basic", "basic", p.mixed_precision, p.channels_last)
     torch.manual_seed(params.seed)
     model = BasicUNet()
     # Fixed start noise: grids from different steps and runs show the same "seeds" of digits.
@@ -59,7 +59,8 @@ def main() -> None:
     if p.checkpoint_every:
         ckpt = Checkpointing(Path(CHECKPOINTS), p.checkpoint_every, p.checkpoints_keep, tags["params_hash"])
     resume_id = resumable_run_id(ckpt)
-    run = (tracking.start_run(params.mlflow.experiment, "train-basic", flatten(used), tags, resume_run_id=resume_id)
+    logged_params = {**flatten(used), **choice.as_params()}
+    run = (tracking.start_run(params.mlflow.experiment, "train-basic", logged_params, tags, resume_run_id=resume_id)
            if main_proc else None)  # fmt: skip
     with run or nullcontext() as active:
         # A resumed run continues its MLflow run: log only the steps it has not logged yet.
@@ -73,7 +74,7 @@ def main() -> None:
             sample_every=p.sample_every,
             on_sample=lambda s, net: s > logged and tracking.log_image(sample_grid(net), key="samples", step=s),
             checkpointing=ckpt,
-            channels_last=p.channels_last,
+            channels_last=choice.channels_last,
             desc="train-basic",
         )  # fmt: skip
         if not main_proc:
@@ -88,6 +89,7 @@ def main() -> None:
             "experiment_id": active.info.experiment_id,
             "model_uri": info.model_uri if info else None,
         })  # fmt: skip
+    return choice.as_params(prefix="")
 
 
 if __name__ == "__main__":

@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import save_file
 
 from scratch_diffusion import files, tracking
-from scratch_diffusion.cli import run_stage
 from scratch_diffusion.config import flatten, load_params
 from scratch_diffusion.data import load_split
 from scratch_diffusion.metrics import accuracy, classifier_loss
 from scratch_diffusion.models.classifier import MnistClassifier
+from scratch_diffusion.stage import run_stage
 from scratch_diffusion.training import fit, make_accelerator
 
 OUT = "models/classifier/model.safetensors"

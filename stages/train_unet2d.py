@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 from scratch_diffusion import files, tracking
-from scratch_diffusion.cli import run_stage
 from scratch_diffusion.config import flatten, load_params, params_hash
 from scratch_diffusion.data import NUM_CLASSES, load_split
 from scratch_diffusion.models import Guided
@@ -26,7 +25,8 @@ from scratch_diffusion.pretrained import META, save_unet2d
 from scratch_diffusion.recipe import unet2d_parts
 from scratch_diffusion.reporting import report_training
 from scratch_diffusion.samplers import fixed_noise, sample_images
-from scratch_diffusion.training import Checkpointing, fit, make_accelerator, resumable_run_id
+from scratch_diffusion.stage import run_stage
+from scratch_diffusion.training import Checkpointing, fit, resumable_run_id, stage_accelerator
 
 DATA_ROOT = "data/dataset"
 CHECKPOINTS = "checkpoints/train-unet2d"
@@ -40,7 +40,7 @@ def main() -> None:
             "unet2d": params.section("unet2d"), "mlflow": params.section("mlflow")}  # fmt: skip
     images, labels = load_split(DATA_ROOT, train=True, n=params.data.n_train)
 
-    accelerator = make_accelerator(p.mixed_precision)
+    accelerator, choice = stage_accelerator("train-unet2d", "unet2d", p.mixed_precision, p.channels_last)
     torch.manual_seed(params.seed)  # the initial weights
     model, scheduler, loss_fn, ema = unet2d_parts(params)
     # Same start noise for every grid: comparable across steps and runs. DDIM for DDPM models, the lesson's
@@ -63,7 +63,8 @@ def main() -> None:
     if p.checkpoint_every:
         ckpt = Checkpointing(Path(CHECKPOINTS), p.checkpoint_every, p.checkpoints_keep, tags["params_hash"])
     resume_id = resumable_run_id(ckpt)
-    run = (tracking.start_run(params.mlflow.experiment, "train-unet2d", flatten(used), tags, resume_run_id=resume_id)
+    logged_params = {**flatten(used), **choice.as_params()}
+    run = (tracking.start_run(params.mlflow.experiment, "train-unet2d", logged_params, tags, resume_run_id=resume_id)
            if main_proc else None)  # fmt: skip
     with run or nullcontext() as active:
         # A resumed run continues its MLflow run: log only the steps it has not logged yet.
@@ -78,7 +79,7 @@ def main() -> None:
             sample_every=p.sample_every,
             on_sample=lambda s, net: s > logged and tracking.log_image(sample_grid(net), key="samples", step=s),
             checkpointing=ckpt,
-            channels_last=p.channels_last,
+            channels_last=choice.channels_last,
             labels=labels if p.class_conditional else None,
             desc="train-unet2d",
         )  # fmt: skip
@@ -103,6 +104,7 @@ def main() -> None:
             "registered_model": p.registered_model if info else None,
             "registered_version": info.registered_model_version if info else None,
         })  # fmt: skip
+    return choice.as_params(prefix="")
 
 
 if __name__ == "__main__":

@@ -11,13 +11,13 @@ Writes plots/schedule/{schedules,corruption,sampling_steps}.png and logs them to
 import torch
 
 from scratch_diffusion import tracking
-from scratch_diffusion.cli import StageError, run_stage
 from scratch_diffusion.config import load_params
 from scratch_diffusion.corruption import ddpm_scheduler
 from scratch_diffusion.data import load_split
 from scratch_diffusion.figures import plot_corruption, plot_sampling_steps, plot_schedules, schedule_curves
 from scratch_diffusion.pretrained import load_basic
 from scratch_diffusion.samplers import toy_sample
+from scratch_diffusion.stage import StageError, run_stage
 
 OUT = "plots/schedule"
 N_DIGITS = 8

@@ -13,7 +13,7 @@ CASES = [
     ("train_basic", {"basic": {"lr": -1}}, "basic.lr: got -1.0, allowed range (0.0, 1.0]"),
     ("train_basic", {"basic": {"batch_size": "big"}}, "basic.batch_size: got 'big', expected an integer"),
     ("train_basic", {"basic": {"epochs": 0}}, "basic.epochs: got 0, allowed range [1, inf]"),
-    ("train_basic", {"basic": {"mixed_precision": "no"}}, "basic.mixed_precision: got 'no', allowed: 'fp32'"),
+    ("train_basic", {"basic": {"mixed_precision": "no"}}, "basic.mixed_precision: got 'no', allowed: 'auto', 'fp32'"),
     ("train_basic", {"basic": {"mixed_precision": False}}, "basic.mixed_precision: got False, expected a string"),
     ("train_basic", {"basic": {"checkpoint_every": -5}}, "basic.checkpoint_every: got -5, allowed range [0, inf]"),
     ("train_basic", {"bsaic": {"lr": 0.1}}, "bsaic: unknown key"),

@@ -10,6 +10,7 @@ import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
+from scratch_diffusion.hardware import choose, detect
 from scratch_diffusion.models import BasicUNet
 from tests.conftest import REPO, run, write_params
 
@@ -41,6 +42,10 @@ def test_outputs_and_metrics(trained):
     net = BasicUNet()
     net.load_state_dict(state)  # strict: every key and shape matches
     assert "step 6/6" in proc.stdout  # plain progress lines off a terminal
+    choice = choose("basic", "auto", "auto", detect("cpu"))  # params say auto: this machine decides
+    assert proc.stdout.splitlines()[0] == choice.line("train-basic", torch.get_num_threads())
+    cost = json.loads((project / "metrics/cost/train-basic.json").read_text())
+    assert cost["precision"] == choice.precision and cost["channels_last"] is True and cost["wall_s"] > 0
 
 
 def test_mlflow_run_is_complete(trained):
@@ -73,7 +78,7 @@ def test_bad_param_is_one_line_and_writes_nothing(project):
     write_params(project, {"basic": {"mixed_precision": "fp8"}})
     proc = run([sys.executable, str(REPO / "stages/train_basic.py")], cwd=project, check=False)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == ("error: basic.mixed_precision: got 'fp8', allowed: 'fp32', 'bf16', 'fp16'")
+    assert proc.stderr.strip() == ("error: basic.mixed_precision: got 'fp8', allowed: 'auto', 'fp32', 'bf16', 'fp16'")
     assert not (project / "models").exists() and not (project / "mlflow.db").exists()
 
 

@@ -1,6 +1,7 @@
 """train-unet2d for a few steps on real MNIST images, for each objective, into a real MLflow store."""
 
 import json
+import re
 import sys
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 from diffusers import DDPMPipeline
 from mlflow import MlflowClient
 
+from scratch_diffusion.hardware import choose, detect
 from scratch_diffusion.pretrained import load_unet2d
 from tests.conftest import REPO, run, write_params
 
@@ -24,7 +26,16 @@ def test_each_objective_trains_logs_and_registers(downloaded, tmp_path, objectiv
     project = downloaded
     uri = f"sqlite:///{tmp_path / 'store.db'}"
     write_params(project, {"objective": objective, "unet2d": {"max_steps": 12, "lr": 2e-3}})
-    run([sys.executable, str(REPO / "stages/train_unet2d.py")], cwd=project, env={"MLFLOW_TRACKING_URI": uri})
+    proc = run([sys.executable, str(REPO / "stages/train_unet2d.py")], cwd=project, env={"MLFLOW_TRACKING_URI": uri})
+
+    # What it runs with, chosen from this machine's hardware (params say auto), said first, then how long it takes.
+    choice = choose("unet2d", "auto", "auto", detect("cpu"))
+    lines = proc.stdout.splitlines()
+    assert lines[0] == choice.line("train-unet2d", torch.get_num_threads()), proc.stdout
+    assert re.search(r"^train-unet2d: \d+ img/s over steps 2-6; about \d+ s left for the 6 steps to go$", proc.stdout,
+                     re.M), proc.stdout  # fmt: skip
+    cost = json.loads((project / "metrics/cost/train-unet2d.json").read_text())
+    assert {k: cost[k] for k in ("precision", "channels_last", "hardware")} == choice.as_params(prefix="")
 
     metrics = json.loads((project / "metrics/train_unet2d.json").read_text())
     curve = [float(r.split("\t")[1]) for r in (project / "plots/train_unet2d/loss.tsv").read_text().split("\n")[1:-1]]
@@ -41,6 +52,9 @@ def test_each_objective_trains_logs_and_registers(downloaded, tmp_path, objectiv
     client = MlflowClient(tracking_uri=uri)
     r = client.get_run(info["run_id"])
     assert r.info.status == "FINISHED" and r.data.params["objective"] == objective
+    assert r.data.params["unet2d.mixed_precision"] == "auto"
+    assert r.data.params["resolved.precision"] == choice.precision
+    assert r.data.params["resolved.channels_last"] == "False"
     assert [m.step for m in client.get_metric_history(r.info.run_id, "loss")] == [2, 4, 6, 8, 10, 12]
     images = [f.path for f in client.list_artifacts(r.info.run_id, "images")]
     assert any("samples+step+4+" in p for p in images) and any("samples+step+12+" in p for p in images)

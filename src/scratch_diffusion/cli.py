@@ -1,56 +1,10 @@
-"""Shared entry-point behaviour: bad input is one clear line on stderr and a non-zero exit, no traceback."""
+"""`scratch-diffusion generate`: images from a trained model, outside the pipeline."""
 
 from __future__ import annotations
 
-import os
-import resource
 import sys
-import time
-from collections.abc import Callable
-from pathlib import Path
 
-from scratch_diffusion.config import ParamsError
-from scratch_diffusion.data import DataError
-
-
-class StageError(RuntimeError):
-    """A stage cannot run (e.g. an upstream output is missing); the message says what to do."""
-
-
-def run_stage(main: Callable[[], None]) -> None:
-    """Run a stage's `main`; on success record its cost in metrics/cost/<stage>.json (a DVC metric): wall time
-    and peak resident memory, so `dvc exp show` and benchmarks/speed.py can tell what each stage costs."""
-    start = time.perf_counter()
-    try:
-        main()
-    except (ParamsError, DataError, StageError, ConnectionError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    if int(os.environ.get("RANK", "0")) == 0:  # under a launcher, the main process speaks for the stage
-        from scratch_diffusion.files import write_json
-
-        stage = Path(sys.argv[0]).stem.replace("_", "-")
-        peak_kib = max(peak_rss_kib(), resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-        write_json(f"metrics/cost/{stage}.json", {
-            "wall_s": round(time.perf_counter() - start, 2),
-            "peak_rss_mib": round(peak_kib / 1024, 1),
-        })  # fmt: skip
-
-
-def peak_rss_kib() -> int:
-    """This process's own peak resident memory. Linux's ru_maxrss survives fork and exec, so a stage started by a
-    large parent (dvc) would report the parent's peak; VmHWM belongs to this process's memory map alone."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux; elsewhere the best there is
-
-
-# ---------------------------------------------------------------------------------------------------------
-# `scratch-diffusion generate`: images from a trained model, outside the pipeline.
+from scratch_diffusion.stage import StageError, run_stage
 
 GENERATE_EXAMPLES = """examples:
   scratch-diffusion generate --model models/unet2d --sampler dpmsolver++ --steps 20 --n 64
@@ -105,6 +59,7 @@ def generate_main(argv: list[str] | None = None) -> None:
     import torch
 
     from scratch_diffusion.config import SAMPLERS
+    from scratch_diffusion.hardware import SAMPLE_PRECISIONS, for_sampling
     from scratch_diffusion.plots import grid, save_png
     from scratch_diffusion.samplers import generate
 
@@ -137,8 +92,9 @@ def generate_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--guidance-scale", type=float, default=None, metavar="S",
                         help="class-conditional models: classifier-free guidance scale, 0 unconditional, "
                              "1 plain conditional, > 1 guided (default: 3)")  # fmt: skip
-    parser.add_argument("--precision", default="bf16", choices=("fp32", "bf16"),
-                        help="model evaluations under bf16 autocast, or all fp32 (default: bf16)")  # fmt: skip
+    parser.add_argument("--precision", default="auto", choices=SAMPLE_PRECISIONS,
+                        help="model evaluations under bf16 autocast, or all fp32; auto: bf16 where the hardware "
+                             "computes it natively (default: auto)")  # fmt: skip
     parser.add_argument("--out", default="generated", help="output folder (default: generated/)")
     args = parser.parse_args(argv)  # fmt: skip
     for name in ("steps", "n", "batch_size"):
@@ -148,6 +104,9 @@ def generate_main(argv: list[str] | None = None) -> None:
         parser.error(f"--eta: got {args.eta}, allowed: 0..1 with --sampler ddim only")
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    choice = for_sampling(args.precision, device)
+    if choice.warning:
+        print(f"warning: generate: {choice.warning}", file=sys.stderr)
     net, corruption, config = _load_any(args.model, device)
     if (args.sampler == "toy") != (corruption == "toy"):
         allowed = "toy" if corruption == "toy" else "ddpm, ddim, dpmsolver++, euler, heun, unipc"
@@ -173,7 +132,7 @@ def generate_main(argv: list[str] | None = None) -> None:
 
     images, nfe = generate(net, args.sampler, args.steps, args.n, batch_size=args.batch_size, seed=args.seed,
                            corruption=corruption, trained_config=config, device=device, eta=args.eta,
-                           precision=args.precision, **guidance)  # fmt: skip
+                           precision=choice.precision, **guidance)  # fmt: skip
     out = Path(args.out)
     stem = f"{args.sampler}-{args.steps}-seed{args.seed}"
     if guidance:

