@@ -6,11 +6,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from diffusers import DDPMScheduler
 
-from scratch_diffusion.config import ParamsError, params_from_dict
+from scratch_diffusion.config import PREDICTION_TYPES, ParamsError, params_from_dict
 from scratch_diffusion.corruption import ddpm_scheduler
 from scratch_diffusion.models import Guided, UNet2DDenoiser, build_unet
-from scratch_diffusion.objectives import ddpm_loss
+from scratch_diffusion.objectives import ddpm_loss, per_image, target
+from scratch_diffusion.samplers import generate
 from tests.conftest import TINY, run, write_params
 
 # TINY's blocks with 64 channels in the second: with 32 channels in 32 GroupNorm groups, the per-channel shift that
@@ -89,6 +91,61 @@ def test_label_dropout_rate_is_honoured():
     assert abs(dropped - 0.3) < 0.04, dropped  # 3072 draws: 4 standard deviations
 
 
+class TwoDigitOracle(torch.nn.Module):
+    """The exact denoiser of a known data set, for any objective: class 0 is N(A, s^2 I), class 1 is N(B, s^2 I), two
+    28x28 bar images in [-1, 1]. Conditional on a label it returns the posterior mean of x0 under that class; without
+    (the null label 2) under the equal mixture. Guided sampling from it must land nearer A when asked for class 0."""
+
+    null_label = 2
+    s = 0.5
+
+    def __init__(self, scheduler):
+        super().__init__()
+        self.alphas_cumprod = scheduler.alphas_cumprod.float()
+        self.objective = {v: k for k, v in PREDICTION_TYPES.items()}[scheduler.config.prediction_type]
+        a, b = -torch.ones(1, 28, 28), -torch.ones(1, 28, 28)
+        a[:, 4:24, 12:16] = 1  # a "1"
+        b[:, 4:8, 4:24] = b[:, 20:24, 4:24] = 1  # a "="
+        self.means = torch.stack([a, b])
+
+    def forward(self, x_t, t, y):
+        ab = per_image(self.alphas_cumprod[t.round().long()], x_t)
+        var = ab * self.s**2 + 1 - ab  # variance of x_t given the class, per pixel
+        x0 = [m + ab.sqrt() * self.s**2 / var * (x_t - ab.sqrt() * m) for m in self.means]
+        log_p = torch.stack([-((x_t - ab.sqrt() * m) ** 2 / var).flatten(1).sum(1) / 2 for m in self.means], 1)
+        w = per_image(log_p.softmax(1)[:, 0], x_t)
+        x0_hat = torch.where(per_image(y == 0, x_t), x0[0], torch.where(per_image(y == 1, x_t), x0[1],
+                                                                         w * x0[0] + (1 - w) * x0[1]))  # fmt: skip
+        eps = (x_t - ab.sqrt() * x0_hat) / (1 - ab).sqrt()
+        return target(self.objective, x0_hat, eps, ab)
+
+
+@pytest.mark.parametrize("objective", list(PREDICTION_TYPES))
+@pytest.mark.parametrize(("sampler", "steps"), [("ddpm", 50), ("ddim", 25), ("dpmsolver++", 10), ("euler", 20),
+                                                ("heun", 10), ("unipc", 10)])  # fmt: skip
+def test_guidance_draws_the_class_asked_for_with_every_sampler(tmp_path, objective, sampler, steps):
+    """Guidance must never push samples away from the class asked for: with the oracle, samples asked for class 0 end
+    nearer its mean at scale 3 than at scale 1 or not farther (DDIM's unclipped noise estimate pushed them toward the
+    other class), and at scale 0 both classes appear."""
+    ddpm_scheduler(beta_schedule="squaredcos_cap_v2", prediction_type=PREDICTION_TYPES[objective]).save_pretrained(
+        tmp_path
+    )
+    trained = DDPMScheduler.from_pretrained(tmp_path)  # the saved config, as the sample stage reads it
+    oracle = TwoDigitOracle(trained)
+    a, b = oracle.means
+    distance = {}
+    for scale in (0, 1, 3):
+        images, _ = generate(oracle, sampler, steps, 32, batch_size=32, seed=0, corruption="ddpm",
+                             trained_config=trained.config, eta=1.0 if sampler == "ddim" else 0.0,
+                             labels=torch.zeros(32, dtype=torch.long), guidance_scale=scale)  # fmt: skip
+        x = torch.from_numpy(images).float().unsqueeze(1) / 127.5 - 1
+        to_a, to_b = ((x - a) ** 2).mean((1, 2, 3)), ((x - b) ** 2).mean((1, 2, 3))
+        distance[scale] = float(to_a.mean())
+        asked = float((to_a < to_b).float().mean())
+        assert asked == 1.0 if scale else 0.2 < asked < 0.8, (scale, asked)
+    assert distance[3] <= distance[1] + 0.01, distance
+
+
 def test_class_conditional_needs_ddpm_noise():
     with pytest.raises(ParamsError, match="unet2d.class_conditional: got true with unet2d.corruption=toy"):
         params_from_dict({"unet2d": {"class_conditional": True, "corruption": "toy", "conditioning": "amount"}})
@@ -111,6 +168,7 @@ def test_a_tiny_conditional_model_draws_the_digit_asked_for(project, tmp_path):
     accuracy = {g: compare["settings"][f"unet2d/ddim-10-g{g}"]["cond_accuracy"] for g in (0, 1, 3)}
     assert accuracy[3] > 0.25, accuracy  # chance is 0.1
     assert accuracy[3] > accuracy[0], accuracy  # guidance toward the label beats ignoring it
+    assert accuracy[3] >= accuracy[1], accuracy  # ... and never draws the digit asked for less often than no guidance
     assert compare["best_cond_accuracy_unet2d"] == max(accuracy.values())
     with np.load(project / "samples/unet2d/ddim-10-g3.npz") as npz:
         assert npz["images"].shape == (100, 28, 28) and list(npz["labels"][:12]) == [*range(10), 0, 1]
