@@ -160,6 +160,11 @@ def main() -> None:
     if Path("samples/run.json").is_file():
         tags["sample_run"] = json.loads(Path("samples/run.json").read_text())["run_id"]
     with tracking.start_run(params.mlflow.experiment, "compare", {"n": n}, tags):
+        registered = _read_json("models/unet2d/run.json", "train-unet2d") if "unet2d" in metas else {}
+        if registered.get("registered_version"):
+            name, version = registered["registered_model"], registered["registered_version"]
+            if tracking.promote_champion(name, version, headline["best_fid_unet2d"], n):
+                print(f"compare: models:/{name}@{tracking.CHAMPION} is now version {version}", flush=True)
         tracking.log_metrics({k: v for k, v in headline.items() if k != "n"})
         for r in conditional:  # the accuracy/FID trade-off, one step per guidance scale x 10 (MLflow steps are ints)
             key = f"{r['sampler']}-{r['steps']}".replace("+", "p")

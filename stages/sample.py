@@ -44,7 +44,7 @@ def load_models(names: set[str], device) -> dict:
                 model, scheduler, meta = load_unet2d(path, device)
                 loaded[name] = (model, meta["corruption"], scheduler.config)
                 conditional = model.null_label is not None
-        except FileNotFoundError as e:
+        except OSError as e:  # missing, or pretrained.ModelFileError: truncated, corrupt, not ours
             raise StageError(str(e)) from None
         run_file = path / "run.json"
         run_id = json.loads(run_file.read_text())["run_id"] if run_file.is_file() else ""

@@ -83,7 +83,9 @@ def main() -> None:
         with files.atomic_path(f"{OUT}/model.safetensors") as tmp:
             save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
         report_training(result, sample_grid(net), "metrics/train_basic.json", "plots/train_basic")
-        info = tracking.log_torch_model(net.cpu()) if params.mlflow.log_model else None
+        # The weights beside the pickle: `generate` loads a registry model from them, without unpickling it.
+        info = (tracking.log_torch_model(net.cpu(), extra_files=[f"{OUT}/model.safetensors"])
+                if params.mlflow.log_model else None)  # fmt: skip
         files.write_json(f"{OUT}/run.json", {
             "run_id": active.info.run_id,
             "experiment_id": active.info.experiment_id,

@@ -95,7 +95,9 @@ def main() -> None:
         if params.mlflow.log_model:
             info = tracking.log_torch_model(
                 final.cpu(), registered_name=p.registered_model, tags=flatten(used),
-                extra_files=[f"{OUT}/scheduler/scheduler_config.json", f"{OUT}/{META}"],
+                # What `generate` loads a registry model from, without unpickling it.
+                extra_files=[f"{OUT}/unet/config.json", f"{OUT}/unet/diffusion_pytorch_model.safetensors",
+                             f"{OUT}/scheduler/scheduler_config.json", f"{OUT}/{META}"],
             )  # fmt: skip
         files.write_json(f"{OUT}/run.json", {
             "run_id": active.info.run_id,

@@ -29,7 +29,7 @@ def main() -> None:
     u = params.unet2d
     try:
         net = load_basic("models/basic")
-    except FileNotFoundError as e:
+    except OSError as e:  # missing, or pretrained.ModelFileError
         raise StageError(str(e)) from None
     images, _ = load_split("data/dataset", train=False, n=N_DIGITS)
     used = {"seed": params.seed, **{f"unet2d.{k}": getattr(u, k) for k in SCHEDULE_KEYS}}

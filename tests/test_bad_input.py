@@ -7,8 +7,6 @@ import pytest
 
 from tests.conftest import REPO, write_params
 
-STAGES = ["download", "train_basic", "train_unet2d", "sample", "visualize_schedule", "train_classifier", "compare"]
-
 CASES = [
     ("train_basic", {"basic": {"lr": -1}}, "basic.lr: got -1.0, allowed range (0.0, 1.0]"),
     ("train_basic", {"basic": {"batch_size": "big"}}, "basic.batch_size: got 'big', expected an integer"),
@@ -48,6 +46,21 @@ CASES = [
     ("train_classifier", {"classifier": {"lr": 0}}, "classifier.lr: got 0.0, allowed range (0.0, 1.0]"),
     ("compare", {"mlflow": {"experiment": 5}}, "mlflow.experiment: got 5, expected a string"),
     ("visualize_schedule", {"seed": "abc"}, "seed: got 'abc', expected an integer"),
+    ("check_params", {"objective": "noise"}, "objective: got 'noise', allowed: 'x0', 'eps', 'v' (nothing else ran; "
+     "back to the last good state: git checkout params.yaml && dvc checkout)"),
+    # Accepted once, then failed late (some after training): refused up front now.
+    ("train_unet2d", {"unet2d": {"lr": float("nan")}}, "unet2d.lr: got nan, expected a finite number"),
+    ("train_unet2d", {"unet2d": {"block_out_channels": [32, 48]}},
+     "unet2d.block_out_channels: got 48; allowed: multiples of 32"),
+    ("train_unet2d", {"unet2d": {"block_out_channels": [32] * 4, "down_block_types": ["DownBlock2D"] * 4,
+                                 "up_block_types": ["UpBlock2D"] * 4}},
+     "unet2d.block_out_channels: got 4 blocks; allowed: at most 3"),
+    ("train_unet2d", {"unet2d": {"registered_model": ""}},
+     "unet2d.registered_model: got '', allowed: a non-empty name"),
+    ("compare", {"mlflow": {"experiment": " lab "}}, "mlflow.experiment: got ' lab ', allowed: a non-empty name"),
+    ("train_basic", {"launch": "python && rm -rf data"},
+     "launch: got 'python && rm -rf data', which holds the shell character '&'"),
+    ("train_basic", {"launch": "torchrun --nproc_per_node $(nproc)"}, "which holds the shell character '$'"),
 ]  # fmt: skip
 
 

@@ -98,6 +98,28 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(downloaded, tmp_path)
     assert all(torch.equal(ref[k], got[k]) for k in ref)
 
 
+def test_a_half_readable_checkpoint_restores_nothing(downloaded, tmp_path):
+    """Weights that load but a train_state.json that does not: a resume restores all or nothing, so with every
+    checkpoint damaged this way the run starts over from step 0 as a fresh run would, to the bit."""
+    project = downloaded
+    reference = tmp_path / "reference"
+    subprocess.run(["cp", "-r", str(project), str(reference)], check=True)
+    run(STAGE, cwd=reference, env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'ref.db'}"})
+
+    _kill_after_checkpoint(project, tmp_path / "store.db", step=15)
+    damaged = sorted((project / "checkpoints/train-basic").glob("step-*/train_state.json"))
+    assert len(damaged) == 3
+    for state in damaged:
+        state.write_text("{ not json")
+    proc = run(STAGE, cwd=project, env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'store.db'}"})
+    assert proc.stderr.count("could not be loaded") == 3 and "training starts from step 0" in proc.stdout
+    ref, got = _weights(reference), _weights(project)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    assert (project / "plots/train_basic/loss.tsv").read_text() == (
+        reference / "plots/train_basic/loss.tsv"
+    ).read_text()
+
+
 def test_changed_params_do_not_resume(downloaded, tmp_path):
     project = downloaded
     _kill_after_checkpoint(project, tmp_path / "store.db", step=10)

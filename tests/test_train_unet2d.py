@@ -3,15 +3,19 @@
 import json
 import re
 import sys
+from importlib import metadata
+from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMPipeline
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, UNet2DModel
 from mlflow import MlflowClient
 
 from scratch_diffusion.hardware import choose, detect
 from scratch_diffusion.pretrained import load_unet2d
+from scratch_diffusion.samplers import generate
 from tests.conftest import REPO, run, write_params
 
 
@@ -70,6 +74,17 @@ def test_saved_model_loads_in_ddpm_pipeline_and_generates(downloaded, tmp_path):
     assert out.images.shape == (2, 28, 28, 1)
     assert out.images.min() >= 0 and out.images.max() <= 1
 
+    # An oracle from outside the project: diffusers' own DDIMPipeline on the folder's unet and scheduler config
+    # draws, for the same start noise, the images the project's DDIM sampler draws.
+    model, scheduler, _ = load_unet2d(downloaded / "models/unet2d")
+    ours, _ = generate(model, "ddim", 4, 3, batch_size=3, seed=5, corruption="ddpm", trained_config=scheduler.config)
+    ddim = DDIMScheduler.from_pretrained(downloaded / "models/unet2d/scheduler", timestep_spacing="trailing")
+    theirs = DDIMPipeline(unet=UNet2DModel.from_pretrained(downloaded / "models/unet2d/unet"), scheduler=ddim)(
+        batch_size=3, num_inference_steps=4, eta=0.0, use_clipped_model_output=True, output_type="np",
+        generator=torch.Generator().manual_seed(5),
+    ).images[..., 0]  # fmt: skip
+    assert np.abs((theirs * 255).round() - ours.astype(float)).max() <= 1
+
     # The generate command, from the DVC output and from the model registry: the same EMA weights, same images.
     cli = [sys.executable, "-m", "scratch_diffusion", "generate", "--sampler", "ddim", "--steps", "3", "--n", "4"]
     run([*cli, "--model", "models/unet2d", "--out", "from_dvc"], cwd=downloaded, env=env)
@@ -78,6 +93,13 @@ def test_saved_model_loads_in_ddpm_pipeline_and_generates(downloaded, tmp_path):
     b = np.load(downloaded / "from_registry/ddim-3-seed0.npz")["images"]
     assert a.shape == (4, 28, 28) and (downloaded / "from_dvc/ddim-3-seed0.png").is_file()
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+    # The logged model's requirements name every package its pickle imports, at the versions that wrote it.
+    info = json.loads((downloaded / "models/unet2d/run.json").read_text())
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    requirements = Path(mlflow.pyfunc.get_model_dependencies(info["model_uri"])).read_text().split()
+    for package in ("torch", "diffusers", "numpy", "safetensors"):
+        assert f"{package}=={metadata.version(package)}" in requirements, requirements
 
     bad = run([*cli, "--model", "models:/no-such-model/1"], cwd=downloaded, env=env, check=False)
     assert bad.returncode == 2 and "--model: cannot load 'models:/no-such-model/1'" in bad.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from scratch_diffusion.stage import StageError, run_stage
@@ -9,44 +10,43 @@ from scratch_diffusion.stage import StageError, run_stage
 GENERATE_EXAMPLES = """examples:
   scratch-diffusion generate --model models/unet2d --sampler dpmsolver++ --steps 20 --n 64
   scratch-diffusion generate --model models/basic --sampler toy --steps 40
-  scratch-diffusion generate --model models:/scratch-diffusion-unet2d/1 --sampler ddim --steps 50
+  scratch-diffusion generate --model models:/scratch-diffusion-unet2d@champion --sampler ddim --steps 50
 """
 
 
 def _load_any(model: str, device: str):
-    """(denoiser, corruption, trained scheduler config or None) from a DVC output folder or an MLflow model URI."""
-    import json
+    """(denoiser, corruption, trained scheduler config or None) from a DVC output folder or an MLflow model URI.
+
+    A registry model loads from the safetensors weights, configs and metadata logged beside it (extra_files),
+    never by unpickling the logged model: anyone who can register a version would otherwise run code here."""
     from pathlib import Path
 
     from scratch_diffusion.pretrained import META, load_basic, load_unet2d
 
+    path = Path(model)
     if model.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
         import mlflow
-        from diffusers import DDPMScheduler
 
         from scratch_diffusion import tracking
 
+        tracking.check_reachable(tracking.tracking_uri())  # in seconds, where MLflow would retry for minutes
         mlflow.set_tracking_uri(tracking.tracking_uri())
         try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model))
-        except Exception as e:  # MlflowException / RestException: unknown name or version, unreachable server
+            path = Path(mlflow.artifacts.download_artifacts(artifact_uri=model)) / "extra_files"
+        except Exception as e:  # MlflowException / RestException: unknown name, version or alias
             raise StageError(f"--model: cannot load {model!r} from {tracking.tracking_uri()}: {e}") from None
-        net = mlflow.pytorch.load_model(str(local), map_location=device).eval()
-        extra = local / "extra_files"
-        if (extra / META).is_file():
-            meta = json.loads((extra / META).read_text())
-            config = DDPMScheduler.from_config(DDPMScheduler.load_config(extra / "scheduler_config.json")).config
-            return net, meta["corruption"], config
-        return net, "toy", None
-    path = Path(model)
+        if not ((path / "model.safetensors").is_file() or (path / META).is_file()):
+            raise StageError(f"--model: {model!r} carries no safetensors weights and metadata beside its pickle; "
+                             "refused (unpickling a registry model runs its code): use a model logged by this "
+                             "project's training stages")  # fmt: skip
     try:
         if (path / "model.safetensors").is_file():
             return load_basic(path, device), "toy", None
         net, scheduler, meta = load_unet2d(path, device)
-    except (FileNotFoundError, OSError) as e:
+    except OSError as e:  # missing, truncated or foreign files (pretrained.ModelFileError)
         raise StageError(
             f"--model: {model!r} is neither a trained model folder (models/basic, models/unet2d) nor an MLflow "
-            f"model URI (models:/<name>/<version>): {e}"
+            f"model URI (models:/<name>/<version> or models:/<name>@champion): {e}"
         ) from None
     return net, meta["corruption"], scheduler.config
 
@@ -73,7 +73,8 @@ def generate_main(argv: list[str] | None = None) -> None:
         "--model",
         default="models/unet2d",
         help="a trained model folder (models/unet2d, models/basic) or an MLflow model URI such as "
-        "models:/scratch-diffusion-unet2d/1 (store: MLFLOW_TRACKING_URI or ./mlflow.db)",
+        "models:/scratch-diffusion-unet2d/1 or models:/scratch-diffusion-unet2d@champion (the best by compare; "
+        "store: MLFLOW_TRACKING_URI or ./mlflow.db)",
     )
     parser.add_argument(
         "--sampler",
@@ -102,6 +103,16 @@ def generate_main(argv: list[str] | None = None) -> None:
             parser.error(f"--{name.replace('_', '-')}: got {getattr(args, name)}, allowed: 1 or more")
     if not 0 <= args.eta <= 1 or (args.eta and args.sampler != "ddim"):
         parser.error(f"--eta: got {args.eta}, allowed: 0..1 with --sampler ddim only")
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out: {args.out!r} is a file; allowed: a folder (created if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        parser.error(f"--out: cannot create {args.out!r} ({e.strerror}); allowed: a folder you can write to")
+    if not os.access(out, os.W_OK):
+        parser.error(f"--out: {args.out!r} is not writable; allowed: a folder you can write to")
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     choice = for_sampling(args.precision, device)
@@ -133,7 +144,6 @@ def generate_main(argv: list[str] | None = None) -> None:
     images, nfe = generate(net, args.sampler, args.steps, args.n, batch_size=args.batch_size, seed=args.seed,
                            corruption=corruption, trained_config=config, device=device, eta=args.eta,
                            precision=choice.precision, **guidance)  # fmt: skip
-    out = Path(args.out)
     stem = f"{args.sampler}-{args.steps}-seed{args.seed}"
     if guidance:
         stem += f"-digits{''.join(map(str, args.digit or range(10)))}-g{guidance['guidance_scale']:g}"
@@ -156,4 +166,4 @@ def main(argv: list[str] | None = None) -> None:
     if argv[0] != "generate":
         print(f"error: unknown command {argv[0]!r}; allowed: generate", file=sys.stderr)
         sys.exit(2)
-    run_stage(lambda: generate_main(argv[1:]))
+    run_stage(lambda: generate_main(argv[1:]), record_cost=False)  # not a pipeline stage: no metrics/cost file

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -33,6 +34,11 @@ def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
 
 def _choice(*choices: str) -> dict:
     return {"choices": choices}
+
+
+def _name() -> dict:
+    """A name MLflow stores (an experiment, a registered model): not empty, no leading or trailing spaces."""
+    return {"name": True}
 
 
 def _auto_bool() -> dict:
@@ -92,6 +98,8 @@ class BasicParams:
 # The three objectives and the name diffusers' schedulers give each (`prediction_type`).
 PREDICTION_TYPES = {"x0": "sample", "eps": "epsilon", "v": "v_prediction"}
 UNET_BLOCKS = ("DownBlock2D", "AttnDownBlock2D", "UpBlock2D", "AttnUpBlock2D")
+UNET_NORM_GROUPS = 32  # diffusers' UNet2DModel default norm_num_groups
+MAX_UNET_BLOCKS = 3  # 28 -> 14 -> 7: a fourth block would halve 7
 
 
 @dataclass(frozen=True)
@@ -142,7 +150,7 @@ class Unet2dParams:
     # Grids during training: DDIM with this many steps (toy corruption: the lesson's sampler).
     sample_steps: int = field(default=25, metadata=_range(1, 1000))
     sample_n: int = field(default=64, metadata=_range(1, 1024))
-    registered_model: str = "scratch-diffusion-unet2d"  # MLflow model registry name
+    registered_model: str = field(default="scratch-diffusion-unet2d", metadata=_name())  # MLflow registry name
     # Beyond the lesson: the digit label through the UNet2DModel's class embedding (10 digits + 1 "no label"
     # token), dropped to "no label" at this rate while training, so one network is conditional and unconditional
     # and can be sampled with classifier-free guidance (Ho & Salimans 2022).
@@ -151,6 +159,17 @@ class Unet2dParams:
 
     def validate(self, key: str = "") -> None:
         n = len(self.block_out_channels)
+        if n > MAX_UNET_BLOCKS:
+            raise ParamsError(
+                f"unet2d.block_out_channels: got {n} blocks; allowed: at most {MAX_UNET_BLOCKS} (each block after "
+                "the first halves the image, and 28 pixels halve evenly only twice)"
+            )
+        odd = [c for c in self.block_out_channels if c % UNET_NORM_GROUPS]
+        if odd:
+            raise ParamsError(
+                f"unet2d.block_out_channels: got {odd[0]}; allowed: multiples of {UNET_NORM_GROUPS} (GroupNorm "
+                f"splits each block's channels into {UNET_NORM_GROUPS} groups)"
+            )
         for key in ("down_block_types", "up_block_types"):
             if len(getattr(self, key)) != n:
                 raise ParamsError(
@@ -252,9 +271,14 @@ class SampleParams:
 
 @dataclass(frozen=True)
 class MlflowParams:
-    experiment: str = "scratch-diffusion"
+    experiment: str = field(default="scratch-diffusion", metadata=_name())
     # Log the final model with mlflow.pytorch.log_model (a few MB per run).
     log_model: bool = True
+
+
+# `launch` is pasted into the stage commands of dvc.yaml, which a shell runs: no separators, redirections,
+# substitutions or quotes.
+SHELL_CHARACTERS = set(";&|<>$`\\\"'(){}*?!#~\n")
 
 
 @dataclass(frozen=True)
@@ -277,6 +301,12 @@ class Params:
 
     def validate(self, key: str = "") -> None:
         words = self.launch.split()
+        shell = sorted({c for c in self.launch if c in SHELL_CHARACTERS})
+        if shell:
+            raise ParamsError(
+                f"launch: got {self.launch!r}, which holds the shell character {shell[0]!r} (dvc.yaml runs it in a "
+                "shell); allowed: a launcher and its flags only, e.g. 'torchrun --nproc_per_node 2'"
+            )
         if not words or not (words[0] in ("python", "python3", "torchrun") or words[:2] == ["accelerate", "launch"]):
             raise ParamsError(
                 f"launch: got {self.launch!r}, allowed: a command starting with 'python', 'accelerate launch' or "
@@ -320,8 +350,12 @@ def _check_value(key: str, value: Any, tp: Any, meta: typing.Mapping) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ParamsError(f"{key}: got {value!r}, expected a number")
         value = float(value)
+        if not math.isfinite(value):
+            raise ParamsError(f"{key}: got {value!r}, expected a finite number")
     elif tp is str and not isinstance(value, str):
         raise ParamsError(f"{key}: got {value!r}, expected a string")
+    if meta.get("name") and (not value or value != value.strip() or "/" in value):
+        raise ParamsError(f"{key}: got {value!r}, allowed: a non-empty name without '/' or surrounding spaces")
     if "choices" in meta and value not in meta["choices"]:
         allowed = ", ".join(repr(c) for c in meta["choices"])
         raise ParamsError(f"{key}: got {value!r}, allowed: {allowed}")

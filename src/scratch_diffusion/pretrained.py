@@ -37,15 +37,27 @@ def save_unet2d(path: str | Path, denoiser: UNet2DDenoiser, scheduler: DDPMSched
         shutil.rmtree(staging, ignore_errors=True)
 
 
+class ModelFileError(OSError):
+    """A model folder whose files cannot be read as a trained model (truncated, corrupt, or not ours)."""
+
+
 def load_unet2d(path: str | Path, device="cpu") -> tuple[UNet2DDenoiser, DDPMScheduler, dict]:
-    """The denoiser (conditioning applied), its training scheduler, and the metadata."""
+    """The denoiser (conditioning applied), its training scheduler, and the metadata, from the pipeline folder that
+    save_unet2d writes or from the same files side by side (as a logged MLflow model carries them in extra_files).
+    Weights load from safetensors only: a folder holding pickled weights is refused rather than unpickled."""
     path = Path(path)
     if not (path / META).is_file():
         raise FileNotFoundError(f"{path}: no trained UNet2DModel here; run `dvc repro train-unet2d` first")
-    meta = json.loads((path / META).read_text())
-    unet = UNet2DModel.from_pretrained(path / "unet").to(device).eval()
-    scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
-    return UNet2DDenoiser(unet, meta["conditioning"]).eval(), scheduler, meta
+    unet_dir = path / "unet" if (path / "unet").is_dir() else path
+    scheduler_dir = path / "scheduler" if (path / "scheduler").is_dir() else path
+    try:
+        meta = json.loads((path / META).read_text())
+        unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True).to(device).eval()
+        scheduler = DDPMScheduler.from_pretrained(scheduler_dir)
+        return UNet2DDenoiser(unet, meta["conditioning"]).eval(), scheduler, meta
+    except Exception as e:  # whatever the damage, one message that names the folder
+        raise ModelFileError(f"{path}: not a readable trained model ({type(e).__name__}: {str(e)[:200]}); "
+                             "rerun `dvc repro train-unet2d` (or `dvc checkout models/unet2d`)") from None  # fmt: skip
 
 
 def load_basic(path: str | Path, device="cpu"):
@@ -58,5 +70,9 @@ def load_basic(path: str | Path, device="cpu"):
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: missing; run `dvc repro train-basic` first")
     net = BasicUNet()
-    net.load_state_dict(load_file(weights))
+    try:
+        net.load_state_dict(load_file(weights))
+    except Exception as e:
+        raise ModelFileError(f"{weights}: not a readable BasicUNet ({type(e).__name__}: {str(e)[:200]}); rerun "
+                             "`dvc repro train-basic` (or `dvc checkout models/basic`)") from None  # fmt: skip
     return net.to(device).eval()

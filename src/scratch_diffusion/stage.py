@@ -18,7 +18,7 @@ class StageError(RuntimeError):
     """A stage cannot run (e.g. an upstream output is missing); the message says what to do."""
 
 
-def run_stage(main: Callable[[], dict | None]) -> None:
+def run_stage(main: Callable[[], dict | None], record_cost: bool = True) -> None:
     """Run a stage's `main`; on success record its cost in metrics/cost/<stage>.json (a DVC metric): wall time
     and peak resident memory, plus what `main` returns (the precision and layout it ran with), so `dvc exp show`
     and benchmarks/speed.py can tell what each stage costs and on what."""
@@ -28,7 +28,7 @@ def run_stage(main: Callable[[], dict | None]) -> None:
     except (ParamsError, DataError, StageError, ConnectionError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    if int(os.environ.get("RANK", "0")) == 0:  # under a launcher, the main process speaks for the stage
+    if record_cost and int(os.environ.get("RANK", "0")) == 0:  # under a launcher, the main process speaks
         from scratch_diffusion.files import write_json
 
         stage = Path(sys.argv[0]).stem.replace("_", "-")

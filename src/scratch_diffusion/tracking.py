@@ -77,22 +77,30 @@ def _clean(d: Mapping[str, Any]) -> dict[str, str]:
     return {k: str(v) for k, v in d.items() if not _SECRET.search(k)}
 
 
-def _check_reachable(uri: str) -> None:
-    """Fail in seconds, before any training, when a remote store does not answer (MLflow itself retries for
-    minutes). The message shows the URI without credentials."""
+def check_reachable(uri: str) -> None:
+    """Fail in seconds, before any work, when a remote store does not answer (MLflow itself retries for minutes).
+    Credentials in the URI (user:password@) go in an Authorization header, as MLflow sends them; the message shows
+    the URI without them."""
     if not uri.startswith(("http://", "https://")):
         return
+    import base64
     import urllib.error
     import urllib.parse
     import urllib.request
 
     parts = urllib.parse.urlsplit(uri)
-    shown = parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")).geturl()
+    netloc = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    shown = parts._replace(netloc=netloc).geturl()
+    health = parts._replace(netloc=netloc, path=parts.path.rstrip("/") + "/health", query="", fragment="")
+    request = urllib.request.Request(health.geturl())
+    if parts.username is not None:
+        user = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        request.add_header("Authorization", "Basic " + base64.b64encode(user.encode()).decode())
     try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).close()
+        urllib.request.urlopen(request, timeout=5).close()
     except urllib.error.HTTPError:
-        return  # it answered: a server that lacks /health or wants credentials is still there
-    except (urllib.error.URLError, OSError) as e:
+        return  # it answered: a server that lacks /health or wants other credentials is still there
+    except (urllib.error.URLError, OSError, ValueError) as e:
         raise ConnectionError(f"MLFLOW_TRACKING_URI={shown}: the tracking server does not answer ({e}); "
                               "start it, fix the URI, or unset it to use ./mlflow.db") from None  # fmt: skip
 
@@ -117,7 +125,7 @@ def start_run(experiment: str, run_name: str, params: Mapping[str, Any], tags: M
 
     # Decide before set_tracking_uri: MLflow exports the URI it is given to MLFLOW_TRACKING_URI.
     local_store = "MLFLOW_TRACKING_URI" not in os.environ
-    _check_reachable(tracking_uri())
+    check_reachable(tracking_uri())
     mlflow.set_tracking_uri(tracking_uri())
     _with_retry(_set_experiment, experiment, local_store)
     all_tags = {
@@ -165,10 +173,11 @@ def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
 
 
 def pip_requirements() -> list[str]:
-    """Explicit requirements: MLflow's inference of them wants network access and a version check."""
+    """Explicit requirements: MLflow's inference of them wants network access and a version check. What unpickling
+    a logged model imports: torch, and diffusers through the package source shipped with it (models/)."""
     import importlib.metadata as md
 
-    return [f"{pkg}=={md.version(pkg)}" for pkg in ("torch", "numpy", "safetensors")]
+    return [f"{pkg}=={md.version(pkg)}" for pkg in ("torch", "diffusers", "numpy", "safetensors")]
 
 
 def log_torch_model(model, name: str = "model", registered_name: str | None = None, tags: Mapping | None = None,
@@ -197,3 +206,28 @@ def log_torch_model(model, name: str = "model", registered_name: str | None = No
         for k, v in _clean(tags).items():
             _with_retry(client.set_model_version_tag, registered_name, info.registered_model_version, k, v)
     return info
+
+
+CHAMPION = "champion"
+
+
+def promote_champion(name: str, version: str, fid: float, n: int) -> bool:
+    """Point the registry alias `champion` at this version when its FID beats the champion's, measured at the same
+    sample count n (FID depends on n, so other counts never compare); records both as version tags. True if moved.
+    `models:/<name>@champion` then always names the best model compare has seen, without looking up a version."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    _with_retry(client.set_model_version_tag, name, version, "compare.fid", f"{fid:.4f}")
+    _with_retry(client.set_model_version_tag, name, version, "compare.n", str(n))
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+    except mlflow.exceptions.MlflowException:  # no champion yet
+        current = None
+    if current is not None and current.version != str(version):
+        held_n, held_fid = current.tags.get("compare.n"), current.tags.get("compare.fid")
+        if held_n == str(n) and held_fid is not None and float(held_fid) <= fid:
+            return False
+    _with_retry(client.set_registered_model_alias, name, CHAMPION, version)
+    return True
+

@@ -278,7 +278,7 @@ def fit(
     progress = _Progress()
     # Not registered with Accelerate: it unpickles registered objects with weights_only=False. The lr schedule
     # and progress go to JSON, the EMA weights to safetensors (see _save / _resume).
-    extras = {"scheduler": scheduler, "progress": progress, "ema": ema}
+    extras = {"scheduler": scheduler, "progress": progress, "ema": ema, "model": model, "optimizer": optimizer}
     main = accelerator.is_main_process
     if checkpointing is not None:
         progress.run_id = checkpointing.run_id
@@ -423,6 +423,9 @@ def _save(accelerator: Accelerator, ckpt: Checkpointing, extras: dict, main: boo
 
 
 def _resume(accelerator: Accelerator, ckpt: Checkpointing, extras: dict, main: bool) -> None:
+    """Restore everything from the newest checkpoint that loads whole, or nothing: a checkpoint that fails part-way
+    (its weights loaded, its train_state.json unreadable) must not leave its weights, optimizer or RNG state in a
+    run that then starts at step 0."""
     progress, ema = extras["progress"], extras["ema"]
     log = print if main else (lambda *a: None)
     usable = find_checkpoints(ckpt, log=log)
@@ -432,18 +435,63 @@ def _resume(accelerator: Accelerator, ckpt: Checkpointing, extras: dict, main: b
             if stale not in keep:
                 shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
+    if not usable:
+        return
+    fresh = _snapshot(extras)
     for path, _ in usable:
         try:
-            accelerator.load_state(str(path))  # model, optimizer, RNG: all loaded weights-only
+            # Our own files first (cheap, and the likelier to be damaged), then Accelerate's.
             state = json.loads((path / "train_state.json").read_text())
+            ema_weights = None if ema is None else load_file(path / "ema.safetensors", device=str(accelerator.device))
+            accelerator.load_state(str(path))  # model, optimizer, RNG: all loaded weights-only
             extras["scheduler"].load_state_dict(state["scheduler"])
             if ema is not None:
-                ema.model.load_state_dict(load_file(path / "ema.safetensors", device=str(accelerator.device)))
+                ema.model.load_state_dict(ema_weights)
                 ema.updates = state["ema_updates"]
             progress.load_state_dict(state["progress"])
-        except Exception as e:  # truncated or corrupt files: fall back to the previous checkpoint
+        except Exception as e:  # truncated or corrupt files: back to the fresh state, then an older checkpoint
+            _restore(extras, fresh)
             warnings.warn(f"checkpoint {path} could not be loaded ({type(e).__name__}: {e}); trying an older one",
                           stacklevel=2)  # fmt: skip
             continue
         log(f"resumed from {path} (step {progress.step})")
         return
+    log(f"no checkpoint in {ckpt.dir} could be loaded whole; training starts from step 0")
+
+
+def _snapshot(extras: dict) -> dict:
+    """Copies of everything a resume may overwrite: weights, optimizer, lr schedule, EMA, progress, RNG states."""
+    import random
+
+    import numpy as np
+
+    ema = extras["ema"]
+    return {
+        "model": copy.deepcopy(extras["model"].state_dict()),
+        "optimizer": copy.deepcopy(extras["optimizer"].state_dict()),
+        "scheduler": copy.deepcopy(extras["scheduler"].state_dict()),
+        "progress": copy.deepcopy(extras["progress"].state_dict()),
+        "ema": (copy.deepcopy(ema.model.state_dict()), ema.updates) if ema is not None else None,
+        "rng": (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+                torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None),
+    }  # fmt: skip
+
+
+def _restore(extras: dict, fresh: dict) -> None:
+    import random
+
+    import numpy as np
+
+    extras["model"].load_state_dict(fresh["model"])
+    extras["optimizer"].load_state_dict(copy.deepcopy(fresh["optimizer"]))
+    extras["scheduler"].load_state_dict(fresh["scheduler"])
+    extras["progress"].load_state_dict(copy.deepcopy(fresh["progress"]))
+    if fresh["ema"] is not None:
+        extras["ema"].model.load_state_dict(fresh["ema"][0])
+        extras["ema"].updates = fresh["ema"][1]
+    py, np_state, cpu, cuda = fresh["rng"]
+    random.setstate(py)
+    np.random.set_state(np_state)
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)

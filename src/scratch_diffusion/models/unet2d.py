@@ -45,22 +45,26 @@ def build_unet(
     )
 
 
-class CpuFp32Attention(AttnProcessor2_0):
+class CpuFp32Attention:
     """diffusers' attention, run in fp32 on the CPU even under bf16 autocast.
 
-    The lesson's UNet2DModel has 8 heads of dimension 8: PyTorch's CPU flash attention is slower in bf16 than
-    in fp32 at that size, and attention is ~40% of a training step, so bf16 autocast of the whole network was
-    slower than fp32 here; with this processor it is 1.3x faster (benchmarks/speed.py). On GPUs, bf16 attention
-    is fast: there it is left to autocast.
+    The lesson's UNet2DModel has 8 heads of dimension 8: PyTorch's CPU flash attention is slower in bf16 than in fp32
+    at that size, and attention takes a large share of a training step, so bf16 autocast of the whole network was
+    slower than fp32 (docs/performance.md); with the attention kept in fp32 the convolutions' gain remains. On GPUs,
+    bf16 attention is fast: there it is left to autocast. Wraps diffusers' public processor rather than subclassing
+    it, so a change of its internals cannot break this one.
     """
 
+    def __init__(self):
+        self.processor = AttnProcessor2_0()
+
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
-        # The same parameters as the parent: diffusers drops keyword arguments a processor does not name.
+        # The same parameters as diffusers' processor: Attention drops keyword arguments a processor does not name.
         inputs = (encoder_hidden_states, attention_mask, temb)
         if hidden_states.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
-            return super().__call__(attn, hidden_states, *inputs)
+            return self.processor(attn, hidden_states, *inputs)
         with torch.autocast("cpu", enabled=False):
-            return super().__call__(attn, hidden_states.float(), *inputs)
+            return self.processor(attn, hidden_states.float(), *inputs)
 
 
 class UNet2DDenoiser(nn.Module):

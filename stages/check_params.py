@@ -1,0 +1,30 @@
+"""check-params: validate the whole of params.yaml before any other stage runs.
+
+    dvc repro check-params
+    python stages/check_params.py
+
+DVC deletes a stage's outputs just before it runs the stage's command, so a value that a stage refuses (after
+`dvc exp run -S key=bad`, say) would already have cost that stage its last good outputs. This stage reads every
+param and comes first (download depends on its output, everything else on download), so a bad value stops the
+pipeline here, with the workspace as it was. Writes checks/params.ok, whose content never changes: downstream
+stages rerun for their own params, never because this one ran.
+"""
+
+from scratch_diffusion.config import ParamsError, load_params
+from scratch_diffusion.files import write_text
+from scratch_diffusion.stage import run_stage
+
+OUT = "checks/params.ok"
+
+
+def main() -> None:
+    try:
+        load_params()
+    except ParamsError as e:
+        raise ParamsError(f"{e} (nothing else ran; back to the last good state: git checkout params.yaml && "
+                          "dvc checkout)") from None  # fmt: skip
+    write_text(OUT, "params.yaml is valid\n")
+
+
+if __name__ == "__main__":
+    run_stage(main)
