@@ -2,7 +2,9 @@
 tracked at several horizons at once (`unet2d.ema_warmup` values), each copy sampled and measured as compare does.
 
     python ablations/ema_horizons.py train                 # ~35 min here: checkpoints/ema-horizons/w<k>/
-    python ablations/ema_horizons.py measure               # ~4 min a copy: ablations/ema_horizons.json + README
+    python ablations/ema_horizons.py measure               # ~4 min a copy: ablations/ema_horizons.json +
+                                                           # docs/ablation/ema.md
+    python ablations/ema_horizons.py table                 # docs/ablation/ema.md again from the JSON
     python ablations/ema_horizons.py train --warmups 10 4  # other horizons (10 = the EMA before it had a knob)
 
 Why one run: the EMA never feeds back into training, so `dvc exp run -S unet2d.ema_warmup=k -S
@@ -39,8 +41,7 @@ from scratch_diffusion.training import EMA, fit, stage_accelerator
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "checkpoints" / "ema-horizons"
 RESULTS = ROOT / "ablations" / "ema_horizons.json"
-README = ROOT / "README.md"
-TABLE_START, TABLE_END = "<!-- ema-table:start -->", "<!-- ema-table:end -->"
+TABLE = ROOT / "docs" / "ablation" / "ema.md"  # the whole file is generated; docs/ablation.md explains it
 CAP = 0.99999  # the largest unet2d.ema_decay allowed: out of reach, so ema_warmup alone sets the horizon
 DATA = ROOT / "data" / "dataset"
 
@@ -147,19 +148,17 @@ def markdown_table(results: dict) -> str:
 def table(results: dict) -> None:
     matches = {True: "matches `models/unet2d` bit for bit", False: "does NOT match `models/unet2d`",
                None: "was not checked against `models/unet2d`"}[results["default_matches_models_unet2d"]]  # fmt: skip
-    block = "\n".join([
-        TABLE_START,
+    text = "\n".join([
+        "# The EMA horizon, from one training run",
+        "",
         markdown_table(results),
         "",
         f"One training run (params.yaml's defaults), {results['sampler']}, n = {results['n']}, floor "
         f"{results['floor_fid']:.2f}. Machine: {results['machine']}. Code: {results['commit']}. The copy of "
         f"params.yaml's own `ema_warmup` {matches}. Made by `python ablations/ema_horizons.py measure`.",
-        TABLE_END,
+        "",
     ])  # fmt: skip
-    try:
-        files.replace_block(README, TABLE_START, TABLE_END, block)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    files.write_text(TABLE, text)  # atomic; creates docs/ablation/ if missing
     print(markdown_table(results))
 
 

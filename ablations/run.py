@@ -1,12 +1,12 @@
 """The ablation: one DVC experiment per design choice of the UNet2DModel, each against the default, and the table and
-chart made from them (the README's results are regenerated from here, never typed by hand).
+chart made from them (docs/ablation/table.md and docs/ablation.png are regenerated from here, never typed by hand).
 
     python ablations/run.py run --budget screen    # queue every axis value, run the queue (-j 1), collect
     python ablations/run.py run --budget full --only default "EMA 0.999"   # confirm a few at the full budget
     python ablations/run.py queue --budget screen  # only queue (then: dvc queue start; dvc queue status)
     python ablations/run.py collect                # finished abl-* experiments and the workspace's own dvc repro
                                                    # (the defaults at the full budget) -> ablations/results.json
-    python ablations/run.py table                  # results.json -> README table + docs/ablation.png
+    python ablations/run.py table                  # results.json -> docs/ablation/table.md + docs/ablation.png
 
 Budgets: `full` is the default pipeline (the lesson's 3 epochs, every default sampler setting, n from params.yaml);
 `screen` stops training after 200 steps and samples 300 images with two samplers, about 7 minutes an experiment on
@@ -33,8 +33,7 @@ from scratch_diffusion.hardware import cpu_name
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "ablations" / "results.json"
 CHART = ROOT / "docs" / "ablation.png"
-README = ROOT / "README.md"
-TABLE_START, TABLE_END = "<!-- ablation-table:start -->", "<!-- ablation-table:end -->"
+TABLE = ROOT / "docs" / "ablation" / "table.md"  # the whole file is generated; docs/ablation.md explains it
 
 # One entry per experiment: (label, the -S overrides that make it). Each axis changes one choice of the default.
 AXES: list[tuple[str, dict]] = [
@@ -283,21 +282,18 @@ def table(results: dict) -> None:
     chart(rows, CHART)
     machines = sorted({r["machine"] for r in rows})
     commits = sorted({r["commit"] for r in rows})
-    block = "\n".join([
-        TABLE_START,
+    text = "\n".join([
+        "# UNet2DModel ablation: every experiment",
+        "",
         markdown_table(rows),
         "",
         f"Machine: {'; '.join(machines)}. Code: {', '.join(commits)}. FID and recognised share are those of the "
         "experiment's best UNet2DModel sampler (lowest FID); \"x floor\" is FID over the real-vs-real floor at "
-        "the same n. Made by `python ablations/run.py table` from ablations/results.json.",
+        "the same n. Made by `python ablations/run.py table` from ablations/results.json (with the chart "
+        "docs/ablation.png).",
         "",
-        "![FID against training time](docs/ablation.png)",
-        TABLE_END,
     ])  # fmt: skip
-    try:
-        files.replace_block(README, TABLE_START, TABLE_END, block)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    files.write_text(TABLE, text)  # atomic; creates docs/ablation/ if missing
     print(markdown_table(rows))
 
 

@@ -40,7 +40,8 @@ OUTPUTS = [
     "metrics/compare.json",
     "plots/compare/fid_vs_nfe.tsv",
 ]
-STAGES = ["download", "train-basic", "train-unet2d", "sample", "visualize-schedule", "train-classifier", "compare"]
+STAGES = ["check-params", "download", "train-basic", "train-unet2d", "sample", "visualize-schedule", "train-classifier",
+          "compare"]  # fmt: skip
 
 
 def test_dvc_repro_then_experiments(project):
@@ -58,6 +59,10 @@ def test_dvc_repro_then_experiments(project):
     assert "up to date" in run(["dvc", "status"], cwd=project).stdout.lower()
     assert "Running stage" not in run(["dvc", "repro"], cwd=project).stdout
     assert "final_loss" in run(["dvc", "metrics", "show", "--json"], cwd=project).stdout
+    # `dvc plots show`: both training loss curves in one chart, each point from its own file.
+    plots = json.loads(run(["dvc", "plots", "show", "--json"], cwd=project).stdout)["data"]
+    points = plots["loss"][0]["content"]["data"]["values"]
+    assert {p["filename"] for p in points} == {"train_basic/loss.tsv", "train_unet2d/loss.tsv"}
     timings = json.loads((project / "metrics/sample.json").read_text())
     assert timings["unet2d/heun-2"]["nfe"] == 3 and timings["basic/toy-3"]["nfe"] == 3
     images = np.load(project / "samples/unet2d/ddim-3.npz")["images"]
@@ -78,6 +83,16 @@ def test_dvc_repro_then_experiments(project):
     assert compare["best_fid_unet2d"] == min(r["fid"] for n, r in compare["settings"].items() if n.startswith("unet2d"))
     assert "Best setting: **" in report and "data:image/png;base64," in (project / "reports/compare.html").read_text()
 
+    # compare points the registry alias `champion` at the version it measured (the first one: nothing to beat), and
+    # `generate` reaches it by the alias alone, loading the logged safetensors.
+    registered = json.loads((project / "models/unet2d/run.json").read_text())
+    champion = client.get_model_version_by_alias(registered["registered_model"], "champion")
+    assert champion.version == str(registered["registered_version"])
+    assert float(champion.tags["compare.fid"]) == pytest.approx(compare["best_fid_unet2d"], abs=1e-3)
+    run(["scratch-diffusion", "generate", "--model", f"models:/{registered['registered_model']}@champion", "--steps",
+         "2", "--n", "2", "--out", "champion"], cwd=project)  # fmt: skip
+    assert (project / "champion/ddim-2-seed0.npz").is_file()
+
     # The EMA axis from one run: the script retraces the stage's trajectory, so its copy at params.yaml's own
     # ema_warmup is the stage's model, bit for bit, and each copy gets the compare stage's metrics.
     run([sys.executable, "ablations/ema_horizons.py", "train", "--warmups", "10", "4"], cwd=project)
@@ -86,7 +101,7 @@ def test_dvc_repro_then_experiments(project):
     assert horizons["default_matches_models_unet2d"] is True
     assert [r["warmup"] for r in horizons["rows"]] == [10, 4] and all(r["steps"] == 8 for r in horizons["rows"])
     assert horizons["rows"][0]["fid"] != horizons["rows"][1]["fid"]
-    assert "| 4 | 2 |" in (project / "README.md").read_text()  # mean age 8 / 4 steps
+    assert "| 4 | 2 |" in (project / "docs/ablation/ema.md").read_text()  # mean age 8 / 4 steps
 
     # The wide screen: its defaults row retraces the stage on a CPU, so its samples score exactly what compare
     # reported for the same sampler; another setting gives another model. The budget run measures every epoch.
@@ -104,7 +119,7 @@ def test_dvc_repro_then_experiments(project):
                      if r["setting"] == setting]  # fmt: skip
     assert [(r["epochs"], r["steps"]) for r in budget_run["rows"]] == [(1, 16), (2, 32)]  # 256 images, batch 16
     run([sys.executable, "ablations/sweep.py", "table"], cwd=project)
-    assert "| `unet2d.lr=5e-4` | ddim-3 |" in (project / "README.md").read_text()
+    assert "| `unet2d.lr=5e-4` | ddim-3 |" in (project / "docs/ablation/sweep.md").read_text()
     bad = run([sys.executable, "ablations/sweep.py", "run", "--setting", "unet2d.lr=0"], cwd=project, check=False)
     assert bad.returncode != 0 and "unet2d.lr: got 0" in bad.stderr
 
@@ -119,6 +134,15 @@ def test_dvc_repro_then_experiments(project):
     names = [e.get("name") for rev in shown for e in (rev.get("experiments") or []) for e in e["revs"]]
     assert "eps-exp" in names
     assert "best_fid_unet2d" in run(["dvc", "exp", "show", "--md"], cwd=project).stdout
+
+    # A value refused under `dvc exp run -S` stops the pipeline at check-params: every stage keeps its outputs.
+    before, params = (project / "metrics/compare.json").read_text(), (project / "params.yaml").read_text()
+    bad = run(["dvc", "exp", "run", "-S", "objective=noise"], cwd=project, check=False)
+    assert bad.returncode != 0 and "objective: got 'noise', allowed: 'x0', 'eps', 'v'" in bad.stdout + bad.stderr
+    assert "git checkout params.yaml && dvc checkout" in bad.stdout + bad.stderr
+    assert (project / "models/unet2d/model_index.json").is_file() and (project / "samples/unet2d/ddim-3.npz").is_file()
+    assert (project / "metrics/compare.json").read_text() == before
+    (project / "params.yaml").write_text(params)  # as the eps experiment left it
 
     # The experiment's run landed in the same store, tagged with its DVC experiment name.
     runs = client.search_runs(
@@ -164,5 +188,5 @@ def test_dvc_repro_then_experiments(project):
     assert row["fid"] == pytest.approx(compare_run.data.metrics["best_fid_unet2d"])
     assert row["recognised"] == pytest.approx(compare_run.data.metrics["best_recognised_unet2d"])
     assert row["train_wall_s"] > 0 and row["best_sampler"] in ("ddim-3", "heun-2", "dpmsolver++-3")
-    readme = (project / "README.md").read_text()
-    assert "| full | objective v | `objective=v` |" in readme and (project / "docs/ablation.png").is_file()
+    table = (project / "docs/ablation/table.md").read_text()
+    assert "| full | objective v | `objective=v` |" in table and (project / "docs/ablation.png").is_file()

@@ -39,13 +39,3 @@ def write_tsv(path: str | Path, header: list[str], rows) -> None:
     lines = ["\t".join(header)] + ["\t".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in r) for r in rows]
     write_text(path, "\n".join(lines) + "\n")
 
-
-def replace_block(path: str | Path, start: str, end: str, block: str) -> None:
-    """Replace the text from marker `start` through marker `end` in `path` with `block` (which holds both markers),
-    atomically: how generated tables live inside a hand-written README."""
-    path = Path(path)
-    text = path.read_text()
-    if start not in text or end not in text:
-        raise ValueError(f"{path.name} lacks the markers {start} ... {end} that hold the generated block")
-    head, rest = text.split(start, 1)
-    write_text(path, head + block + rest.split(end, 1)[1])
