@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from scratch_diffusion.config import PREDICTION_TYPES, load_params
 from scratch_diffusion.corruption import corrupt, ddpm_scheduler
 from scratch_diffusion.data import load_split
+from scratch_diffusion.files import write_text
 from scratch_diffusion.hardware import choose, cpu_class, cpu_flags, cpu_name, detect, for_sampling
 from scratch_diffusion.models import BasicUNet
 from scratch_diffusion.models.unet2d import UNet2DDenoiser, build_unet
@@ -235,10 +236,44 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=0, help="training steps per run (default: 60 basic, 8 unet2d)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--loss-steps", type=int, default=500)
+    parser.add_argument("--report", action="store_true",
+                        help="also write what it prints to docs/performance/<machine class>.md")  # fmt: skip
     args = parser.parse_args()
     if not (DATA / "MNIST/raw").is_dir():
         sys.exit(f"error: {DATA}/MNIST/raw not found: run `dvc repro download` first")
     parts = args.only or ["train", "sample", "end-to-end"]
+    if args.report:
+        report = io.StringIO()
+        with contextlib.redirect_stdout(Tee(sys.stdout, report)):
+            run_parts(args, parts)
+        name = machine_class().lower()
+        write_text(ROOT / "docs/performance" / f"{name}.md",
+                   f"# Benchmark on a {machine_class()} machine\n\nWritten by `python benchmarks/speed.py "
+                   f"--report`; each figure is this machine's.\n\n```\n{report.getvalue()}```\n")  # fmt: skip
+    else:
+        run_parts(args, parts)
+
+
+class Tee(io.TextIOBase):
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for s in self.streams:
+            s.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for s in self.streams:
+            s.flush()
+
+
+def machine_class() -> str:
+    """AVX2, AVX512-BF16, ... for a CPU run; the GPU's name for a GPU run."""
+    return torch.cuda.get_device_name(0).replace(" ", "-") if torch.cuda.is_available() else cpu_class(cpu_flags())
+
+
+def run_parts(args, parts: list[str]) -> None:
     print(f"# benchmarks/speed.py\n{machine()}")
     if "train" in parts:
         for name in args.models:
