@@ -87,7 +87,7 @@ def test_dvc_repro_then_experiments(project):
     # `generate` reaches it by the alias alone, loading the logged safetensors.
     registered = json.loads((project / "models/unet2d/run.json").read_text())
     champion = client.get_model_version_by_alias(registered["registered_model"], "champion")
-    assert champion.version == str(registered["registered_version"])
+    assert str(champion.version) == str(registered["registered_version"])
     assert float(champion.tags["compare.fid"]) == pytest.approx(compare["best_fid_unet2d"], abs=1e-3)
     run(["scratch-diffusion", "generate", "--model", f"models:/{registered['registered_model']}@champion", "--steps",
          "2", "--n", "2", "--out", "champion"], cwd=project)  # fmt: skip

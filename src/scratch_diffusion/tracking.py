@@ -224,10 +224,10 @@ def promote_champion(name: str, version: str, fid: float, n: int) -> bool:
         current = client.get_model_version_by_alias(name, CHAMPION)
     except mlflow.exceptions.MlflowException:  # no champion yet
         current = None
-    if current is not None and current.version != str(version):
+    if current is not None and str(current.version) != str(version):
         held_n, held_fid = current.tags.get("compare.n"), current.tags.get("compare.fid")
-        if held_n == str(n) and held_fid is not None and float(held_fid) <= fid:
-            return False
+        if held_fid is not None and (held_n != str(n) or float(held_fid) <= fid):
+            return False  # the champion measured as good or better, or at another n (FIDs across n never compare)
     _with_retry(client.set_registered_model_alias, name, CHAMPION, version)
     return True
 
