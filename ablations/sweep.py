@@ -141,7 +141,9 @@ class Judge:
         """
         sp = self.params.sample
         with tempfile.TemporaryDirectory() as tmp:
-            meta = {"conditioning": self.params.unet2d.conditioning}
+            u = self.params.unet2d
+            meta = {"objective": self.params.objective, "corruption": u.corruption, "conditioning": u.conditioning,
+                    "class_conditional": u.class_conditional}  # fmt: skip
             save_unet2d(Path(tmp) / "unet2d", copy.deepcopy(net).cpu(), scheduler, meta)
             net, scheduler, _ = load_unet2d(Path(tmp) / "unet2d", device)
         trained_config = scheduler.config

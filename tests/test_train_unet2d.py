@@ -69,6 +69,7 @@ def test_each_objective_trains_logs_and_registers(downloaded, tmp_path, objectiv
 def test_saved_model_loads_in_ddpm_pipeline_and_generates(downloaded, tmp_path):
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'store.db'}"}
     run([sys.executable, str(REPO / "stages/train_unet2d.py")], cwd=downloaded, env=env)
+    assert "DDPMPipeline.from_pretrained" in (downloaded / "models/unet2d/README.md").read_text()  # the model card
     pipe = DDPMPipeline.from_pretrained(downloaded / "models/unet2d")
     out = pipe(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np")
     assert out.images.shape == (2, 28, 28, 1)
@@ -135,3 +136,32 @@ def test_toy_corruption_with_amount_conditioning_trains(downloaded, tmp_path):
         env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'store.db'}"})  # fmt: skip
     _, _, meta = load_unet2d(downloaded / "models/unet2d")
     assert meta["corruption"] == "toy" and meta["conditioning"] == "amount"
+    # Plain diffusers would draw DDPM samples from a toy-corruption net: the folder is no DDPMPipeline, and its
+    # model card says how to sample it.
+    with pytest.raises(Exception, match="model_index.json"):
+        DDPMPipeline.from_pretrained(downloaded / "models/unet2d")
+    card = (downloaded / "models/unet2d/README.md").read_text()
+    assert "--sampler toy" in card and "refuses it" in card
+
+
+def test_a_timestep_blind_model_draws_the_same_in_plain_diffusers(downloaded, tmp_path):
+    """`conditioning: none` trains on t = 0 only; the saved UNet ignores t, so diffusers' own DDIMPipeline, which
+    feeds the real t, draws what the project's sampler draws with t = 0."""
+    write_params(downloaded, {"unet2d": {"conditioning": "none", "max_steps": 4}})
+    run([sys.executable, str(REPO / "stages/train_unet2d.py")], cwd=downloaded,
+        env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'store.db'}"})  # fmt: skip
+    folder = downloaded / "models/unet2d"
+    model, scheduler, meta = load_unet2d(folder)
+    assert meta["conditioning"] == "none" and "ignores t" in (folder / "README.md").read_text()
+    ours, _ = generate(model, "ddim", 4, 3, batch_size=3, seed=5, corruption="ddpm", trained_config=scheduler.config)
+    ddim = DDIMScheduler.from_pretrained(folder / "scheduler", timestep_spacing="trailing")
+    theirs = DDIMPipeline(unet=UNet2DModel.from_pretrained(folder / "unet"), scheduler=ddim)(
+        batch_size=3, num_inference_steps=4, eta=0.0, use_clipped_model_output=True, output_type="np",
+        generator=torch.Generator().manual_seed(5),
+    ).images[..., 0]  # fmt: skip
+    assert np.abs((theirs * 255).round() - ours.astype(float)).max() <= 1
+    # ... and the saved UNet really is blind to t: two timesteps, one output.
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        at_zero, elsewhere = model.unet(x, torch.tensor([0, 0])).sample, model.unet(x, torch.tensor([3, 900])).sample
+    torch.testing.assert_close(at_zero, elsewhere)

@@ -8,12 +8,14 @@ t = 0, which DDPMPipeline does not know).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from scratch_diffusion.models import UNet2DDenoiser
@@ -22,19 +24,92 @@ META = "scratch_diffusion.json"
 
 
 def save_unet2d(path: str | Path, denoiser: UNet2DDenoiser, scheduler: DDPMScheduler, meta: dict) -> None:
-    """Write the pipeline folder atomically (built beside `path`, then renamed onto it)."""
+    """Write the model folder atomically (built beside `path`, then renamed onto it), with a model card (README.md)
+    that says how to sample it.
+
+    What plain diffusers makes of the folder is decided here, so that it never draws wrong images:
+    - DDPM noise: a DDPMPipeline folder. A `none`-conditioned net is saved time-blind (below), so the real t that
+      DDPMPipeline feeds changes nothing, as in training; a class-conditional one is refused by diffusers itself
+      (DDPMPipeline passes no class labels).
+    - toy corruption: no model_index.json, so `DDPMPipeline.from_pretrained` refuses it; its sampler is the lesson's.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        DDPMPipeline(unet=denoiser.unet, scheduler=scheduler).save_pretrained(staging)
+        unet = _time_blind(denoiser.unet) if denoiser.conditioning == "none" else denoiser.unet
+        if meta["corruption"] == "toy":
+            unet.save_pretrained(staging / "unet")
+            scheduler.save_pretrained(staging / "scheduler")
+        else:
+            DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(staging)
         (staging / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        (staging / "README.md").write_text(model_card(meta, scheduler.config.prediction_type))
         staging.chmod(0o755)
         if path.exists():
             shutil.rmtree(path)
         os.replace(staging, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _time_blind(unet: UNet2DModel) -> UNet2DModel:
+    """A copy whose time embedding is constant at its t = 0 value, whatever t it is given: a `none`-conditioned net
+    was trained on t = 0 only. The first linear layer of the embedding gets zero weights and, as bias, its output
+    at t = 0, so the network computes what it computed in training for every t."""
+    unet = copy.deepcopy(unet)
+    layer = unet.time_embedding.linear_1
+    with torch.no_grad():
+        t0 = unet.time_proj(torch.zeros(1, device=layer.weight.device)).to(layer.weight.dtype)
+        layer.bias.copy_(layer(t0)[0])
+        layer.weight.zero_()
+    return unet
+
+
+PLAIN_DIFFUSERS = """With plain diffusers (data in [-1, 1]; the scheduler config carries the trained betas and
+prediction_type):
+
+```python
+from diffusers import DDPMPipeline
+
+images = DDPMPipeline.from_pretrained("models/unet2d")(batch_size=16, num_inference_steps=1000).images
+```"""
+
+
+def model_card(meta: dict, prediction_type: str) -> str:
+    """README.md of a model folder: what the model is and how to draw from it."""
+    toy, conditional = meta["corruption"] == "toy", bool(meta.get("class_conditional"))
+    recipe = (
+        f"objective `{meta['objective']}` (diffusers prediction_type `{prediction_type}`), corruption "
+        f"`{meta['corruption']}`, timestep conditioning `{meta['conditioning']}`"
+    )
+    if conditional:
+        recipe += ", class-conditional (digits 0-9; label 10 = no label)"
+    if toy:
+        ours = "scratch-diffusion generate --model models/unet2d --sampler toy --steps 40"
+        plain = (
+            "Plain diffusers cannot draw it: it was trained on the lesson's toy corruption (uniform noise mixed in, "
+            "pixels in [0, 1]), not DDPM noise, so this folder has no model_index.json and "
+            "`DDPMPipeline.from_pretrained` refuses it."
+        )
+    elif conditional:
+        ours = "scratch-diffusion generate --model models/unet2d --sampler ddim --steps 50 --digit 7 --guidance-scale 3"
+        plain = (
+            "`DDPMPipeline` passes no class labels, so diffusers refuses to run this class-conditional UNet; sample "
+            "it with the command above (classifier-free guidance)."
+        )
+    else:
+        ours = "scratch-diffusion generate --model models/unet2d --sampler ddim --steps 50 --eta 1"
+        plain = PLAIN_DIFFUSERS
+        if meta["conditioning"] == "none":
+            plain += (
+                "\n\nIt was trained with the time embedding fixed at t = 0; the saved UNet ignores t, so any "
+                "scheduler's timesteps give what training saw."
+            )
+    return (
+        f"# UNet2DModel trained by scratch-diffusion\n\nMNIST digits, 28 x 28, one channel: {recipe}; the EMA "
+        f"weights.\n\n```bash\n{ours}\n```\n\n{plain}\n"
+    )
 
 
 class ModelFileError(OSError):
