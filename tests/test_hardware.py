@@ -86,3 +86,9 @@ def test_detect_reads_this_machine():
     here = detect("cpu")
     assert here.device == "cpu" and here.cpu_flags == cpu_flags() and here.cuda_bf16 is False
     assert here.native_bf16 == (has_cpu_flag("avx512_bf16") or has_cpu_flag("amx_bf16"))
+
+
+def test_detect_takes_a_torch_device_as_its_type():
+    import torch
+
+    assert detect(torch.device("cpu")) == detect("cpu") and detect(torch.device("cpu")).device == "cpu"

@@ -135,15 +135,16 @@ def choose(network: str, precision: str, channels_last: str | bool, hardware: Ha
     return Choice(precision, channels_last, hardware, warning)
 
 
-def for_sampling(precision: str, device: str) -> Choice:
+def for_sampling(precision: str, device) -> Choice:
     """The choice for model evaluations while sampling: the precision only (models keep their saved layout)."""
     return choose("unet2d", precision, False, detect(device))
 
 
-def detect(device: str) -> Hardware:
-    """The facts about this machine for a run on torch device type `device`."""
+def detect(device) -> Hardware:
+    """The facts about this machine for a run on `device` (a torch.device, or its type: cpu, cuda, ...)."""
     import torch
 
+    device = torch.device(device).type
     cuda_bf16 = device == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return Hardware(device, cpu_flags(), cuda_bf16)
 
