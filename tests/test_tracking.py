@@ -1,5 +1,9 @@
 """The registry alias `champion`: compare moves it only to a version that measured better at the same n."""
 
+import os
+import subprocess
+import sys
+
 import mlflow
 import pytest
 
@@ -25,3 +29,23 @@ def test_champion_moves_only_to_a_better_fid_at_the_same_n(registry):
     assert promote_champion("m", "4", fid=50.0, n=1000) and champion() == "4"  # better
     assert registry.get_model_version("m", "2").tags == {"compare.fid": "70.0000", "compare.n": "1000"}
     assert promote_champion("m", "4", fid=55.0, n=1000) and champion() == "4"  # re-measured: keeps its own alias
+
+
+RACER = """
+from scratch_diffusion import tracking
+with tracking.start_run("race", "racer", {"a": 1}, {}):
+    tracking.log_metrics({"x": 1.0})
+"""
+
+
+def test_processes_racing_on_a_fresh_store_all_log(tmp_path):
+    """As `dvc queue start -j 2` on a repository without mlflow.db: every worker's first call creates the schema
+    unless the store is opened once under a lock (without it, most of these processes died here)."""
+    uri = f"sqlite:///{tmp_path / 'fresh.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    procs = [subprocess.Popen([sys.executable, "-c", RACER], env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]  # fmt: skip
+    errors = [p.communicate()[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], errors
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    assert len(client.search_runs([client.get_experiment_by_name("race").experiment_id])) == 4

@@ -30,6 +30,7 @@ def _load_any(model: str, device: str):
         from scratch_diffusion import tracking
 
         tracking.check_reachable(tracking.tracking_uri())  # in seconds, where MLflow would retry for minutes
+        tracking.ensure_store(tracking.tracking_uri())
         mlflow.set_tracking_uri(tracking.tracking_uri())
         try:
             path = Path(mlflow.artifacts.download_artifacts(artifact_uri=model)) / "extra_files"

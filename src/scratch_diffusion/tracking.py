@@ -54,6 +54,26 @@ def _set_experiment(name: str, local_store: bool) -> None:
     mlflow.set_experiment(name)
 
 
+def ensure_store(uri: str) -> None:
+    """Open a SQLite store once under an exclusive file lock (`<db>-lock`): MLflow creates or migrates the schema on
+    a process's first call, and two processes doing that at once on a fresh store (`dvc queue start -j 2`) collide
+    ('duplicate column', alembic errors). Later opens find the schema in place."""
+    if not uri.startswith("sqlite:///"):
+        return
+    import mlflow
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, as MLflow itself
+        fcntl = None
+    with open(f"{db}-lock", "a") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+
+
 def git_commit(cwd: str | Path | None = None) -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
@@ -126,6 +146,7 @@ def start_run(experiment: str, run_name: str, params: Mapping[str, Any], tags: M
     # Decide before set_tracking_uri: MLflow exports the URI it is given to MLFLOW_TRACKING_URI.
     local_store = "MLFLOW_TRACKING_URI" not in os.environ
     check_reachable(tracking_uri())
+    ensure_store(tracking_uri())
     mlflow.set_tracking_uri(tracking_uri())
     _with_retry(_set_experiment, experiment, local_store)
     all_tags = {
