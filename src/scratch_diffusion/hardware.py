@@ -47,11 +47,6 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-def has_cpu_flag(flag: str) -> bool:
-    """Whether the CPU advertises `flag` (e.g. avx512_bf16); False where /proc/cpuinfo is not readable."""
-    return flag in cpu_flags()
-
-
 def cpu_class(flags: Collection[str]) -> str:
     """The machine class that decides CPU speed here: AMX, AVX512-BF16, AVX512, AVX2 or older."""
     if "amx_bf16" in flags:
