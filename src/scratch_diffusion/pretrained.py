@@ -93,7 +93,7 @@ def model_card(meta: dict, prediction_type: str) -> str:
             "`DDPMPipeline.from_pretrained` refuses it."
         )
     elif conditional:
-        ours = "scratch-diffusion generate --model models/unet2d --sampler ddim --steps 50 --digit 7 --guidance-scale 3"
+        ours = "scratch-diffusion generate --model models/unet2d --sampler ddim --steps 50 --digit 7 --guidance-scale 2"
         plain = (
             "`DDPMPipeline` passes no class labels, so diffusers refuses to run this class-conditional UNet; sample "
             "it with the command above (classifier-free guidance)."
