@@ -246,10 +246,9 @@ def main() -> None:
         report = io.StringIO()
         with contextlib.redirect_stdout(Tee(sys.stdout, report)):
             run_parts(args, parts)
-        name = machine_class().lower()
-        write_text(ROOT / "docs/performance" / f"{name}.md",
-                   f"# Benchmark on a {machine_class()} machine\n\nWritten by `python benchmarks/speed.py "
-                   f"--report`; each figure is this machine's.\n\n```\n{report.getvalue()}```\n")  # fmt: skip
+        command = " ".join(["python benchmarks/speed.py", *sys.argv[1:]])
+        text = f"# Benchmark: {machine_class()}\n\nWritten by `{command}`; each figure is this machine's.\n\n"
+        write_text(ROOT / "docs/performance" / f"{machine_class().lower()}.md", f"{text}```\n{report.getvalue()}```\n")
     else:
         run_parts(args, parts)
 

@@ -19,6 +19,19 @@ from scratch_diffusion.samplers import generate
 from tests.conftest import REPO, run, write_params
 
 
+def assert_plain_ddim_draws_what_we_draw(folder):
+    """An oracle from outside the project: diffusers' own DDIMPipeline on the folder's unet and scheduler config
+    draws, for the same start noise, the images the project's DDIM sampler draws from the loaded model."""
+    model, scheduler, _ = load_unet2d(folder)
+    ours, _ = generate(model, "ddim", 4, 3, batch_size=3, seed=5, corruption="ddpm", trained_config=scheduler.config)
+    ddim = DDIMScheduler.from_pretrained(folder / "scheduler", timestep_spacing="trailing")
+    theirs = DDIMPipeline(unet=UNet2DModel.from_pretrained(folder / "unet"), scheduler=ddim)(
+        batch_size=3, num_inference_steps=4, eta=0.0, use_clipped_model_output=True, output_type="np",
+        generator=torch.Generator().manual_seed(5),
+    ).images[..., 0]  # fmt: skip
+    assert np.abs((theirs * 255).round() - ours.astype(float)).max() <= 1
+
+
 @pytest.fixture
 def downloaded(project):
     run([sys.executable, str(REPO / "stages/download.py")], cwd=project)
@@ -75,16 +88,7 @@ def test_saved_model_loads_in_ddpm_pipeline_and_generates(downloaded, tmp_path):
     assert out.images.shape == (2, 28, 28, 1)
     assert out.images.min() >= 0 and out.images.max() <= 1
 
-    # An oracle from outside the project: diffusers' own DDIMPipeline on the folder's unet and scheduler config
-    # draws, for the same start noise, the images the project's DDIM sampler draws.
-    model, scheduler, _ = load_unet2d(downloaded / "models/unet2d")
-    ours, _ = generate(model, "ddim", 4, 3, batch_size=3, seed=5, corruption="ddpm", trained_config=scheduler.config)
-    ddim = DDIMScheduler.from_pretrained(downloaded / "models/unet2d/scheduler", timestep_spacing="trailing")
-    theirs = DDIMPipeline(unet=UNet2DModel.from_pretrained(downloaded / "models/unet2d/unet"), scheduler=ddim)(
-        batch_size=3, num_inference_steps=4, eta=0.0, use_clipped_model_output=True, output_type="np",
-        generator=torch.Generator().manual_seed(5),
-    ).images[..., 0]  # fmt: skip
-    assert np.abs((theirs * 255).round() - ours.astype(float)).max() <= 1
+    assert_plain_ddim_draws_what_we_draw(downloaded / "models/unet2d")
 
     # The generate command, from the DVC output and from the model registry: the same EMA weights, same images.
     cli = [sys.executable, "-m", "scratch_diffusion", "generate", "--sampler", "ddim", "--steps", "3", "--n", "4"]
@@ -151,15 +155,9 @@ def test_a_timestep_blind_model_draws_the_same_in_plain_diffusers(downloaded, tm
     run([sys.executable, str(REPO / "stages/train_unet2d.py")], cwd=downloaded,
         env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'store.db'}"})  # fmt: skip
     folder = downloaded / "models/unet2d"
-    model, scheduler, meta = load_unet2d(folder)
+    model, _, meta = load_unet2d(folder)
     assert meta["conditioning"] == "none" and "ignores t" in (folder / "README.md").read_text()
-    ours, _ = generate(model, "ddim", 4, 3, batch_size=3, seed=5, corruption="ddpm", trained_config=scheduler.config)
-    ddim = DDIMScheduler.from_pretrained(folder / "scheduler", timestep_spacing="trailing")
-    theirs = DDIMPipeline(unet=UNet2DModel.from_pretrained(folder / "unet"), scheduler=ddim)(
-        batch_size=3, num_inference_steps=4, eta=0.0, use_clipped_model_output=True, output_type="np",
-        generator=torch.Generator().manual_seed(5),
-    ).images[..., 0]  # fmt: skip
-    assert np.abs((theirs * 255).round() - ours.astype(float)).max() <= 1
+    assert_plain_ddim_draws_what_we_draw(folder)
     # ... and the saved UNet really is blind to t: two timesteps, one output.
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
