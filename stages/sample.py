@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from scratch_diffusion import files, tracking
 from scratch_diffusion.config import flatten, load_params
-from scratch_diffusion.hardware import for_sampling, threads
+from scratch_diffusion.hardware import for_sampling
 from scratch_diffusion.plots import grid, save_png
 from scratch_diffusion.pretrained import load_basic, load_unet2d
 from scratch_diffusion.samplers import generate
@@ -57,9 +57,7 @@ def main() -> None:
     sp = params.sample
     device = "cuda" if torch.cuda.is_available() else "cpu"
     choice = for_sampling(sp.precision, device)
-    if choice.warning:
-        print(f"warning: sample: {choice.warning}", file=sys.stderr, flush=True)
-    print(choice.line("sample", threads()), flush=True)
+    choice.announce("sample")
     models = load_models({s.model for s in sp.settings}, device)
     # Every setting must fit its model before any sampling starts.
     for i, s in enumerate(sp.settings):

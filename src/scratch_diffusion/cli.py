@@ -117,8 +117,7 @@ def generate_main(argv: list[str] | None = None) -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     choice = for_sampling(args.precision, device)
-    if choice.warning:
-        print(f"warning: generate: {choice.warning}", file=sys.stderr)
+    choice.announce("generate")
     net, corruption, config = _load_any(args.model, device)
     if (args.sampler == "toy") != (corruption == "toy"):
         allowed = "toy" if corruption == "toy" else "ddpm, ddim, dpmsolver++, euler, heun, unipc"
@@ -158,8 +157,6 @@ def generate_main(argv: list[str] | None = None) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """`scratch-diffusion <command>`; one command for now: generate."""
-    import sys
-
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: scratch-diffusion generate [options]   (scratch-diffusion generate --help for the options)")

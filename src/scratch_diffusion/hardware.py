@@ -97,6 +97,14 @@ class Choice:
         layout = "NHWC" if self.channels_last else "NCHW"
         return f"{stage}: {self.precision} ({self.hardware.describe()}), {layout}, {threads} threads"
 
+    def announce(self, stage: str) -> None:
+        """Print the line, and first the warning if there is one (on stderr), as a stage starts."""
+        import sys
+
+        if self.warning:
+            print(f"warning: {stage}: {self.warning}", file=sys.stderr, flush=True)
+        print(self.line(stage, threads()), flush=True)
+
     def as_params(self, prefix: str = "resolved.") -> dict[str, str | bool]:
         """What ran, for MLflow params and metrics/cost/<stage>.json."""
         return {

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 from tqdm.auto import tqdm
 
-from scratch_diffusion.hardware import Choice, choose, detect, threads
+from scratch_diffusion.hardware import Choice, choose, detect
 from scratch_diffusion.stage import duration
 
 
@@ -60,9 +60,7 @@ def stage_accelerator(
     choice = choose(network, precision, channels_last, detect(device))
     accelerator = make_accelerator(choice.precision)
     if accelerator.is_main_process:
-        if choice.warning:
-            print(f"warning: {stage}: {choice.warning}", file=sys.stderr, flush=True)
-        print(choice.line(stage, threads()), flush=True)
+        choice.announce(stage)
     return accelerator, choice
 
 
