@@ -31,12 +31,11 @@ from scratch_diffusion import files
 from scratch_diffusion.config import SAMPLERS, ParamsError, SampleSetting, load_params
 from scratch_diffusion.data import load_split
 from scratch_diffusion.hardware import cpu_name, for_sampling
-from scratch_diffusion.metrics import FID, memorisation_threshold, sample_metrics
-from scratch_diffusion.models.classifier import MnistClassifier
+from scratch_diffusion.metrics import Judge
 from scratch_diffusion.pretrained import load_unet2d, save_unet2d
-from scratch_diffusion.recipe import unet2d_parts
+from scratch_diffusion.recipe import fit_unet2d, unet2d_parts
 from scratch_diffusion.samplers import generate
-from scratch_diffusion.training import EMA, fit, stage_accelerator
+from scratch_diffusion.training import EMA, stage_accelerator
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "checkpoints" / "ema-horizons"
@@ -66,18 +65,12 @@ def train(warmups: list[int]) -> None:
     images, labels = load_split(DATA, train=True, n=params.data.n_train)
     # The stage's order of construction, so the trajectory is the stage's (see the module docstring).
     accelerator, choice = stage_accelerator("ema-horizons", "unet2d", p.mixed_precision, p.channels_last)
-    torch.manual_seed(params.seed)
-    model, scheduler, loss_fn, _ = unet2d_parts(params)
+    parts = unet2d_parts(params)
+    model, scheduler, _, _ = parts
     horizons = Horizons(model, CAP, warmups)
     for ema in horizons.emas.values():
         ema.model.to(accelerator.device)
-    fit(
-        model, loss_fn, images, accelerator,
-        batch_size=p.batch_size, lr=p.lr, epochs=p.epochs, seed=params.seed, max_steps=p.max_steps,
-        grad_clip=p.grad_clip, lr_schedule=p.lr_schedule, warmup_steps=p.lr_warmup_steps, ema=horizons,
-        log_every=p.log_every, channels_last=choice.channels_last, labels=labels if p.class_conditional else None,
-        desc="ema-horizons",
-    )  # fmt: skip
+    fit_unet2d(params, parts, images, labels, accelerator, choice.channels_last, ema=horizons, desc="ema-horizons")
     shutil.rmtree(MODELS, ignore_errors=True)  # copies of an earlier run would be measured as if of this one
     for w, ema in horizons.emas.items():
         meta = {"objective": params.objective, "corruption": p.corruption, "conditioning": p.conditioning,
@@ -102,23 +95,17 @@ def measure(setting: SampleSetting) -> dict:
     classifier_file = ROOT / "models" / "classifier" / "model.safetensors"
     if not classifier_file.is_file():
         sys.exit(f"error: {classifier_file.relative_to(ROOT)}: missing; run `dvc repro train-classifier` first")
-    classifier = MnistClassifier()
-    classifier.load_state_dict(load_file(classifier_file))
-    classifier.eval()
-    test_images, _ = load_split(DATA, train=False)
-    train_images, _ = load_split(DATA, train=True)
     n = sp.n
-    reference, held_out = test_images[:n], test_images[n : 2 * n]  # as compare splits them
-    fid = FID(classifier, reference)
-    floor = fid(held_out)
-    cut = memorisation_threshold(held_out, train_images)
+    judge = Judge.from_files(classifier_file, DATA, n)  # compare's own yardstick
+    floor = judge.floor
     rows = []
     for d in dirs:
         model, scheduler, meta = load_unet2d(d)
         images, _ = generate(model, setting.sampler, setting.steps, n, batch_size=sp.batch_size, seed=sp.seed,
                              corruption=meta["corruption"], trained_config=scheduler.config, eta=setting.eta,
                              precision=for_sampling(sp.precision, "cpu").precision)  # fmt: skip
-        quality = sample_metrics(images, classifier, fid, train_images, cut)
+        quality = judge.measure(images)
+        quality.pop("replicates")
         row = {"warmup": meta["ema_warmup"], "steps": meta["steps"], **quality}
         print(f"ema_warmup {row['warmup']}: FID {row['fid']:.2f} ({row['fid'] / floor:.2f}x floor), "
               f"recognised {row['recognised']:.3f}", flush=True)  # fmt: skip

@@ -3,6 +3,7 @@ chart made from them (docs/ablation/table.md and docs/ablation.png are regenerat
 
     python ablations/run.py run --budget screen    # queue every axis value, run the queue (-j 1), collect
     python ablations/run.py run --budget full --only default "EMA 0.999"   # confirm a few at the full budget
+    python ablations/run.py run --budget full --only default "cosine betas" --seeds 0 1 2   # each with 3 seeds
     python ablations/run.py queue --budget screen  # only queue (then: dvc queue start; dvc queue status)
     python ablations/run.py collect                # finished abl-* experiments and the workspace's own dvc repro
                                                    # (the defaults at the full budget) -> ablations/results.json
@@ -14,6 +15,9 @@ Budgets: `full` is the default pipeline (the lesson's 3 epochs, every default sa
 
 Every row is reproducible from its `dvc exp` params: `dvc exp apply <name>` or `dvc exp run` with the same -S values.
 The collected rows are kept in ablations/results.json (in git), so they outlive the local DVC and MLflow state.
+With --seeds each experiment runs once per training seed (`-S seed=k`, named `...-seed<k>`); the table then gives
+mean and spread, and every row its verdict against the defaults: better / worse only beyond the noise (the spread
+over seeds where both have 2 or more, else the sampling intervals compare measured), otherwise within noise.
 """
 
 from __future__ import annotations
@@ -27,8 +31,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from scratch_diffusion import files
 from scratch_diffusion.hardware import cpu_name
+from scratch_diffusion.metrics import interval_verdict, seed_verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "ablations" / "results.json"
@@ -70,8 +77,8 @@ def slug(label: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
 
 
-def exp_name(budget: str, label: str) -> str:
-    return f"abl-{budget}-{slug(label)}"
+def exp_name(budget: str, label: str, seed: int | None = None) -> str:
+    return f"abl-{budget}-{slug(label)}" + ("" if seed is None else f"-seed{seed}")
 
 
 def overrides(budget: str, label: str) -> dict:
@@ -98,13 +105,15 @@ def selected(only: list[str] | None) -> list[str]:
     return only or labels
 
 
-def queue(budget: str, only: list[str] | None) -> list[str]:
+def queue(budget: str, only: list[str] | None, seeds: list[int] | None = None) -> list[str]:
     names = []
     for label in selected(only):
-        name = exp_name(budget, label)
-        args = [a for k, v in overrides(budget, label).items() for a in ("-S", f"{k}={v}")]
-        dvc("exp", "run", "--queue", "--name", name, *args)
-        names.append(name)
+        for seed in seeds or [None]:
+            name = exp_name(budget, label, seed)
+            settings = overrides(budget, label) | ({} if seed is None else {"seed": seed})
+            args = [a for k, v in settings.items() for a in ("-S", f"{k}={v}")]
+            dvc("exp", "run", "--queue", "--name", name, *args)
+            names.append(name)
     return names
 
 
@@ -160,12 +169,15 @@ def row_from(baseline: dict, rev: dict) -> dict:
         "name": rev["name"],
         "commit": baseline["rev"][:7],
         "params_diff": diff,
-        "change": ", ".join(f"{k}={v}" for k, v in diff.items() if k not in BUDGET_KEYS) or "(default)",
+        "seed": params.get("seed"),
+        "change": ", ".join(f"{k}={v}" for k, v in diff.items() if k not in BUDGET_KEYS | {"seed"}) or "(default)",
         "train_wall_s": cost.get("wall_s"),
         "n": compare["n"],
         "floor_fid": compare["real_floor_fid"],
         "best_sampler": best.removeprefix("unet2d/"),
         "fid": unet[best]["fid"],
+        "fid_lo": unet[best].get("fid_lo"),  # the sampling interval (measured by compare since it reports them)
+        "fid_hi": unet[best].get("fid_hi"),
         "recognised": unet[best]["recognised"],
         "coverage_kl": unet[best]["coverage_kl"],
         "samplers": {
@@ -192,7 +204,7 @@ def collect() -> dict:
     show = json.loads(dvc("exp", "show", "--json", "--all-commits", capture=True))
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"rows": {}}
     for baseline, rev in experiments_from_show(show):
-        m = re.fullmatch(r"abl-(screen|full)-(.+)", rev["name"])
+        m = re.fullmatch(r"abl-(screen|full)-(.+?)(?:-seed\d+)?", rev["name"])
         if not m:
             continue
         label = next((label for label, _ in AXES if slug(label) == m.group(2)), m.group(2))
@@ -215,16 +227,55 @@ def collect() -> dict:
 # ---- the table and the chart ----------------------------------------------------------------------------------------
 
 
+def groups(rows: list[dict]) -> list[list[dict]]:
+    """The rows of one experiment (its seeds) together, in table order."""
+    out: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        out.setdefault((r["budget"], r["label"]), []).append(r)
+    return list(out.values())
+
+
+def against_default(group: list[dict], reference: list[dict] | None) -> str:
+    """better / worse / within noise against the defaults at the same budget, by FID: over training seeds where
+    both sides have 2 or more, else by the two runs' sampling intervals; '-' where neither was measured."""
+    if reference is None or group is reference:
+        return "reference" if group is reference else "-"
+    if len(group) > 1 and len(reference) > 1:
+        return seed_verdict([r["fid"] for r in group], [r["fid"] for r in reference], "fid")
+    a, b = group[0], reference[0]
+    if len(group) == 1 and len(reference) == 1 and a.get("fid_lo") is not None and b.get("fid_lo") is not None:
+        return interval_verdict(a["fid"], (a["fid_lo"], a["fid_hi"]), b["fid"], (b["fid_lo"], b["fid_hi"]), "fid")
+    return "-"
+
+
 def markdown_table(rows: list[dict]) -> str:
     lines = [
-        "| budget | experiment | change (`-S`) | train min | best sampler | FID | x floor | recognised | coverage KL |",
-        "|---|---|---|---:|---|---:|---:|---:|---:|",
+        "| budget | experiment | change (`-S`) | seeds | train min | best sampler | FID | x floor | recognised | "
+        "coverage KL | vs defaults |",
+        "|---|---|---|---:|---:|---|---:|---:|---:|---:|---|",
     ]
-    for r in rows:
-        wall = f"{r['train_wall_s'] / 60:.1f}" if r.get("train_wall_s") else "-"
-        lines.append(f"| {r['budget']} | {r['label']} | `{r['change']}` | {wall} | {r['best_sampler']} | "
-                     f"{r['fid']:.1f} | {r['fid'] / r['floor_fid']:.2f} | {r['recognised']:.3f} | "
-                     f"{r['coverage_kl']:.3f} |")  # fmt: skip
+    grouped = groups(rows)
+    reference = {}
+    for g in grouped:  # the defaults of each budget: the `default` axis, else the workspace's own dvc repro
+        if g[0]["label"] == "default" or (g[0]["name"] == "dvc repro" and g[0]["budget"] not in reference):
+            reference[g[0]["budget"]] = g
+    for g in grouped:
+        r = g[0]
+        fid = np.array([x["fid"] for x in g])
+        wall = [x["train_wall_s"] for x in g if x.get("train_wall_s")]
+        if len(g) > 1:
+            fid_text = f"{fid.mean():.1f} (sd {fid.std(ddof=1):.1f})"
+        elif r.get("fid_lo") is not None:
+            fid_text = f"{r['fid']:.1f} ± {(r['fid_hi'] - r['fid_lo']) / 2:.1f}"
+        else:
+            fid_text = f"{r['fid']:.1f}"
+        seeds = ", ".join(str(x.get("seed", "")) for x in g) if len(g) > 1 else "1"
+        samplers = sorted({x["best_sampler"] for x in g})
+        lines.append(f"| {r['budget']} | {r['label']} | `{r['change']}` | {seeds} | "
+                     f"{f'{np.mean(wall) / 60:.1f}' if wall else '-'} | {', '.join(samplers)} | {fid_text} | "
+                     f"{fid.mean() / r['floor_fid']:.2f} | {np.mean([x['recognised'] for x in g]):.3f} | "
+                     f"{np.mean([x['coverage_kl'] for x in g]):.3f} | "
+                     f"{against_default(g, reference.get(r['budget']))} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -236,7 +287,7 @@ def ordered(results: dict) -> list[dict]:
             return -2
         return -1 if r["name"].startswith("dvc repro") else axes.get(r["label"], 99)
 
-    return sorted(results["rows"].values(), key=lambda r: (r["budget"] != "full", rank(r)))
+    return sorted(results["rows"].values(), key=lambda r: (r["budget"] != "full", rank(r), r.get("seed") or 0))
 
 
 def chart(rows: list[dict], path: Path) -> None:
@@ -288,9 +339,12 @@ def table(results: dict) -> None:
         markdown_table(rows),
         "",
         f"Machine: {'; '.join(machines)}. Code: {', '.join(commits)}. FID and recognised share are those of the "
-        "experiment's best UNet2DModel sampler (lowest FID); \"x floor\" is FID over the real-vs-real floor at "
-        "the same n. Made by `python ablations/run.py table` from ablations/results.json (with the chart "
-        "docs/ablation.png).",
+        "experiment's best UNet2DModel sampler (lowest FID), averaged over its seeds where it has several; \"x "
+        "floor\" is FID over the real-vs-real floor at the same n. FID: mean (sd over seeds), or value ± the 95% "
+        "sampling interval's half-width where compare measured one. *vs defaults*: better / worse only beyond the "
+        "noise (Welch's t over seeds where both sides have 2 or more, else the two sampling intervals), otherwise "
+        "within noise; '-' where no interval was measured (a single run, so no verdict). Made by "
+        "`python ablations/run.py table` from ablations/results.json (with the chart docs/ablation.png).",
         "",
     ])  # fmt: skip
     files.write_text(TABLE, text)  # atomic; creates docs/ablation/ if missing
@@ -302,9 +356,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("command", choices=["run", "queue", "collect", "table"])
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="screen")
     parser.add_argument("--only", nargs="+", metavar="LABEL", help="experiments to queue (labels of AXES)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="queue each experiment once per training seed")
     args = parser.parse_args(argv)
+    if args.seeds is not None and len(args.seeds) < 2:
+        parser.error(f"--seeds: got {args.seeds}; allowed: 2 or more seeds (a spread needs two)")
     if args.command in ("run", "queue"):
-        names = queue(args.budget, args.only)
+        names = queue(args.budget, args.only, args.seeds)
         print(f"queued {len(names)}: {' '.join(names)}")
     if args.command == "run":
         dvc("queue", "start", "-j", "1")

@@ -27,26 +27,30 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from scratch_diffusion import files
 from scratch_diffusion.config import ParamsError, params_from_dict
 from scratch_diffusion.data import load_split
 from scratch_diffusion.hardware import cpu_name, for_sampling
-from scratch_diffusion.metrics import FID, memorisation_threshold, sample_metrics
-from scratch_diffusion.models.classifier import MnistClassifier
+from scratch_diffusion.metrics import Judge, seed_verdict
 from scratch_diffusion.pretrained import load_unet2d, save_unet2d
-from scratch_diffusion.recipe import unet2d_parts
+from scratch_diffusion.recipe import fit_unet2d, unet2d_parts
 from scratch_diffusion.samplers import generate
-from scratch_diffusion.training import fit, stage_accelerator
+from scratch_diffusion.training import stage_accelerator
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "dataset"
 RESULTS = ROOT / "ablations" / "sweep.json"
 BUDGET = ROOT / "ablations" / "budget.json"
-TABLE = ROOT / "docs" / "ablation" / "sweep.md"  # the whole file is generated; docs/ablation.md explains it
+SEEDS = ROOT / "ablations" / "seeds.json"
+TABLE = ROOT / "docs" / "ablation" / "sweep.md"  # the whole files are generated; docs/ablation.md explains them
+SEEDS_TABLE = ROOT / "docs" / "ablation" / "seeds.md"
+# The ablation's headline claims, rechecked over training seeds (`run --seeds 0 1 2 --out ablations/seeds.json`):
+# the objective, the beta schedule and (every row sampled with each unet2d sampler) the sampler.
+SEED_SETTINGS = ["", "unet2d.beta_schedule=linear", "objective=eps"]
 
 # The screen: the defaults first (the calibration against the CPU's numbers), then learning rate and its schedule,
 # batch size, EMA, and the budget itself. With --jobs 12 on an H100, the first 12 started together and all but the
@@ -116,63 +120,46 @@ def setting_params(text: str):
     return params
 
 
-class Judge:
-    """compare's measurements for one model: its classifier, the same real reference and held-out images."""
+def measure_samplers(judge: Judge, params, net, scheduler, device, lead_only: bool = False) -> dict:
+    """{sampler name: compare's metrics} for params.yaml's unet2d sample settings (the first one only if lead_only).
 
-    def __init__(self, params):
-        self.params = params
-        self.classifier = MnistClassifier()
-        self.classifier.load_state_dict(load_file(ROOT / "models" / "classifier" / "model.safetensors"))
-        self.classifier.eval()
-        n = params.sample.n
-        test_images, _ = load_split(DATA, train=False)
-        self.train_images, _ = load_split(DATA, train=True)
-        reference, held_out = test_images[:n], test_images[n : 2 * n]  # as compare splits them
-        self.fid = FID(self.classifier, reference)
-        self.floor = self.fid(held_out)
-        self.cut = memorisation_threshold(held_out, self.train_images)
+    The model goes through the stage's save and load first: a scheduler config read back from disk has no
+    `_use_default_values`, so samplers inherit all of DDPM's values (e.g. its timestep spacing) as the sample
+    stage's do, where the in-memory config would give them their own defaults (other Heun and DPM samples).
+    """
+    sp = params.sample
+    with tempfile.TemporaryDirectory() as tmp:
+        u = params.unet2d
+        meta = {"objective": params.objective, "corruption": u.corruption, "conditioning": u.conditioning,
+                "class_conditional": u.class_conditional}  # fmt: skip
+        save_unet2d(Path(tmp) / "unet2d", copy.deepcopy(net).cpu(), scheduler, meta)
+        net, scheduler, _ = load_unet2d(Path(tmp) / "unet2d", device)
+    settings = [s for s in sp.settings if s.model == "unet2d"]
+    out = {}
+    for setting in settings[:1] if lead_only else settings:
+        x, _ = generate(net, setting.sampler, setting.steps, sp.n, batch_size=sp.batch_size, seed=sp.seed,
+                        corruption="ddpm", trained_config=scheduler.config, device=device, eta=setting.eta,
+                        precision=for_sampling(sp.precision, device).precision)  # fmt: skip
+        quality = judge.measure(x)
+        quality["fid_replicates"] = quality.pop("replicates")["fid"].round(4).tolist()  # for one-seed verdicts
+        out[setting.name.removeprefix("unet2d/")] = quality
+    return out
 
-    def __call__(self, net, scheduler, device, lead_only: bool = False) -> dict:
-        """{sampler name: metrics} for params.yaml's unet2d sample settings (the first one only if lead_only).
 
-        The model goes through the stage's save and load first: a scheduler config read back from disk has no
-        `_use_default_values`, so samplers inherit all of DDPM's values (e.g. its timestep spacing) as the sample
-        stage's do, where the in-memory config would give them their own defaults (other Heun and DPM samples).
-        """
-        sp = self.params.sample
-        with tempfile.TemporaryDirectory() as tmp:
-            u = self.params.unet2d
-            meta = {"objective": self.params.objective, "corruption": u.corruption, "conditioning": u.conditioning,
-                    "class_conditional": u.class_conditional}  # fmt: skip
-            save_unet2d(Path(tmp) / "unet2d", copy.deepcopy(net).cpu(), scheduler, meta)
-            net, scheduler, _ = load_unet2d(Path(tmp) / "unet2d", device)
-        trained_config = scheduler.config
-        settings = [s for s in sp.settings if s.model == "unet2d"]
-        out = {}
-        for setting in settings[:1] if lead_only else settings:
-            x, _ = generate(net, setting.sampler, setting.steps, sp.n, batch_size=sp.batch_size, seed=sp.seed,
-                            corruption="ddpm", trained_config=trained_config, device=device, eta=setting.eta,
-                            precision=for_sampling(sp.precision, device).precision)  # fmt: skip
-            out[setting.name.removeprefix("unet2d/")] = sample_metrics(x, self.classifier, self.fid,
-                                                                      self.train_images, self.cut)  # fmt: skip
-        return out
+def judge_for(params) -> Judge:
+    return Judge.from_files(ROOT / "models" / "classifier" / "model.safetensors", DATA, params.sample.n)
 
 
 def train(params, on_sample=None, sample_every: int = 0, desc: str = "sweep"):
-    """The stage's training (its order of construction, so that on a CPU the trajectory is the stage's)."""
+    """The stage's training (its library entry and order of construction: on a CPU the trajectory is the stage's)."""
     p = params.unet2d
-    images, _ = load_split(DATA, train=True, n=params.data.n_train)
+    images, labels = load_split(DATA, train=True, n=params.data.n_train)
     accelerator, choice = stage_accelerator(desc, "unet2d", p.mixed_precision, p.channels_last)
-    torch.manual_seed(params.seed)
-    model, scheduler, loss_fn, ema = unet2d_parts(params)
+    parts = unet2d_parts(params)
+    model, scheduler, _, ema = parts
     start = time.perf_counter()
-    result = fit(
-        model, loss_fn, images, accelerator,
-        batch_size=p.batch_size, lr=p.lr, epochs=p.epochs, seed=params.seed, max_steps=p.max_steps,
-        grad_clip=p.grad_clip, lr_schedule=p.lr_schedule, warmup_steps=p.lr_warmup_steps, ema=ema,
-        log_every=p.log_every, channels_last=choice.channels_last, desc=desc,
-        on_sample=on_sample, sample_every=sample_every,
-    )  # fmt: skip
+    result = fit_unet2d(params, parts, images, labels, accelerator, choice.channels_last, desc=desc,
+                        on_sample=on_sample, sample_every=sample_every)  # fmt: skip
     net = (ema.model if ema is not None else accelerator.unwrap_model(model)).eval()
     return net, scheduler, accelerator.device, result, time.perf_counter() - start
 
@@ -181,10 +168,11 @@ def one(text: str, out: Path | None) -> None:
     """Train, sample and measure one setting; its row goes to `out` (JSON) if given, and is printed."""
     params = setting_params(text)
     net, scheduler, device, result, train_s = train(params, desc=text or "defaults")
-    judge = Judge(params)
-    samplers = judge(net, scheduler, device)
+    judge = judge_for(params)
+    samplers = measure_samplers(judge, params, net, scheduler, device)
     best = min(samplers, key=lambda k: samplers[k]["fid"])
-    row = {"setting": text, "steps": result.steps, "train_s": round(train_s, 1), "final_loss": result.final_loss,
+    row = {"setting": text, "n": params.sample.n, "steps": result.steps, "train_s": round(train_s, 1),
+           "final_loss": result.final_loss,
            "floor_fid": judge.floor, "best_sampler": best, **samplers[best], "samplers": samplers}  # fmt: skip
     if out is not None:
         files.write_json(out, row)
@@ -199,7 +187,7 @@ def budget(text: str, every: int, out: Path) -> None:
     params = setting_params(text)
     if params.unet2d.lr_schedule != "constant":
         raise ParamsError(f"setting {text!r}: budget needs unet2d.lr_schedule=constant (a schedule depends on the end)")
-    judge = Judge(params)
+    judge = judge_for(params)
     steps_per_epoch = -(-len(load_split(DATA, train=True, n=params.data.n_train)[1]) // params.unet2d.batch_size)
     runs = json.loads(out.read_text())["runs"] if out.is_file() else []
     runs = [r for r in runs if r["setting"] != text]  # this setting's earlier run is replaced
@@ -211,8 +199,9 @@ def budget(text: str, every: int, out: Path) -> None:
     def measure(step: int, net) -> None:
         if step == 0:
             return
-        metrics = judge(net, scheduler, device, lead_only=True)
+        metrics = measure_samplers(judge, params, net, scheduler, device, lead_only=True)
         ((name, m),) = metrics.items()
+        m.pop("fid_replicates")
         rows.append({"epochs": step / steps_per_epoch, "steps": step, "sampler": name, **m})
         this = {"setting": text, "machine": machine(), "floor_fid": judge.floor, "rows": rows}
         files.write_json(out, {"runs": [*runs, this]})
@@ -221,6 +210,13 @@ def budget(text: str, every: int, out: Path) -> None:
 
     net, _, _, result, _ = train(params, measure, every * steps_per_epoch, desc=text or "defaults")
     measure(result.steps, net)
+
+
+def with_seeds(settings: list[str], seeds: list[int] | None) -> list[str]:
+    """Each setting once per training seed (`seed=k` appended), or as given without --seeds."""
+    if not seeds:
+        return settings
+    return [f"{text} seed={k}".strip() for text in settings for k in seeds]
 
 
 def run(settings: list[str], jobs: int, out: Path) -> None:
@@ -274,47 +270,130 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _ci(r: dict, key: str, fmt: str) -> str:
+    value = fmt.format(r[key])
+    return f"{value} [{fmt.format(r[key + '_lo'])}, {fmt.format(r[key + '_hi'])}]" if key + "_lo" in r else value
+
+
+def _pm(r: dict, key: str, fmt: str) -> str:
+    """value ± the half-width of its bootstrap interval (invariant to where the interval is centred)."""
+    value = fmt.format(r[key])
+    return f"{value} ± {fmt.format((r[key + '_hi'] - r[key + '_lo']) / 2)}" if key + "_lo" in r else value
+
+
 def budget_table(budget: dict) -> str:
-    lines = ["| run | epochs | steps | sampler | FID | x floor | recognised | coverage KL |",
-             "|---|---:|---:|---|---:|---:|---:|---:|"]  # fmt: skip
+    lines = ["| run | epochs | steps | sampler | FID ±95% | x floor | KID [95%] | recognised ±95% | coverage KL |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     for run_ in budget["runs"]:
         for r in run_["rows"]:
+            kid = _ci(r, "kid", "{:.3g}") if "kid" in r else ""
             lines.append(f"| {label(run_['setting'])} | {r['epochs']:g} | {r['steps']} | {r['sampler']} | "
-                         f"{r['fid']:.1f} | {r['fid'] / run_['floor_fid']:.2f} | {r['recognised']:.3f} | "
-                         f"{r['coverage_kl']:.3f} |")  # fmt: skip
+                         f"{_pm(r, 'fid', '{:.1f}')} | {r['fid'] / run_['floor_fid']:.2f} | {kid} | "
+                         f"{_pm(r, 'recognised', '{:.3f}')} | {r['coverage_kl']:.3f} |")  # fmt: skip
     return "\n".join(lines)
 
 
-def table(results: dict, budget: dict | None) -> None:
-    parts = [
-        "# A wider screen on a GPU, and the budget",
-        "",
-        markdown_table(results),
-        "",
-        f"Each setting trained once at the full budget (3 epochs, 1407 steps) on {results['machine']}, "
-        "several at once; not this CPU's arithmetic, so a ranking to confirm on the CPU as DVC experiments.",
-    ]
-    if budget:
-        machines = sorted({r["machine"] for r in budget["runs"]})
-        parts += [
+def by_seed(results: dict) -> dict[str, dict[int, dict]]:
+    """{setting without its seed: {seed: row}}, in the order the settings first appear."""
+    groups: dict[str, dict[int, dict]] = {}
+    for r in results["rows"]:
+        overrides = parse_setting(r["setting"])
+        seed = overrides.pop("seed", None)
+        base = " ".join(f"{k}={v}" for k, v in overrides.items())
+        groups.setdefault(base, {})[seed] = r
+    return groups
+
+
+def seeds_table(results: dict) -> str:
+    """Per setting and sampler: mean and spread over training seeds, the mean sampling interval, and the verdict
+    against the defaults (Welch's t over seeds) or, for samplers of the defaults, against its best sampler (paired
+    by seed)."""
+    groups = by_seed(results)
+    base = groups.get("")
+    lines = ["| setting | sampler | seeds | FID mean (sd over seeds) | FID sampling ±95% | KID mean (sd) | "
+             "recognised mean (sd) | FID per seed | vs defaults, same sampler |",
+             "|---|---|---:|---:|---:|---:|---:|---|---|"]  # fmt: skip
+    for text, runs in groups.items():
+        seeds = sorted(runs)
+        for sampler in runs[seeds[0]]["samplers"]:
+            got = [runs[k]["samplers"][sampler] for k in seeds]
+            fid = np.array([m["fid"] for m in got])
+            kid = np.array([m["kid"] for m in got])
+            rec = np.array([m["recognised"] for m in got])
+            half = np.mean([(m["fid_hi"] - m["fid_lo"]) / 2 for m in got])
+            if text and base is not None and len(seeds) > 1:
+                theirs = [base[k]["samplers"][sampler]["fid"] for k in sorted(base)]
+                against = seed_verdict(fid, theirs, "fid")
+            elif not text and len(seeds) > 1:
+                best = min(runs[seeds[0]]["samplers"], key=lambda s: np.mean([runs[k]["samplers"][s]["fid"]
+                                                                               for k in seeds]))  # fmt: skip
+                best_fid = [runs[k]["samplers"][best]["fid"] for k in seeds]
+                against = "best sampler" if sampler == best else f"{seed_verdict(fid, best_fid, 'fid', True)} vs {best}"
+            else:
+                against = ""
+            sd = lambda v: f"{v.std(ddof=1):.3g}" if len(v) > 1 else "-"  # noqa: E731
+            lines.append(f"| {label(text)} | {sampler} | {len(seeds)} | {fid.mean():.1f} ({sd(fid)}) | {half:.1f} | "
+                         f"{kid.mean():.3g} ({sd(kid)}) | {rec.mean():.3f} ({sd(rec)}) | "
+                         f"{', '.join(f'{v:.1f}' for v in fid)} | {against} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def table(results: dict | None, budget: dict | None, seeds: dict | None) -> None:
+    shown = []
+    if results or budget:
+        parts = ["# A wider screen on a GPU, and the budget", ""]
+        if results:
+            shown.append(markdown_table(results))
+            parts += [
+                shown[-1],
+                "",
+                f"Each setting trained once at the full budget (3 epochs, 1407 steps) on {results['machine']}, "
+                "several at once; not this CPU's arithmetic, so a ranking to confirm on the CPU as DVC experiments.",
+                "",
+            ]
+        if budget:
+            machines = sorted({r["machine"] for r in budget["runs"]})
+            shown.append(budget_table(budget))
+            parts += [
+                shown[-1],
+                "",
+                f"The budget as a second frame: one run each, its EMA measured every few epochs "
+                f"({', '.join(machines)}); brackets are 95% intervals over the sample set (KID: over its subsets).",
+                "",
+            ]
+        parts += ["Made by `python ablations/sweep.py table` from ablations/sweep.json and ablations/budget.json.", ""]
+        files.write_text(TABLE, "\n".join(parts))  # atomic; creates docs/ablation/ if missing
+    if seeds:
+        shown.append(seeds_table(seeds))
+        files.write_text(SEEDS_TABLE, "\n".join([
+            "# The ablation's claims over training seeds",
             "",
-            budget_table(budget),
+            shown[-1],
             "",
-            f"The budget as a second frame: one run each, its EMA measured every few epochs ({', '.join(machines)}).",
-        ]
-    parts += ["", "Made by `python ablations/sweep.py table` from ablations/sweep.json and ablations/budget.json.",
-              ""]  # fmt: skip
-    files.write_text(TABLE, "\n".join(parts))  # atomic; creates docs/ablation/ if missing
-    print("\n\n".join([markdown_table(results), *([budget_table(budget)] if budget else [])]))
+            f"Each setting trained with each training seed (`-S seed=k`) at the lesson's budget (3 epochs) on "
+            f"{seeds['machine']}, several at once, and sampled with every unet2d sampler of params.yaml (n = "
+            f"{seeds['rows'][0]['n']}, sample seed fixed). *sd over seeds*: the training-seed spread, which "
+            "holds the sampling noise too; *FID sampling ±95%*: the mean half-width of each run's bootstrap interval "
+            "over its sample set. *vs defaults*: better / worse only where Welch's 95% t interval of the difference "
+            "of seed means excludes 0, else within noise; the defaults' samplers are compared with its best one, "
+            "paired by seed.",
+            "",
+            "Made by `python ablations/sweep.py table` from ablations/seeds.json "
+            "(`python ablations/sweep.py run --seeds 0 1 2 --jobs 9 --out ablations/seeds.json`).",
+            "",
+        ]))  # fmt: skip
+    print("\n\n".join(shown))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["run", "one", "budget", "table"])
     parser.add_argument("--setting", action="append", help="overrides as `dvc exp run -S` takes them (repeatable)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="run: train each setting once per training seed")
     parser.add_argument("--jobs", type=int, default=1, help="settings trained at once")
     parser.add_argument("--out", type=Path,
-                        help="run, table: default ablations/sweep.json; budget: ablations/budget.json")  # fmt: skip
+                        help="run: default ablations/sweep.json (ablations/seeds.json with --seeds); "
+                             "budget: ablations/budget.json")  # fmt: skip
     parser.add_argument("--every", type=int, default=3, help="budget: measure every k epochs")
     args = parser.parse_args(argv)
     try:
@@ -327,12 +406,17 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "run":
             if args.jobs < 1:
                 parser.error(f"--jobs: got {args.jobs}; allowed: integers >= 1")
-            run(args.setting if args.setting is not None else SETTINGS, args.jobs, args.out or RESULTS)
+            if args.seeds is not None and len(args.seeds) < 2:
+                parser.error(f"--seeds: got {args.seeds}; allowed: 2 or more seeds (a spread needs two)")
+            default = SEED_SETTINGS if args.seeds else SETTINGS
+            settings = with_seeds(args.setting if args.setting is not None else default, args.seeds)
+            run(settings, args.jobs, args.out or (SEEDS if args.seeds else RESULTS))
         else:
-            results = args.out or RESULTS
-            if not results.is_file():
-                sys.exit(f"error: {results}: missing; run `python ablations/sweep.py run` first")
-            table(json.loads(results.read_text()), json.loads(BUDGET.read_text()) if BUDGET.is_file() else None)
+            read = lambda p: json.loads(p.read_text()) if p.is_file() else None  # noqa: E731
+            results, budget_, seeds = read(args.out or RESULTS), read(BUDGET), read(SEEDS)
+            if not (results or budget_ or seeds):
+                sys.exit("error: no results yet; run `python ablations/sweep.py run` first")
+            table(results, budget_, seeds)
     except ParamsError as e:
         sys.exit(f"error: {e}")
 

@@ -4,29 +4,22 @@
     python stages/compare.py
 
 Reads param `mlflow.experiment`; samples/ and metrics/sample.json (sample), the training metrics and loss curves,
-models/*/ metadata, models/classifier and data/dataset. Writes reports/compare.md, reports/compare.html (images
-inline), reports/figures/*.png, metrics/compare.json (headline FIDs, for `dvc exp show` / `dvc metrics diff`) and
-plots/compare/fid_vs_nfe.tsv (for `dvc plots diff`). Logs an MLflow run named `compare`.
+models/*/ metadata, models/classifier and data/dataset. Every number comes with its 95% interval (metrics.Judge) and
+each setting with its verdict against the best (better / within noise / worse). Writes reports/compare.md,
+reports/compare.html (images inline), reports/figures/*.png, metrics/compare.json (headline FID and KID with
+intervals, for `dvc exp show` / `dvc metrics diff`) and plots/compare/fid_vs_nfe.tsv (for `dvc plots diff`). Logs
+an MLflow run named `compare`.
 """
 
 import json
 from pathlib import Path
 
 import numpy as np
-from safetensors.torch import load_file
 
 from scratch_diffusion import files, tracking
 from scratch_diffusion.config import load_params
 from scratch_diffusion.data import load_split
-from scratch_diffusion.metrics import (
-    FID,
-    conditional_metrics,
-    memorisation_threshold,
-    predict_proba,
-    recognised_share,
-    sample_metrics,
-)
-from scratch_diffusion.models.classifier import MnistClassifier
+from scratch_diffusion.metrics import Judge
 from scratch_diffusion.report import (
     plot_digit_grid,
     plot_fid_vs_nfe,
@@ -67,29 +60,21 @@ def main() -> None:
     classifier_file = Path("models/classifier/model.safetensors")
     if not classifier_file.is_file():
         raise StageError(f"{classifier_file}: missing; run `dvc repro train-classifier` first")
-    classifier = MnistClassifier()
-    classifier.load_state_dict(load_file(classifier_file))
-    classifier.eval()
     classifier_accuracy = _read_json("metrics/classifier.json", "train-classifier")["test_accuracy"]
-
     test_images, test_labels = load_split("data/dataset", train=False)
-    train_images, _ = load_split("data/dataset", train=True)
     if 2 * n > len(test_images):
         raise StageError(
             f"sample.n: got {n}; compare needs 2 * n real test images (allowed: n <= {len(test_images) // 2})"
         )
-    reference, held_out = test_images[:n], test_images[n : 2 * n]
-    fid = FID(classifier, reference)
-    floor = fid(held_out)
-    memorisation_cut = memorisation_threshold(held_out, train_images)
-    real_recognised = recognised_share(predict_proba(classifier, held_out))
+    judge = Judge.from_files(classifier_file, "data/dataset", n)
+    floor = judge.floor
 
     metas = {"basic": BASIC_META}
     if any(name.startswith("unet2d/") for name in timings):
         metas["unet2d"] = _read_json("models/unet2d/scratch_diffusion.json", "train-unet2d")
     # Class-conditional sets are judged per class against real test images outside the reference and floor sets.
     spare_images, spare_labels = test_images[2 * n :], test_labels[2 * n :].numpy()
-    rows, images, labels = [], {}, {}
+    rows, images, labels, replicates = [], {}, {}, {}
     for name, t in sorted(timings.items()):
         model, rest = name.split("/", 1)
         sampler, steps = rest.split("-")[0], int(rest.split("-")[1])
@@ -97,18 +82,21 @@ def main() -> None:
             images[name] = npz["images"]
             if "labels" in npz:
                 labels[name] = npz["labels"]
-        quality = sample_metrics(images[name], classifier, fid, train_images, memorisation_cut)
+        quality = judge.measure(images[name])
+        replicates[name] = quality.pop("replicates")
         if name in labels:
-            quality |= conditional_metrics(images[name], labels[name], classifier, spare_images, spare_labels)
-            quality["guidance_scale"] = t["guidance_scale"]
+            conditional = judge.conditional(images[name], labels[name], spare_images, spare_labels)
+            replicates[name] |= conditional.pop("replicates")
+            quality |= conditional | {"guidance_scale": t["guidance_scale"]}
         meta = metas[model]
         rows.append({"setting": name, "model": model, "sampler": sampler, "steps": steps, "nfe": t["nfe"],
                      "seconds_per_image": t["seconds_per_image"], **quality,
                      **{k: meta[k] for k in ("corruption", "objective", "conditioning")}})  # fmt: skip
         shown = f", conditional accuracy {quality['cond_accuracy']:.3f}" if name in labels else ""
-        print(f"compare: {name}: FID {quality['fid']:.2f}, recognised {quality['recognised']:.3f}{shown}", flush=True)
+        print(f"compare: {name}: FID {quality['fid']:.2f} [{quality['fid_lo']:.2f}, {quality['fid_hi']:.2f}], "
+              f"KID {quality['kid']:.3g}, recognised {quality['recognised']:.3f}{shown}", flush=True)  # fmt: skip
     rows.sort(key=lambda r: (r["model"], r["fid"]))
-    summary = summarise(rows, floor)
+    summary = summarise(rows, replicates, floor)
 
     figures = {
         "FID against NFE": REPORTS / "figures/fid_vs_nfe.png",
@@ -131,22 +119,23 @@ def main() -> None:
         plot_digit_grid(images[best_cond["setting"]], labels[best_cond["setting"]], figures["Ten of each digit"],
                         f"{best_cond['setting']}: one row per digit asked for "
                         f"(conditional accuracy {best_cond['cond_accuracy']:.3f})")  # fmt: skip
-    context = {"n": n, "classifier_accuracy": classifier_accuracy, "real_recognised": real_recognised}
+    context = {"n": n, "classifier_accuracy": classifier_accuracy, "real_recognised": judge.real_recognised}
     write_report(rows, summary, context, figures, REPORTS / "compare.md", REPORTS / "compare.html")
 
-    headline = {"real_floor_fid": floor, "real_recognised": real_recognised, "n": n}
+    headline = {"real_floor_fid": floor, "real_recognised": judge.real_recognised, "n": n}
     for model in sorted({r["model"] for r in rows}):
         best = min((r for r in rows if r["model"] == model), key=lambda r: r["fid"])
-        headline[f"best_fid_{model}"] = best["fid"]
-        headline[f"best_recognised_{model}"] = best["recognised"]
+        for key in ("fid", "fid_lo", "fid_hi", "kid", "kid_lo", "kid_hi", "recognised"):
+            headline[f"best_{key}_{model}"] = best[key]
     if conditional:
         headline["best_cond_accuracy_unet2d"] = best_cond["cond_accuracy"]
-    keep = ("fid", "recognised", "coverage_kl", "memorised", "nfe", "seconds_per_image", "guidance_scale",
-            "cond_accuracy", "fid_class_mean")  # fmt: skip
+    keep = ("fid", "fid_lo", "fid_hi", "kid", "kid_lo", "kid_hi", "recognised", "recognised_lo", "recognised_hi",
+            "coverage_kl", "memorised", "nfe", "seconds_per_image", "guidance_scale", "cond_accuracy",
+            "cond_accuracy_lo", "cond_accuracy_hi", "fid_class_mean", "verdict")  # fmt: skip
     settings = {r["setting"]: {k: r[k] for k in keep if r.get(k) is not None} for r in rows}
     files.write_json("metrics/compare.json", {**headline, "settings": settings})
-    files.write_tsv("plots/compare/fid_vs_nfe.tsv", ["setting", "sampler", "nfe", "fid"],
-                    [(r["setting"], r["sampler"], r["nfe"], r["fid"]) for r in rows])  # fmt: skip
+    fid_columns = ["setting", "sampler", "nfe", "fid", "fid_lo", "fid_hi"]
+    files.write_tsv("plots/compare/fid_vs_nfe.tsv", fid_columns, [[r[k] for k in fid_columns] for r in rows])
     # Always written (header only without class-conditional sets), so the DVC plot exists in every experiment.
     files.write_tsv("plots/compare/guidance.tsv", ["setting", "sampler", "guidance", "cond_accuracy", "fid"],
                     [(r["setting"], f"{r['sampler']}-{r['steps']}", r["guidance_scale"], r["cond_accuracy"], r["fid"])

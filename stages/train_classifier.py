@@ -3,7 +3,7 @@
     dvc repro train-classifier
     python stages/train_classifier.py
 
-Reads params `seed`, `classifier.*`, `mlflow.experiment` and data/dataset (training split for training, test
+Reads params `classifier.*`, `mlflow.experiment` and data/dataset (training split for training, test
 split for the accuracy). Writes models/classifier/model.safetensors and metrics/classifier.json (test accuracy).
 """
 
@@ -24,17 +24,17 @@ OUT = "models/classifier/model.safetensors"
 def main() -> None:
     params = load_params()
     c = params.classifier
-    used = {"seed": params.seed, "classifier": params.section("classifier")}
+    used = {"classifier": params.section("classifier")}
     images, labels = load_split("data/dataset", train=True)
     test_images, test_labels = load_split("data/dataset", train=False)
 
     accelerator = make_accelerator("fp32")
-    torch.manual_seed(params.seed)
+    torch.manual_seed(c.seed)
     model = MnistClassifier()
     with tracking.start_run(params.mlflow.experiment, "train-classifier", flatten(used), {}) as active:
         result = fit(
             model, classifier_loss, images, accelerator, labels=labels,
-            batch_size=c.batch_size, lr=c.lr, epochs=c.epochs, seed=params.seed, max_steps=c.max_steps,
+            batch_size=c.batch_size, lr=c.lr, epochs=c.epochs, seed=c.seed, max_steps=c.max_steps,
             lr_schedule="cosine", on_log=lambda s, v: tracking.log_metrics({"loss": v}, step=s),
             desc="train-classifier",
         )  # fmt: skip

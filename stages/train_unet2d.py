@@ -22,11 +22,11 @@ from scratch_diffusion.data import NUM_CLASSES, load_split
 from scratch_diffusion.models import Guided
 from scratch_diffusion.plots import grid, to_uint8
 from scratch_diffusion.pretrained import META, save_unet2d
-from scratch_diffusion.recipe import unet2d_parts
+from scratch_diffusion.recipe import fit_unet2d, unet2d_parts
 from scratch_diffusion.reporting import report_training
 from scratch_diffusion.samplers import fixed_noise, sample_images
 from scratch_diffusion.stage import run_stage
-from scratch_diffusion.training import Checkpointing, fit, resumable_run_id, stage_accelerator
+from scratch_diffusion.training import Checkpointing, resumable_run_id, stage_accelerator
 
 DATA_ROOT = "data/dataset"
 CHECKPOINTS = "checkpoints/train-unet2d"
@@ -41,8 +41,8 @@ def main() -> None:
     images, labels = load_split(DATA_ROOT, train=True, n=params.data.n_train)
 
     accelerator, choice = stage_accelerator("train-unet2d", "unet2d", p.mixed_precision, p.channels_last)
-    torch.manual_seed(params.seed)  # the initial weights
-    model, scheduler, loss_fn, ema = unet2d_parts(params)
+    parts = unet2d_parts(params)
+    model, scheduler, _, ema = parts
     # Same start noise for every grid: comparable across steps and runs. DDIM for DDPM models, the lesson's
     # sampler for toy ones.
     sampler = "toy" if p.corruption == "toy" else "ddim"
@@ -71,17 +71,12 @@ def main() -> None:
         logged = tracking.last_logged_step(active.info.run_id) if main_proc and resume_id else -1
         if ckpt is not None and main_proc:
             ckpt.run_id = active.info.run_id
-        result = fit(
-            model, loss_fn, images, accelerator,
-            batch_size=p.batch_size, lr=p.lr, epochs=p.epochs, seed=params.seed, max_steps=p.max_steps,
-            grad_clip=p.grad_clip, lr_schedule=p.lr_schedule, warmup_steps=p.lr_warmup_steps, ema=ema,
-            log_every=p.log_every, on_log=lambda s, v: s > logged and tracking.log_metrics({"loss": v}, step=s),
+        result = fit_unet2d(
+            params, parts, images, labels, accelerator, choice.channels_last,
+            on_log=lambda s, v: s > logged and tracking.log_metrics({"loss": v}, step=s),
             sample_every=p.sample_every,
             on_sample=lambda s, net: s > logged and tracking.log_image(sample_grid(net), key="samples", step=s),
-            checkpointing=ckpt,
-            channels_last=choice.channels_last,
-            labels=labels if p.class_conditional else None,
-            desc="train-unet2d",
+            checkpointing=ckpt, desc="train-unet2d",
         )  # fmt: skip
         if not main_proc:
             return

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -118,3 +120,23 @@ def run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True) 
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def run_queue(project: Path, jobs: int, timeout: float = 600) -> str:
+    """`dvc queue start -j jobs`, then wait for every queued experiment to finish; returns `dvc queue status`.
+
+    The start runs without captured output: its detached workers may keep a captured pipe open after it returns.
+    The workers are stopped afterwards (an idle one may outlive the queue).
+    """
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], cwd=project, env=env, check=True, timeout=120,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + timeout
+    try:
+        while re.search(r"\b(Queued|Running)\b", status := run(["dvc", "queue", "status"], cwd=project).stdout):
+            assert time.monotonic() < deadline, status
+            time.sleep(3)
+    finally:
+        subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=project, env=env, timeout=120,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    return status

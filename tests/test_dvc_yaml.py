@@ -63,3 +63,12 @@ def test_the_import_walk_follows_the_library():
     files = imported_files(REPO / "stages/train_unet2d.py")
     assert {"src/scratch_diffusion/models/unet2d.py", "src/scratch_diffusion/hardware.py"} <= files
     assert "src/scratch_diffusion/recipe.py" in files and "stages/train_unet2d.py" in files
+
+
+def test_the_judge_does_not_depend_on_the_training_seed():
+    """`dvc exp run -S seed=1` retrains the diffusion models, never the classifier that measures them."""
+    spec = STAGES["train-classifier"]
+    assert "seed" not in spec["params"], "train-classifier lists the training seed: -S seed=... would retrain the judge"
+    assert "params.seed" not in (REPO / "stages/train_classifier.py").read_text()
+    judged_by = {s for s, spec in STAGES.items() if "seed" in spec.get("params", [])}
+    assert {"train-basic", "train-unet2d"} <= judged_by

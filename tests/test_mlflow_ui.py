@@ -2,6 +2,7 @@
 stages, driven by headless Chromium (Debian's package; Playwright only drives it, nothing is downloaded)."""
 
 import contextlib
+import math
 import os
 import shutil
 import socket
@@ -13,7 +14,7 @@ import urllib.request
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import REPO, run
+from tests.conftest import REPO, TINY, run
 
 try:
     from playwright.sync_api import expect, sync_playwright
@@ -115,11 +116,42 @@ def test_runs_loss_and_sample_grid_are_shown(server, tmp_path):
             grid = page.locator("img[src*='get-artifact'][src*='samples']").first
             expect(grid).to_be_visible()
             page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=grid.element_handle())
-            width = grid.evaluate("img => img.naturalWidth")
+            # The card shows a thumbnail (at most 225 pixels, under the run's params); a click opens the image view
+            # with the logged grid itself, which must be whole on screen and readable.
+            grid.scroll_into_view_if_needed()
+            last = str(TINY["basic"]["max_steps"])  # the slider dragged to its end: the trained model's grid
+            thumb = page.get_by_role("slider").last.bounding_box()
+            page.mouse.move(thumb["x"] + 7, thumb["y"] + 7)
+            page.mouse.down()
+            page.mouse.move(thumb["x"] + 300, thumb["y"] + 7, steps=10)
+            page.mouse.up()
+            grid = page.locator(f"img[src*='get-artifact'][src*='samples%2Bstep%2B{last}%2B']").first
+            expect(grid).to_be_visible()
+            grid.click()
+            full = page.locator("img[src*='get-artifact'][src*='samples'][src*='.png']").last
+            expect(full).to_be_visible()
+            page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=full.element_handle())
+            page.wait_for_timeout(500)  # the opening animation
+            natural = full.evaluate("img => [img.naturalWidth, img.naturalHeight]")
+            box = full.bounding_box()
+            # Whole: each corner of the grid is the grid itself on screen (not clipped, not covered).
+            corners = [(box["x"] + dx, box["y"] + dy) for dx in (3, box["width"] - 3) for dy in (3, box["height"] - 3)]
+            on_top = [full.evaluate("(img, [x, y]) => document.elementFromPoint(x, y) === img", [x, y])
+                      for x, y in corners]  # fmt: skip
             shot = tmp_path / "run.png"
-            page.screenshot(path=shot, full_page=True)
+            page.screenshot(path=shot)
+            if os.environ.get("MLFLOW_UI_SCREENSHOT"):  # retake the README's picture: the same view, as tested
+                shutil.copyfile(shot, os.environ["MLFLOW_UI_SCREENSHOT"])
         finally:
             browser.close()
-    assert width >= 28  # a decoded grid of 28-pixel digits, not a broken-image icon
-    assert shot.stat().st_size > 20_000
+    viewport = {"width": 1400, "height": 1100}
+    inside = box["x"] >= 0 and box["x"] + box["width"] <= viewport["width"] and box["y"] >= 0
+    assert inside and box["y"] + box["height"] <= viewport["height"], f"grid not whole on screen: {box}"
+    assert all(on_top), f"grid clipped or covered at its corners {corners}: {on_top}"
+    # Readable: upscaled 3x with nearest neighbours (a 30-pixel cell, digit and padding, becomes 90), a caption band
+    # above, and each 28-pixel digit shown at 56 screen pixels or more.
+    cols = math.ceil(math.sqrt(TINY["basic"]["sample_n"]))
+    assert natural[0] == 3 * (cols * 30 + 2) and natural[1] > natural[0], f"not a 3x captioned grid: {natural}"
+    digit_px = box["width"] * 84 / natural[0]
+    assert digit_px >= 56, f"digits shown at {digit_px:.0f} px: too small to read"
     print(f"screenshots: {tmp_path / 'experiment.png'} {shot}")

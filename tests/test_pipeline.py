@@ -1,14 +1,14 @@
 """End to end: the real `dvc repro` and `dvc exp run` on a git+DVC copy of the project with tiny params."""
 
 import json
+import re
 import sys
-import time
 
 import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import run
+from tests.conftest import run, run_queue, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -73,13 +73,18 @@ def test_dvc_repro_then_experiments(project):
     )[0]
     assert sample_run.data.tags["train_run_basic"] == run_id
 
-    # The report lists every sample set, with the numbers of metrics/compare.json.
+    # The report lists every sample set, with the numbers of metrics/compare.json: each with its 95% interval and
+    # its verdict against the best setting.
     compare = json.loads((project / "metrics/compare.json").read_text())
     report = (project / "reports/compare.md").read_text()
     assert sorted(compare["settings"]) == sorted(timings)
     for name, row in compare["settings"].items():
         line = next(r for r in report.splitlines() if r.startswith(f"| {name} |"))
-        assert f"| {row['fid']:.2f} |" in line and f"| {row['nfe']} |" in line
+        assert f"| {row['fid']:.2f} [{row['fid_lo']:.2f}, {row['fid_hi']:.2f}] |" in line, line
+        assert f"| {row['nfe']} |" in line
+        assert row["fid_lo"] <= row["fid"] <= row["fid_hi"] and row["kid_lo"] <= row["kid"] <= row["kid_hi"]
+        assert row["verdict"] in ("best", "within noise", "worse")
+    assert [r["verdict"] for r in compare["settings"].values()].count("best") == 1
     assert compare["best_fid_unet2d"] == min(r["fid"] for n, r in compare["settings"].items() if n.startswith("unet2d"))
     assert "Best setting: **" in report and "data:image/png;base64," in (project / "reports/compare.html").read_text()
 
@@ -118,10 +123,24 @@ def test_dvc_repro_then_experiments(project):
     (budget_run,) = [r for r in json.loads((project / "ablations/budget.json").read_text())["runs"]
                      if r["setting"] == setting]  # fmt: skip
     assert [(r["epochs"], r["steps"]) for r in budget_run["rows"]] == [(1, 16), (2, 32)]  # 256 images, batch 16
+    # Training-seed spread: each setting once per seed, summarised as mean and spread with a noise-aware verdict.
+    run([sys.executable, "ablations/sweep.py", "run", "--seeds", "1", "2", "--setting", "", "--setting",
+         "unet2d.lr=5e-4"], cwd=project)  # fmt: skip
+    seeded = json.loads((project / "ablations/seeds.json").read_text())["rows"]
+    assert [r["setting"] for r in seeded] == ["seed=1", "seed=2", "unet2d.lr=5e-4 seed=1", "unet2d.lr=5e-4 seed=2"]
     run([sys.executable, "ablations/sweep.py", "table"], cwd=project)
     assert "| `unet2d.lr=5e-4` | ddim-3 |" in (project / "docs/ablation/sweep.md").read_text()
+    seeds_md = (project / "docs/ablation/seeds.md").read_text()
+    assert re.search(r"^\| `unet2d.lr=5e-4` \| ddim-3 \| 2 \| .*\| (better|worse|within noise) \|$", seeds_md, re.M)
     bad = run([sys.executable, "ablations/sweep.py", "run", "--setting", "unet2d.lr=0"], cwd=project, check=False)
     assert bad.returncode != 0 and "unet2d.lr: got 0" in bad.stderr
+
+    # The training seed changes the models judged, never the judge.
+    params = (project / "params.yaml").read_text()
+    write_params(project, {"seed": 1})
+    changed = json.loads(run(["dvc", "status", "--json"], cwd=project).stdout)
+    assert {"train-basic", "train-unet2d"} <= set(changed) and "train-classifier" not in changed
+    (project / "params.yaml").write_text(params)
 
     # Changing the objective reruns train-unet2d only: neither download nor train-basic.
     run(["git", "add", "-A"], cwd=project)
@@ -156,14 +175,7 @@ def test_dvc_repro_then_experiments(project):
     # One is queued by the ablation script (its `full` budget adds nothing to the axis's -S values).
     run([sys.executable, "ablations/run.py", "queue", "--budget", "full", "--only", "objective v"], cwd=project)
     run(["dvc", "exp", "run", "--queue", "-S", "unet2d.lr=2e-3", "-n", "q-lr"], cwd=project)
-    run(["dvc", "queue", "start", "-j", "2"], cwd=project)
-    deadline = time.monotonic() + 600
-    while True:
-        status = run(["dvc", "queue", "status"], cwd=project).stdout
-        if "Queued" not in status and "Running" not in status:
-            break
-        assert time.monotonic() < deadline, status
-        time.sleep(3)
+    status = run_queue(project, jobs=2)
     assert status.count("Success") == 2, status
     shown = run(["dvc", "exp", "show", "--json"], cwd=project).stdout
     assert '"abl-full-objective-v"' in shown and '"q-lr"' in shown

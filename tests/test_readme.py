@@ -37,7 +37,17 @@ def overrides(body: str) -> list[list[str]]:
         while words:
             cmd, words = (words[: words.index("&&")], words[words.index("&&") + 1 :]) if "&&" in words else (words, [])
             if cmd[:3] == ["dvc", "exp", "run"]:
-                out.append([cmd[i + 1] for i, w in enumerate(cmd) if w == "-S"])
+                found = [cmd[i + 1] for i, w in enumerate(cmd) if w == "-S"]
+                if "--queue" in cmd:  # `-S key=a,b,c` queues one experiment per value (DVC's grid syntax)
+                    for i, a in enumerate(found):
+                        key, _, values = a.partition("=")
+                        if "," in values and not values.startswith("["):
+                            out += [[*found[:i], f"{key}={v}", *found[i + 1 :]] for v in values.split(",")]
+                            break
+                    else:
+                        out.append(found)
+                else:
+                    out.append(found)
     return out
 
 

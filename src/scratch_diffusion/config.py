@@ -198,7 +198,9 @@ class Unet2dParams:
 
 @dataclass(frozen=True)
 class ClassifierParams:
-    # The MNIST classifier behind FID and the recognised share; trained on the training split only.
+    # The MNIST classifier behind FID and the recognised share; trained on the training split only. Its own seed:
+    # the judge stays fixed while `dvc exp run -S seed=...` varies the models it judges.
+    seed: int = field(default=42, metadata=_range(0, 2**32 - 1))
     epochs: int = field(default=3, metadata=_range(1))
     batch_size: int = field(default=128, metadata=_range(1))
     lr: float = field(default=2e-3, metadata=_range(0.0, 1.0, lo_open=True))
@@ -283,7 +285,8 @@ SHELL_CHARACTERS = set(";&|<>$`\\\"'(){}*?!#~\n")
 
 @dataclass(frozen=True)
 class Params:
-    # One seed for data order, initial weights and the fixed sample noise.
+    # The training seed of the diffusion models: their data order, initial weights and training-grid noise. The
+    # samples the compare stage measures have their own seed (sample.seed), the classifier too (classifier.seed).
     seed: int = field(default=42, metadata=_range(0, 2**32 - 1))
     data: DataParams = field(default_factory=DataParams)
     basic: BasicParams = field(default_factory=BasicParams)

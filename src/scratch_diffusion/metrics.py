@@ -1,28 +1,43 @@
-"""Sample-quality metrics measured with the pipeline's own MNIST classifier.
+"""Sample-quality metrics measured with the pipeline's own MNIST classifier, each with its 95% interval.
 
-- FID: Frechet distance between Gaussians fitted to the classifier's penultimate features of real test images and
-  of samples, computed by torchmetrics (custom feature extractor), in float64, always at equal n. The floor is the
-  FID of a disjoint real set of the same size against the same reference.
+- FID: Frechet distance between Gaussians fitted to the classifier's penultimate features (float64) of real test
+  images and of samples (torchmetrics' formula), always at equal n. The floor is the FID of a disjoint real set of the
+  same size against the same reference. Biased by n: compare FIDs at equal n only.
+- KID: the unbiased polynomial-kernel MMD on the same features (torchmetrics' kernel), averaged over random subsets
+  of n / 2 from each side; comparable across sample counts.
 - recognised: share of samples whose top class probability exceeds 0.9.
 - coverage: KL divergence of the predicted-digit histogram from uniform (0 = every digit equally often;
   log 10 = 2.30 = one digit only), and the histogram's entropy in nats.
 - memorised: share of samples whose nearest training image (pixel L2) is closer than all but 1% of real test images
   are to theirs; copies of training images score 1.0, real test images about 0.01 by construction.
+
+Intervals: FID, recognised, coverage and memorised are bootstrapped over the sample set (the reference stays
+fixed: every setting is measured against the same one), centred on the measured value; KID's is the spread of its
+subset estimates (of n / 2 each: wider than the interval of their mean, so a KID verdict is cautious). `verdict`
+calls one set better than another only where the 95% interval of their difference excludes zero.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchmetrics.image.fid import FrechetInceptionDistance
+from safetensors.torch import load_file
+from torchmetrics.image.kid import poly_mmd
 
-from scratch_diffusion.models.classifier import FeatureExtractor, MnistClassifier
+from scratch_diffusion.data import load_split
+from scratch_diffusion.models.classifier import MnistClassifier
 
 RECOGNISED_THRESHOLD = 0.9
 MEMORISATION_PERCENTILE = 1.0
+RESAMPLES = 200  # bootstrap resamples behind each interval (and KID subsets)
+CONFIDENCE = 0.95
+LOWER_IS_BETTER = {"fid": True, "kid": True, "coverage_kl": True, "memorised": True, "recognised": False,
+                   "cond_accuracy": False}  # fmt: skip
 
 
 def classifier_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -46,31 +61,6 @@ def predict_proba(classifier: MnistClassifier, images, batch_size: int = 1000) -
 
 def accuracy(classifier: MnistClassifier, images, labels: torch.Tensor) -> float:
     return float((predict_proba(classifier, images).argmax(-1) == labels).float().mean())
-
-
-class FID:
-    """FID against a fixed real reference set, reused for every sample set (reference features computed once)."""
-
-    def __init__(self, classifier: MnistClassifier, reference, batch_size: int = 1000):
-        self.batch_size = batch_size
-        self.n = len(reference)
-        self.metric = FrechetInceptionDistance(
-            feature=FeatureExtractor(classifier), reset_real_features=False, normalize=True
-        ).set_dtype(torch.float64)  # the matrix square root is unstable in float32
-        self._update(reference, real=True)
-
-    @torch.inference_mode()
-    def _update(self, images, real: bool) -> None:
-        x = _as_float(images)
-        for i in range(0, len(x), self.batch_size):
-            self.metric.update(x[i : i + self.batch_size], real=real)
-
-    def __call__(self, images) -> float:
-        if len(images) != self.n:
-            raise ValueError(f"FID compares only at equal n: got {len(images)} images, the reference has {self.n}")
-        self.metric.reset()  # drops the fake statistics only
-        self._update(images, real=False)
-        return float(self.metric.compute())
 
 
 def recognised_share(probs: torch.Tensor, threshold: float = RECOGNISED_THRESHOLD) -> float:
@@ -102,29 +92,182 @@ def memorised_share(images, train_images, threshold: float) -> float:
     return float((nearest_distances(images, train_images) < threshold).float().mean())
 
 
-def sample_metrics(images, classifier, fid: FID, train_images, memorisation_cut: float) -> dict[str, float]:
-    """All quality metrics for one sample set (uint8, (N, 28, 28))."""
-    probs = predict_proba(classifier, images)
-    return {
-        "fid": fid(images),
-        "recognised": recognised_share(probs),
-        **class_coverage(probs),
-        "memorised": memorised_share(images, train_images, memorisation_cut),
-    }
+def _interval(replicates: np.ndarray, point: float | None = None) -> tuple[float, float]:
+    """The central 95% of the replicates; with `point`, first shifted so that their mean is the point. FID's
+    bootstrap needs that: a resample repeats images, fewer distinct ones raise FID's small-sample bias, and the plain
+    percentiles would sit above the measured value."""
+    replicates = np.asarray(replicates, float)
+    if point is not None:
+        replicates = replicates - (replicates.mean() - point)
+    tail = 100 * (1 - CONFIDENCE) / 2
+    lo, hi = np.percentile(replicates, [tail, 100 - tail])
+    return float(lo), float(hi)
 
 
-def conditional_metrics(images, labels, classifier, real_images, real_labels) -> dict:
-    """For a class-conditional sample set: the share that the classifier reads as the class asked for, and FID per
-    class, against as many real images of that class (a small-n FID: compare classes and scales, not papers)."""
-    labels = np.asarray(labels)
-    probs = predict_proba(classifier, images)
-    accuracy = float((probs.argmax(-1).numpy() == labels).mean())
-    real_labels = np.asarray(real_labels)
-    per_class = {}
-    for c in sorted(set(labels.tolist())):
-        mine = images[labels == c]
-        real = real_images[real_labels == c][: len(mine)]
-        if len(mine) >= 2 and len(real) == len(mine):
-            per_class[str(c)] = FID(classifier, real)(mine)
-    mean = float(np.mean(list(per_class.values()))) if per_class else None
-    return {"cond_accuracy": accuracy, "fid_per_class": per_class, "fid_class_mean": mean}
+@torch.inference_mode()
+def features(classifier: MnistClassifier, images, batch_size: int = 1000) -> torch.Tensor:
+    """The classifier's penultimate features (N, 128), computed in float64 (the matrix square root behind FID is
+    unstable in float32)."""
+    net = copy.deepcopy(classifier).double().eval()
+    x = _as_float(images).double()
+    return torch.cat([net.features(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def gaussian(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return f.mean(0), torch.cov(f.T)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)), as torchmetrics computes it."""
+    root = torch.linalg.eigvals(sigma1 @ sigma2).sqrt().real.sum()
+    return float((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * root)
+
+
+def kid_subsets(f_real: torch.Tensor, f_fake: torch.Tensor, subsets: int, size: int, seed: int = 0) -> np.ndarray:
+    """KID (unbiased MMD^2, cubic polynomial kernel) on `subsets` random subsets of `size` from each side."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(subsets):
+        real = f_real[torch.randperm(len(f_real), generator=g)[:size]]
+        fake = f_fake[torch.randperm(len(f_fake), generator=g)[:size]]
+        out.append(float(poly_mmd(real, fake)))
+    return np.array(out)
+
+
+class Judge:
+    """compare's yardstick, built once and used by every caller that measures samples (the compare stage and the
+    ablation scripts): the classifier, n real test images as the reference, the next n as the real-data floor, the
+    memorisation cut from those, and the real digits' recognised share.
+
+    `measure(images)` returns every metric with its 95% interval (`fid`, `fid_lo`, `fid_hi`, ...) and, under
+    `replicates`, the bootstrap values that `verdict` compares. Every resample is seeded: the same images give the
+    same numbers.
+    """
+
+    def __init__(self, classifier: MnistClassifier, test_images, train_images, n: int, resamples: int = RESAMPLES):
+        if 2 * n > len(test_images):
+            raise ValueError(f"sample.n: got {n}; the judge needs 2 * n real test images (allowed: n <= "
+                             f"{len(test_images) // 2})")  # fmt: skip
+        self.classifier = classifier.eval()
+        self.n, self.resamples = n, resamples
+        self.train_images = train_images
+        reference, held_out = test_images[:n], test_images[n : 2 * n]
+        self.reference_features = features(classifier, reference)
+        self.reference = gaussian(self.reference_features)
+        self.memorisation_cut = memorisation_threshold(held_out, train_images)
+        self.floor = self.fid(held_out)
+        self.real_recognised = recognised_share(predict_proba(classifier, held_out))
+
+    @classmethod
+    def from_files(cls, classifier_file: str | Path, data_root: str | Path, n: int, **kwargs) -> Judge:
+        classifier = MnistClassifier()
+        classifier.load_state_dict(load_file(str(classifier_file)))
+        test_images, _ = load_split(data_root, train=False)
+        train_images, _ = load_split(data_root, train=True)
+        return cls(classifier, test_images, train_images, n, **kwargs)
+
+    def fid(self, images) -> float:
+        if len(images) != self.n:
+            raise ValueError(f"FID compares only at equal n: got {len(images)} images, the reference has {self.n}")
+        return frechet_distance(*gaussian(features(self.classifier, images)), *self.reference)
+
+    def measure(self, images) -> dict:
+        """Every quality metric of one sample set (uint8, (n, 28, 28)) with its interval and its replicates."""
+        if len(images) != self.n:
+            raise ValueError(f"FID compares only at equal n: got {len(images)} images, the reference has {self.n}")
+        f = features(self.classifier, images)
+        probs = predict_proba(self.classifier, images)
+        near = nearest_distances(images, self.train_images) < self.memorisation_cut
+        point = {
+            "fid": frechet_distance(*gaussian(f), *self.reference),
+            "recognised": recognised_share(probs),
+            **class_coverage(probs),
+            "memorised": float(near.float().mean()),
+        }
+        g = torch.Generator().manual_seed(0)
+        reps: dict[str, list[float]] = {"fid": [], "recognised": [], "coverage_kl": [], "memorised": []}
+        for _ in range(self.resamples):
+            i = torch.randint(len(f), (len(f),), generator=g)
+            reps["fid"].append(frechet_distance(*gaussian(f[i]), *self.reference))
+            reps["recognised"].append(recognised_share(probs[i]))
+            reps["coverage_kl"].append(class_coverage(probs[i])["coverage_kl"])
+            reps["memorised"].append(float(near[i].float().mean()))
+        replicates = {k: np.array(v) for k, v in reps.items()}
+        replicates["kid"] = kid_subsets(self.reference_features, f, self.resamples, max(2, self.n // 2))
+        point["kid"] = float(replicates["kid"].mean())
+        for key, values in replicates.items():
+            point[f"{key}_lo"], point[f"{key}_hi"] = _interval(values, point[key])
+        return {**point, "replicates": replicates}
+
+    def conditional(self, images, labels, real_images, real_labels) -> dict:
+        """For a class-conditional sample set: the share that the classifier reads as the class asked for (with its
+        bootstrap interval), and FID per class against as many real images of that class (a small-n FID: compare
+        classes and scales, not papers)."""
+        labels, real_labels = np.asarray(labels), np.asarray(real_labels)
+        hit = (predict_proba(self.classifier, images).argmax(-1).numpy() == labels).astype(float)
+        g = np.random.default_rng(0)
+        reps = np.array([hit[g.integers(0, len(hit), len(hit))].mean() for _ in range(self.resamples)])
+        per_class = {}
+        for c in sorted(set(labels.tolist())):
+            mine = images[labels == c]
+            real = real_images[real_labels == c][: len(mine)]
+            if len(mine) >= 2 and len(real) == len(mine):
+                ours, theirs = features(self.classifier, mine), features(self.classifier, real)
+                per_class[str(c)] = frechet_distance(*gaussian(ours), *gaussian(theirs))
+        lo, hi = _interval(reps, float(hit.mean()))
+        return {"cond_accuracy": float(hit.mean()), "cond_accuracy_lo": lo, "cond_accuracy_hi": hi,
+                "fid_per_class": per_class,
+                "fid_class_mean": float(np.mean(list(per_class.values()))) if per_class else None,
+                "replicates": {"cond_accuracy": reps}}  # fmt: skip
+
+
+def verdict(a: dict, b: dict, key: str) -> str:
+    """'better', 'worse' or 'within noise': is a's `key` better than b's beyond the 95% interval of the difference
+    of their (independent) replicates?"""
+    diff = np.asarray(a["replicates"][key]) - np.asarray(b["replicates"][key])
+    lo, hi = _interval(diff, a[key] - b[key])
+    if lo <= 0 <= hi:
+        return "within noise"
+    a_lower = hi < 0
+    return "better" if a_lower == LOWER_IS_BETTER[key] else "worse"
+
+
+# Two-sided 95% quantiles of Student's t by degrees of freedom: seed-level intervals rest on a few runs.
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def seed_interval(a, b, paired: bool = False) -> tuple[float, float]:
+    """95% interval of mean(a) - mean(b), where a and b hold one value per training seed (each value carries its
+    sampling noise too). Welch's t for independent runs; paired (the same seeds, e.g. two samplers of one model):
+    the t interval of the per-seed differences."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError(f"a seed-level interval needs 2 or more seeds on each side; got {len(a)} and {len(b)}")
+    if paired:
+        d = a - b
+        se, df = d.std(ddof=1) / math.sqrt(len(d)), len(d) - 1
+    else:
+        va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+        se = math.sqrt(va + vb)
+        df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)) if va + vb > 0 else 1
+    df = max(1, int(df))
+    t = _T975.get(df, 1.96 + 2.4 / df)  # the table, then a close approximation
+    mean = float(a.mean() - b.mean())
+    return mean - t * se, mean + t * se
+
+
+def seed_verdict(a, b, key: str, paired: bool = False) -> str:
+    """'better', 'worse' or 'within noise' for the per-seed values a against b (see seed_interval)."""
+    lo, hi = seed_interval(a, b, paired)
+    if lo <= 0 <= hi:
+        return "within noise"
+    return "better" if (hi < 0) == LOWER_IS_BETTER[key] else "worse"
+
+
+def interval_verdict(a: float, a_ci: tuple[float, float], b: float, b_ci: tuple[float, float], key: str) -> str:
+    """The verdict for two single measurements known only by their 95% intervals (independent, near normal): the
+    difference's half-width is the root of the sum of the squared half-widths."""
+    half = math.hypot((a_ci[1] - a_ci[0]) / 2, (b_ci[1] - b_ci[0]) / 2)
+    if abs(a - b) <= half:
+        return "within noise"
+    return "better" if (a < b) == LOWER_IS_BETTER[key] else "worse"

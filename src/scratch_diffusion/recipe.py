@@ -1,10 +1,13 @@
-"""From params to the parts of a train-unet2d run, in one place: the stage, the speed benchmark and the EMA-horizon
-ablation build the same network, noise schedule, loss and EMA from the same keys."""
+"""From params to a train-unet2d run, in one place: the stage, the ablation scripts and the speed benchmark build
+the same network, noise schedule, loss and EMA from the same keys (`unet2d_parts`) and train them with the same
+call (`fit_unet2d`), so a script that retraces the stage cannot drift from it."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
+from accelerate import Accelerator
 from diffusers import DDPMScheduler
 
 from scratch_diffusion.config import PREDICTION_TYPES, Params
@@ -12,15 +15,16 @@ from scratch_diffusion.corruption import ddpm_scheduler
 from scratch_diffusion.data import NUM_CLASSES
 from scratch_diffusion.models import UNet2DDenoiser, build_unet
 from scratch_diffusion.objectives import ddpm_loss, toy_loss
-from scratch_diffusion.training import EMA
+from scratch_diffusion.training import EMA, TrainResult, fit
+
+Parts = tuple[UNet2DDenoiser, DDPMScheduler, Callable, EMA | None]
 
 
-def unet2d_parts(params: Params) -> tuple[UNet2DDenoiser, DDPMScheduler, Callable, EMA | None]:
-    """(denoiser, DDPM scheduler, loss_fn, EMA or None) for `params.unet2d` and `params.objective`.
-
-    The weights are drawn from torch's global generator: seed it first for the stage's initial weights.
-    """
+def unet2d_parts(params: Params) -> Parts:
+    """(denoiser, DDPM scheduler, loss_fn, EMA or None) for `params.unet2d` and `params.objective`, the initial
+    weights drawn from `params.seed`."""
     p = params.unet2d
+    torch.manual_seed(params.seed)
     num_classes = NUM_CLASSES if p.class_conditional else 0
     unet = build_unet(p.block_out_channels, p.layers_per_block, p.down_block_types, p.up_block_types,
                       num_classes=num_classes)  # fmt: skip
@@ -34,3 +38,26 @@ def unet2d_parts(params: Params) -> tuple[UNet2DDenoiser, DDPMScheduler, Callabl
                             label_dropout=p.label_dropout, null_label=model.null_label)  # fmt: skip
     ema = EMA(model, p.ema_decay, p.ema_warmup) if p.ema_decay > 0 else None
     return model, scheduler, loss_fn, ema
+
+
+def fit_unet2d(
+    params: Params,
+    parts: Parts,
+    images: torch.Tensor,
+    labels: torch.Tensor | None,
+    accelerator: Accelerator,
+    channels_last: bool,
+    ema=None,
+    **hooks,
+) -> TrainResult:
+    """Train `parts` (from `unet2d_parts(params)`) as the train-unet2d stage does. `ema` replaces the parts' own EMA
+    (the EMA-horizon ablation's several averages); `hooks` are fit's callbacks, checkpointing and progress label."""
+    p = params.unet2d
+    model, _, loss_fn, own_ema = parts
+    return fit(
+        model, loss_fn, images, accelerator,
+        batch_size=p.batch_size, lr=p.lr, epochs=p.epochs, seed=params.seed, max_steps=p.max_steps,
+        grad_clip=p.grad_clip, lr_schedule=p.lr_schedule, warmup_steps=p.lr_warmup_steps,
+        ema=own_ema if ema is None else ema, log_every=p.log_every, channels_last=channels_last,
+        labels=labels if p.class_conditional else None, **hooks,
+    )  # fmt: skip

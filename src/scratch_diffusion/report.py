@@ -1,5 +1,6 @@
-"""The comparison report: one table of every (model, sampler, steps) with its quality and cost, the figures that
-go with it, and a generated summary that names the best setting and the cheapest one close to it."""
+"""The comparison report: one table of every (model, sampler, steps) with its quality (95% intervals) and cost, the
+figures that go with it, and a generated summary that names the best setting, the settings within noise of it, and
+the cheapest of those."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from scratch_diffusion.files import atomic_path, write_text  # noqa: E402
+from scratch_diffusion.metrics import verdict  # noqa: E402
 from scratch_diffusion.plots import grid  # noqa: E402
 
 COLUMNS = [
@@ -26,8 +28,10 @@ COLUMNS = [
     ("sampler", "sampler", "{}"),
     ("steps", "steps", "{}"),
     ("nfe", "NFE", "{}"),
-    ("fid", "FID", "{:.2f}"),
-    ("recognised", "recognised", "{:.3f}"),
+    ("fid", "FID [95%]", "{:.2f}"),
+    ("verdict", "FID vs best", "{}"),
+    ("kid", "KID [95%]", "{:.3g}"),
+    ("recognised", "recognised [95%]", "{:.3f}"),
     ("coverage_kl", "coverage KL", "{:.3f}"),
     ("memorised", "memorised", "{:.3f}"),
     ("seconds_per_image", "s / image", "{:.4f}"),
@@ -35,10 +39,9 @@ COLUMNS = [
 # Added when any sample set is class-conditional (blank for the others).
 CONDITIONAL_COLUMNS = [
     ("guidance_scale", "guidance", "{:g}"),
-    ("cond_accuracy", "cond. accuracy", "{:.3f}"),
+    ("cond_accuracy", "cond. accuracy [95%]", "{:.3f}"),
     ("fid_class_mean", "FID per class (mean)", "{:.2f}"),
 ]
-NEAR_BEST = 1.10  # "fastest within 10% of the best FID"
 
 
 def columns(rows: list[dict]) -> list[tuple[str, str, str]]:
@@ -48,32 +51,44 @@ def columns(rows: list[dict]) -> list[tuple[str, str, str]]:
 
 
 def _cell(r: dict, key: str, fmt: str) -> str:
-    return fmt.format(r[key]) if r.get(key) is not None else ""
+    if r.get(key) is None:
+        return ""
+    text = fmt.format(r[key])
+    if r.get(f"{key}_lo") is not None:  # the 95% interval beside the value
+        text += f" [{fmt.format(r[f'{key}_lo'])}, {fmt.format(r[f'{key}_hi'])}]"
+    return text
 
 
-def summarise(rows: list[dict], floor: float) -> dict:
-    """The best setting by FID and the cheapest (fewest seconds per image) within 10% of it."""
+def summarise(rows: list[dict], replicates: dict[str, dict], floor: float) -> dict:
+    """The best setting by FID, each row's verdict against it (sets `verdict` in the rows: best / within noise /
+    worse) and the cheapest (fewest seconds per image) of those within noise of it."""
     best = min(rows, key=lambda r: r["fid"])
-    near = [r for r in rows if r["fid"] <= best["fid"] * NEAR_BEST]
+    judged = lambda r: {**r, "replicates": replicates[r["setting"]]}  # noqa: E731
+    for r in rows:
+        r["verdict"] = "best" if r is best else verdict(judged(r), judged(best), "fid")
+    near = [r for r in rows if r["verdict"] in ("best", "within noise")]
     fastest = min(near, key=lambda r: r["seconds_per_image"])
-    return {"best": best, "fastest_near_best": fastest, "floor": floor}
+    return {"best": best, "near_best": near, "fastest_near_best": fastest, "floor": floor}
 
 
 def summary_text(summary: dict) -> str:
     b, f = summary["best"], summary["fastest_near_best"]
     text = (
-        f"Best setting: **{b['setting']}** (FID {b['fid']:.2f}, {b['fid'] / summary['floor']:.1f}x the real-data "
-        f"floor of {summary['floor']:.2f}; {b['recognised']:.0%} of samples recognised with confidence > 0.9; "
+        f"Best setting: **{b['setting']}** (FID {b['fid']:.2f} [95%: {b['fid_lo']:.2f}, {b['fid_hi']:.2f}], "
+        f"{b['fid'] / summary['floor']:.1f}x the real-data floor of {summary['floor']:.2f}; KID {b['kid']:.3g}; "
+        f"{b['recognised']:.0%} of samples recognised with confidence > 0.9; "
         f"{b['seconds_per_image'] * 1000:.1f} ms per image)."
     )
+    others = [r["setting"] for r in summary["near_best"] if r is not b]
+    if others:
+        text += f" Within noise of it on FID (the 95% interval of the difference holds 0): {', '.join(others)}."
+    else:
+        text += " Every other setting is worse beyond the noise."
     if f["setting"] != b["setting"]:
         text += (
-            f" Fastest within 10% of that FID: **{f['setting']}** (FID {f['fid']:.2f}, NFE {f['nfe']}, "
-            f"{f['seconds_per_image'] * 1000:.1f} ms per image, {b['seconds_per_image'] / f['seconds_per_image']:.1f}x "
-            "faster)."
+            f" The cheapest of those: **{f['setting']}** (NFE {f['nfe']}, {f['seconds_per_image'] * 1000:.1f} ms per "
+            f"image, {b['seconds_per_image'] / f['seconds_per_image']:.1f}x faster)."
         )
-    else:
-        text += " No other setting comes within 10% of its FID."
     return text
 
 
@@ -109,10 +124,12 @@ def plot_fid_vs_nfe(rows: list[dict], floor: float, path: Path) -> None:
         groups.setdefault(f"{r['model']} / {r['sampler']}", []).append(r)
     for i, (name, group) in enumerate(sorted(groups.items())):
         group = sorted(group, key=lambda r: r["nfe"])
-        ax.plot([r["nfe"] for r in group], [r["fid"] for r in group], "o-", color=f"C{i % 10}", label=name)
+        fid = np.array([r["fid"] for r in group])
+        bars = [fid - [r.get("fid_lo", r["fid"]) for r in group], [r.get("fid_hi", r["fid"]) for r in group] - fid]
+        ax.errorbar([r["nfe"] for r in group], fid, yerr=bars, fmt="o-", capsize=3, color=f"C{i % 10}", label=name)
     ax.axhline(floor, color="grey", linestyle="--", label=f"real data floor ({floor:.2f})")
     ax.set(xscale="log", yscale="log", xlabel="model evaluations per image (NFE)", ylabel="FID (classifier features)",
-           title="sample quality against cost")  # fmt: skip
+           title="sample quality against cost (bars: 95% bootstrap intervals)")  # fmt: skip
     ax.legend(fontsize=8)
     _save(fig, path)
 
@@ -170,7 +187,11 @@ def write_report(rows: list[dict], summary: dict, context: dict, figures: dict[s
         "classifier assigns one digit with probability > 0.9 (real test digits: "
         f"{context['real_recognised']:.3f}). *coverage KL*: KL divergence of the predicted-digit histogram from "
         "uniform (0 = all digits equally often, 2.30 = one digit only). *memorised*: share of samples closer to a "
-        "training image than 99% of real test images are (real test digits: 0.01 by construction)."
+        "training image than 99% of real test images are (real test digits: 0.01 by construction). *KID*: kernel "
+        f"inception distance on the same features (unbiased: comparable across n), mean over subsets of {n // 2}. "
+        "Brackets: 95% intervals (bootstrap over the sample set; KID: the spread of its subsets). *FID vs best*: "
+        "worse only where the 95% interval of the FID difference excludes 0, else within noise; a difference "
+        "within noise is no evidence that one setting is better."
     )
     md = [
         "# Which design choice makes better digits",

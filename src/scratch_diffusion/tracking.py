@@ -180,11 +180,14 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
     _with_retry(mlflow.log_metrics, {k: float(v) for k, v in metrics.items()}, step=step)
 
 
-def log_image(picture: np.ndarray, key: str, step: int) -> None:
-    """A uint8 grid under `key` at `step`: the MLflow UI shows a slider over steps."""
+def log_image(picture: np.ndarray, key: str, step: int, caption: str | None = None) -> None:
+    """A uint8 grid under `key` at `step`, upscaled and captioned (default: the step) so that the MLflow UI, which
+    shows a slider over steps, shows the digits whole and readable."""
     import mlflow
 
-    _with_retry(mlflow.log_image, picture, key=key, step=step)
+    from scratch_diffusion.plots import captioned
+
+    _with_retry(mlflow.log_image, captioned(picture, caption or f"{key}, step {step}"), key=key, step=step)
 
 
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
