@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -36,11 +37,10 @@ from scratch_diffusion.files import write_text
 from scratch_diffusion.hardware import choose, cpu_class, cpu_flags, cpu_name, detect, for_sampling
 from scratch_diffusion.models import BasicUNet
 from scratch_diffusion.models.unet2d import UNet2DDenoiser, build_unet
-from scratch_diffusion.objectives import toy_loss
-from scratch_diffusion.recipe import unet2d_parts
+from scratch_diffusion.recipe import basic_parts, fit_basic, fit_unet2d, unet2d_parts
 from scratch_diffusion.samplers import generate
 from scratch_diffusion.stage import peak_rss_kib
-from scratch_diffusion.training import fit, make_accelerator
+from scratch_diffusion.training import make_accelerator
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data/dataset"
@@ -92,25 +92,21 @@ def lesson_loop(model_name: str, steps: int, seed: int = 0) -> tuple[float, list
 
 
 def stage_run(model_name: str, steps: int, seed: int = 0, **overrides) -> tuple[float, list[float]]:
-    """`steps` optimizer steps as the train stage runs them with params.yaml's defaults (plus `overrides`)."""
+    """`steps` optimizer steps through the train stage's own entry (recipe.fit_basic / fit_unet2d) with params.yaml's
+    defaults, at batch BATCH, plus `overrides` of the stage's section (mixed_precision, channels_last, log_every)."""
     params = load_params(ROOT / "params.yaml")
-    p = params.basic if model_name == "basic" else params.unet2d
-    choice = choose(model_name, p.mixed_precision, p.channels_last, detect(DEVICE.type))  # as the stage resolves
-    settings = {"mixed_precision": choice.precision, "channels_last": choice.channels_last, "log_every": p.log_every}
-    settings.update(overrides)
+    section = replace(getattr(params, model_name), batch_size=BATCH, epochs=1, max_steps=steps, **overrides)
+    params = replace(params, seed=seed, **{model_name: section})
+    choice = choose(model_name, section.mixed_precision, section.channels_last, detect(DEVICE.type))  # as the stage
     images, _ = load_split(DATA, train=True)
-    torch.manual_seed(seed)
-    ema = None
-    if model_name == "basic":
-        model, loss_fn = BasicUNet(), toy_loss
-    else:
-        model, _, loss_fn, ema = unet2d_parts(params)
+    accelerator = make_accelerator(choice.precision)
     with contextlib.redirect_stdout(io.StringIO()):  # fit's progress lines
-        result = fit(
-            model, loss_fn, images, make_accelerator(settings["mixed_precision"]),
-            batch_size=BATCH, lr=p.lr, epochs=1, seed=seed, max_steps=steps, ema=ema,
-            log_every=settings["log_every"], channels_last=settings["channels_last"], desc=f"bench-{model_name}",
-        )  # fmt: skip
+        if model_name == "basic":
+            result = fit_basic(params, basic_parts(params), images, accelerator, choice.channels_last,
+                               desc="bench-basic")  # fmt: skip
+        else:
+            result = fit_unet2d(params, unet2d_parts(params), images, None, accelerator, choice.channels_last,
+                                desc="bench-unet2d")  # fmt: skip
     return result.images_per_s, [loss for _, loss in result.loss_curve]
 
 
@@ -122,6 +118,14 @@ def peak_rss_mib(variant: str, model_name: str, steps: int) -> float:
             "print(peak_rss_kib())")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     return int(out.stdout.strip().splitlines()[-1]) / 1024
+
+
+def fresh(call: str):
+    """`speed.<call>` evaluated in a fresh process: Accelerate keeps one mixed precision per process."""
+    code = (f"import sys, json; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import speed; "
+            f"print(json.dumps(speed.{call}))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def bench_training(models: list[str], steps: int, repeats: int) -> None:
@@ -151,8 +155,8 @@ def bench_loss(models: list[str], steps: int) -> None:
     """The speed levers must not change what is learned: mean loss over the last fifth, defaults vs fp32."""
     print(f"\n## Loss curve: {steps} steps, equal seed, stage defaults vs fp32 contiguous (mean of the last fifth)")
     for name in models:
-        _, fast = stage_run(name, steps, log_every=1)
-        _, ref = stage_run(name, steps, log_every=1, mixed_precision="fp32", channels_last=False)
+        _, fast = fresh(f"stage_run({name!r}, {steps}, log_every=1)")
+        _, ref = fresh(f"stage_run({name!r}, {steps}, log_every=1, mixed_precision='fp32', channels_last=False)")
         tail = max(1, steps // 5)
         mf, mr = statistics.fmean(fast[-tail:]), statistics.fmean(ref[-tail:])
         print(f"{name:7s} defaults {mf:.5f}  fp32 {mr:.5f}  difference {100 * (mf - mr) / mr:+.2f}%")

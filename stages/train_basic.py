@@ -18,13 +18,12 @@ from safetensors.torch import save_file
 from scratch_diffusion import files, tracking
 from scratch_diffusion.config import flatten, load_params, params_hash
 from scratch_diffusion.data import load_split
-from scratch_diffusion.models import BasicUNet
-from scratch_diffusion.objectives import toy_loss
 from scratch_diffusion.plots import grid, to_uint8
+from scratch_diffusion.recipe import basic_parts, fit_basic
 from scratch_diffusion.reporting import report_training
 from scratch_diffusion.samplers import toy_sample
 from scratch_diffusion.stage import run_stage
-from scratch_diffusion.training import Checkpointing, fit, resumable_run_id, stage_accelerator
+from scratch_diffusion.training import Checkpointing, resumable_run_id, stage_accelerator
 
 DATA_ROOT = "data/dataset"
 CHECKPOINTS = "checkpoints/train-basic"
@@ -43,8 +42,7 @@ def main() -> None:
     images, _ = load_split(DATA_ROOT, train=True, n=params.data.n_train)
 
     accelerator, choice = stage_accelerator("train-basic", "basic", p.mixed_precision, p.channels_last)
-    torch.manual_seed(params.seed)
-    model = BasicUNet()
+    model = basic_parts(params)
     # Fixed start noise: grids from different steps and runs show the same "seeds" of digits.
     noise = torch.rand(p.sample_n, 1, 28, 28, generator=torch.Generator().manual_seed(params.seed))
 
@@ -67,15 +65,12 @@ def main() -> None:
         logged = tracking.last_logged_step(active.info.run_id) if main_proc and resume_id else -1
         if ckpt is not None and main_proc:
             ckpt.run_id = active.info.run_id
-        result = fit(
-            model, toy_loss, images, accelerator,
-            batch_size=p.batch_size, lr=p.lr, epochs=p.epochs, seed=params.seed, max_steps=p.max_steps,
-            log_every=p.log_every, on_log=lambda s, v: s > logged and tracking.log_metrics({"loss": v}, step=s),
+        result = fit_basic(
+            params, model, images, accelerator, choice.channels_last,
+            on_log=lambda s, v: s > logged and tracking.log_metrics({"loss": v}, step=s),
             sample_every=p.sample_every,
             on_sample=lambda s, net: s > logged and tracking.log_image(sample_grid(net), key="samples", step=s),
-            checkpointing=ckpt,
-            channels_last=choice.channels_last,
-            desc="train-basic",
+            checkpointing=ckpt, desc="train-basic",
         )  # fmt: skip
         if not main_proc:
             return

@@ -1,6 +1,7 @@
-"""From params to a train-unet2d run, in one place: the stage, the ablation scripts and the speed benchmark build
-the same network, noise schedule, loss and EMA from the same keys (`unet2d_parts`) and train them with the same
-call (`fit_unet2d`), so a script that retraces the stage cannot drift from it."""
+"""From params to a training run, in one place: the training stages, the ablation scripts and the speed benchmark
+build the same network (and, for the UNet2DModel, noise schedule, loss and EMA) from the same keys
+(`basic_parts`, `unet2d_parts`) and train it with the same call (`fit_basic`, `fit_unet2d`), so a script that
+retraces a stage cannot drift from it."""
 
 from __future__ import annotations
 
@@ -13,11 +14,28 @@ from diffusers import DDPMScheduler
 from scratch_diffusion.config import PREDICTION_TYPES, Params
 from scratch_diffusion.corruption import ddpm_scheduler
 from scratch_diffusion.data import NUM_CLASSES
-from scratch_diffusion.models import UNet2DDenoiser, build_unet
+from scratch_diffusion.models import BasicUNet, UNet2DDenoiser, build_unet
 from scratch_diffusion.objectives import ddpm_loss, toy_loss
 from scratch_diffusion.training import EMA, TrainResult, fit
 
 Parts = tuple[UNet2DDenoiser, DDPMScheduler, Callable, EMA | None]
+
+
+def basic_parts(params: Params) -> BasicUNet:
+    """The lesson's BasicUNet, its initial weights drawn from `params.seed` (its loss is the toy `toy_loss`)."""
+    torch.manual_seed(params.seed)
+    return BasicUNet()
+
+
+def fit_basic(params: Params, model: BasicUNet, images: torch.Tensor, accelerator: Accelerator, channels_last: bool,
+              **hooks) -> TrainResult:  # fmt: skip
+    """Train the BasicUNet as the train-basic stage does (the lesson's loop: toy corruption, x0 target, Adam)."""
+    p = params.basic
+    return fit(
+        model, toy_loss, images, accelerator,
+        batch_size=p.batch_size, lr=p.lr, epochs=p.epochs, seed=params.seed, max_steps=p.max_steps,
+        log_every=p.log_every, channels_last=channels_last, **hooks,
+    )  # fmt: skip
 
 
 def unet2d_parts(params: Params) -> Parts:
