@@ -73,9 +73,16 @@ def train(warmups: list[int]) -> None:
     fit_unet2d(params, parts, images, labels, accelerator, choice.channels_last, ema=horizons, desc="ema-horizons")
     shutil.rmtree(MODELS, ignore_errors=True)  # copies of an earlier run would be measured as if of this one
     for w, ema in horizons.emas.items():
-        meta = {"objective": params.objective, "corruption": p.corruption, "conditioning": p.conditioning,
-                "ema_decay": CAP, "ema_warmup": w, "class_conditional": p.class_conditional,
-                "steps": horizons.updates, "run_id": ""}  # fmt: skip
+        meta = {
+            "objective": params.objective,
+            "corruption": p.corruption,
+            "conditioning": p.conditioning,
+            "ema_decay": CAP,
+            "ema_warmup": w,
+            "class_conditional": p.class_conditional,
+            "steps": horizons.updates,
+            "run_id": "",
+        }
         save_unet2d(MODELS / f"w{w}", ema.model.cpu(), scheduler, meta)
     print(f"saved {len(warmups)} EMA copies after {horizons.updates} steps to {MODELS.relative_to(ROOT)}")
 
@@ -88,8 +95,9 @@ def same_weights(a: Path, b: Path) -> bool:
 def measure(setting: SampleSetting) -> dict:
     params = load_params(ROOT / "params.yaml")
     sp = params.sample
-    dirs = sorted((d for d in MODELS.glob("w*") if (d / "scratch_diffusion.json").is_file()),
-                  key=lambda d: -int(d.name[1:]))  # fmt: skip
+    dirs = sorted(
+        (d for d in MODELS.glob("w*") if (d / "scratch_diffusion.json").is_file()), key=lambda d: -int(d.name[1:])
+    )
     if not dirs:
         sys.exit(f"error: {MODELS.relative_to(ROOT)}: no EMA copies; run `python ablations/ema_horizons.py train`")
     classifier_file = ROOT / "models" / "classifier" / "model.safetensors"
@@ -101,50 +109,78 @@ def measure(setting: SampleSetting) -> dict:
     rows = []
     for d in dirs:
         model, scheduler, meta = load_unet2d(d)
-        images, _ = generate(model, setting.sampler, setting.steps, n, batch_size=sp.batch_size, seed=sp.seed,
-                             corruption=meta["corruption"], trained_config=scheduler.config, eta=setting.eta,
-                             precision=for_sampling(sp.precision, "cpu").precision)  # fmt: skip
+        images, _ = generate(
+            model,
+            setting.sampler,
+            setting.steps,
+            n,
+            batch_size=sp.batch_size,
+            seed=sp.seed,
+            corruption=meta["corruption"],
+            trained_config=scheduler.config,
+            eta=setting.eta,
+            precision=for_sampling(sp.precision, "cpu").precision,
+        )
         quality = judge.measure(images)
         quality.pop("replicates")
         row = {"warmup": meta["ema_warmup"], "steps": meta["steps"], **quality}
-        print(f"ema_warmup {row['warmup']}: FID {row['fid']:.2f} ({row['fid'] / floor:.2f}x floor), "
-              f"recognised {row['recognised']:.3f}", flush=True)  # fmt: skip
+        print(
+            f"ema_warmup {row['warmup']}: FID {row['fid']:.2f} ({row['fid'] / floor:.2f}x floor), "
+            f"recognised {row['recognised']:.3f}",
+            flush=True,
+        )
         rows.append(row)
     own = MODELS / f"w{params.unet2d.ema_warmup}"
     stage_model = ROOT / "models" / "unet2d"
     matches = same_weights(own, stage_model) if own.is_dir() and stage_model.is_dir() else None
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=7", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()  # fmt: skip
-    results = {"rows": rows, "n": n, "floor_fid": floor, "sampler": setting.name.removeprefix("unet2d/"),
-               "machine": f"{cpu_name()}, {os.cpu_count()} cores", "commit": commit,
-               "default_matches_models_unet2d": matches}  # fmt: skip
+    commit = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short=7", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    results = {
+        "rows": rows,
+        "n": n,
+        "floor_fid": floor,
+        "sampler": setting.name.removeprefix("unet2d/"),
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores",
+        "commit": commit,
+        "default_matches_models_unet2d": matches,
+    }
     files.write_json(RESULTS, results)
     return results
 
 
 def markdown_table(results: dict) -> str:
-    lines = ["| `unet2d.ema_warmup` | mean age of the averaged weights (steps) | FID | x floor | recognised | "
-             "coverage KL |", "|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        "| `unet2d.ema_warmup` | mean age of the averaged weights (steps) | FID | x floor | recognised | coverage KL |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in results["rows"]:
         ratio = r["fid"] / results["floor_fid"]
-        lines.append(f"| {r['warmup']} | {r['steps'] / r['warmup']:.0f} | {r['fid']:.1f} | {ratio:.2f} | "
-                     f"{r['recognised']:.3f} | {r['coverage_kl']:.3f} |")  # fmt: skip
+        lines.append(
+            f"| {r['warmup']} | {r['steps'] / r['warmup']:.0f} | {r['fid']:.1f} | {ratio:.2f} | "
+            f"{r['recognised']:.3f} | {r['coverage_kl']:.3f} |"
+        )
     return "\n".join(lines)
 
 
 def table(results: dict) -> None:
-    matches = {True: "matches `models/unet2d` bit for bit", False: "does NOT match `models/unet2d`",
-               None: "was not checked against `models/unet2d`"}[results["default_matches_models_unet2d"]]  # fmt: skip
-    text = "\n".join([
-        "# The EMA horizon, from one training run",
-        "",
-        markdown_table(results),
-        "",
-        f"One training run (params.yaml's defaults), {results['sampler']}, n = {results['n']}, floor "
-        f"{results['floor_fid']:.2f}. Machine: {results['machine']}. Code: {results['commit']}. The copy of "
-        f"params.yaml's own `ema_warmup` {matches}. Made by `python ablations/ema_horizons.py measure`.",
-        "",
-    ])  # fmt: skip
+    matches = {
+        True: "matches `models/unet2d` bit for bit",
+        False: "does NOT match `models/unet2d`",
+        None: "was not checked against `models/unet2d`",
+    }[results["default_matches_models_unet2d"]]
+    text = "\n".join(
+        [
+            "# The EMA horizon, from one training run",
+            "",
+            markdown_table(results),
+            "",
+            f"One training run (params.yaml's defaults), {results['sampler']}, n = {results['n']}, floor "
+            f"{results['floor_fid']:.2f}. Machine: {results['machine']}. Code: {results['commit']}. The copy of "
+            f"params.yaml's own `ema_warmup` {matches}. Made by `python ablations/ema_horizons.py measure`.",
+            "",
+        ]
+    )
     files.write_text(TABLE, text)  # atomic; creates docs/ablation/ if missing
     print(markdown_table(results))
 
@@ -153,8 +189,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["train", "measure", "table"])
     parser.add_argument("--warmups", type=int, nargs="+", default=[20, 10, 6, 4, 3], metavar="K")
-    parser.add_argument("--sampler", default="ddim", choices=[s for s in SAMPLERS if s != "toy"],
-                        help="measure: one sampler setting (default: DDIM-50, eta 1)")  # fmt: skip
+    parser.add_argument(
+        "--sampler",
+        default="ddim",
+        choices=[s for s in SAMPLERS if s != "toy"],
+        help="measure: one sampler setting (default: DDIM-50, eta 1)",
+    )
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--eta", type=float, default=None, help="DDIM only (default 1)")
     args = parser.parse_args(argv)

@@ -62,13 +62,17 @@ AXES: list[tuple[str, dict]] = [
     ("6 epochs", {"unet2d.epochs": 6}),
 ]
 
-SCREEN_SETTINGS = ("[{model: basic, sampler: toy, steps: 5}, {model: unet2d, sampler: ddim, steps: 50}, "
-                   "{model: unet2d, sampler: dpmsolver++, steps: 20}]")  # fmt: skip
+SCREEN_SETTINGS = (
+    "[{model: basic, sampler: toy, steps: 5}, {model: unet2d, sampler: ddim, steps: 50}, "
+    "{model: unet2d, sampler: dpmsolver++, steps: 20}]"
+)
 BUDGETS = {
-    "screen": {"overrides": {"unet2d.max_steps": 200, "sample.n": 300, "sample.settings": SCREEN_SETTINGS},
-               "warmup": 20},
+    "screen": {
+        "overrides": {"unet2d.max_steps": 200, "sample.n": 300, "sample.settings": SCREEN_SETTINGS},
+        "warmup": 20,
+    },
     "full": {"overrides": {}, "warmup": 100},
-}  # fmt: skip
+}
 # Keys that set the budget rather than a design choice: left out of a row's "change" column.
 BUDGET_KEYS = {"unet2d.max_steps", "sample.n", "sample.settings"}
 
@@ -182,7 +186,7 @@ def row_from(baseline: dict, rev: dict) -> dict:
         "coverage_kl": unet[best]["coverage_kl"],
         "samplers": {
             s.removeprefix("unet2d/"): {k: unet[s][k] for k in ("fid", "recognised", "coverage_kl")} for s in unet
-        },  # fmt: skip
+        },
     }
 
 
@@ -195,8 +199,9 @@ def results_commit() -> str:
     git = ["git", "-C", str(ROOT)]
     if subprocess.run([*git, "diff", "--quiet", "HEAD", "--", "dvc.lock"]).returncode != 0:
         return "workspace"  # results newer than any commit
-    last = subprocess.run([*git, "log", "-1", "--format=%h", "--abbrev=7", "--", "dvc.lock"], text=True,
-                          capture_output=True)  # fmt: skip
+    last = subprocess.run(
+        [*git, "log", "-1", "--format=%h", "--abbrev=7", "--", "dvc.lock"], text=True, capture_output=True
+    )
     return last.stdout.strip() or "workspace"
 
 
@@ -217,8 +222,13 @@ def collect() -> dict:
         if not params.get("unet2d.max_steps"):
             row = row_from({"rev": results_commit(), "data": workspace["data"]}, workspace)
             label = "defaults (dvc repro)"
-            results["rows"]["dvc-repro"] = {**row, "name": "dvc repro", "budget": "full", "label": label,
-                                            "machine": machine()}  # fmt: skip
+            results["rows"]["dvc-repro"] = {
+                **row,
+                "name": "dvc repro",
+                "budget": "full",
+                "label": label,
+                "machine": machine(),
+            }
     files.write_json(RESULTS, results)
     print(f"{len(results['rows'])} rows in {RESULTS.relative_to(ROOT)}")
     return results
@@ -271,11 +281,13 @@ def markdown_table(rows: list[dict]) -> str:
             fid_text = f"{r['fid']:.1f}"
         seeds = ", ".join(str(x.get("seed", "")) for x in g) if len(g) > 1 else "1"
         samplers = sorted({x["best_sampler"] for x in g})
-        lines.append(f"| {r['budget']} | {r['label']} | `{r['change']}` | {seeds} | "
-                     f"{f'{np.mean(wall) / 60:.1f}' if wall else '-'} | {', '.join(samplers)} | {fid_text} | "
-                     f"{fid.mean() / r['floor_fid']:.2f} | {np.mean([x['recognised'] for x in g]):.3f} | "
-                     f"{np.mean([x['coverage_kl'] for x in g]):.3f} | "
-                     f"{against_default(g, reference.get(r['budget']))} |")  # fmt: skip
+        lines.append(
+            f"| {r['budget']} | {r['label']} | `{r['change']}` | {seeds} | "
+            f"{f'{np.mean(wall) / 60:.1f}' if wall else '-'} | {', '.join(samplers)} | {fid_text} | "
+            f"{fid.mean() / r['floor_fid']:.2f} | {np.mean([x['recognised'] for x in g]):.3f} | "
+            f"{np.mean([x['coverage_kl'] for x in g]):.3f} | "
+            f"{against_default(g, reference.get(r['budget']))} |"
+        )
     return "\n".join(lines)
 
 
@@ -306,8 +318,12 @@ def chart(rows: list[dict], path: Path) -> None:
         xy = [(r["train_wall_s"] / 60, r["fid"] / r["floor_fid"], r["label"]) for r in pts]
         ax.scatter([x for x, _, _ in xy], [y for _, y, _ in xy], marker=marker, label=f"{budget} (n={pts[0]['n']})")
         points += xy
-    ax.set(xlabel="train-unet2d wall time (min)", ylabel="FID / real-data floor at the same n (lower is better)",
-           yscale="log", title="UNet2DModel ablation: quality against training time")  # fmt: skip
+    ax.set(
+        xlabel="train-unet2d wall time (min)",
+        ylabel="FID / real-data floor at the same n (lower is better)",
+        yscale="log",
+        title="UNet2DModel ablation: quality against training time",
+    )
     ax.legend()
     # Labels to the right of their points, pushed up (in display space) until none overlaps a nearby one.
     fig.canvas.draw()
@@ -333,20 +349,22 @@ def table(results: dict) -> None:
     chart(rows, CHART)
     machines = sorted({r["machine"] for r in rows})
     commits = sorted({r["commit"] for r in rows})
-    text = "\n".join([
-        "# UNet2DModel ablation: every experiment",
-        "",
-        markdown_table(rows),
-        "",
-        f"Machine: {'; '.join(machines)}. Code: {', '.join(commits)}. FID and recognised share are those of the "
-        "experiment's best UNet2DModel sampler (lowest FID), averaged over its seeds where it has several; \"x "
-        "floor\" is FID over the real-vs-real floor at the same n. FID: mean (sd over seeds), or value ± the 95% "
-        "sampling interval's half-width where compare measured one. *vs defaults*: better / worse only beyond the "
-        "noise (Welch's t over seeds where both sides have 2 or more, else the two sampling intervals), otherwise "
-        "within noise; '-' where no interval was measured (a single run, so no verdict). Made by "
-        "`python ablations/run.py table` from ablations/results.json (with the chart docs/ablation.png).",
-        "",
-    ])  # fmt: skip
+    text = "\n".join(
+        [
+            "# UNet2DModel ablation: every experiment",
+            "",
+            markdown_table(rows),
+            "",
+            f"Machine: {'; '.join(machines)}. Code: {', '.join(commits)}. FID and recognised share are those of the "
+            "experiment's best UNet2DModel sampler (lowest FID), averaged over its seeds where it has several; \"x "
+            'floor" is FID over the real-vs-real floor at the same n. FID: mean (sd over seeds), or value ± the 95% '
+            "sampling interval's half-width where compare measured one. *vs defaults*: better / worse only beyond the "
+            "noise (Welch's t over seeds where both sides have 2 or more, else the two sampling intervals), otherwise "
+            "within noise; '-' where no interval was measured (a single run, so no verdict). Made by "
+            "`python ablations/run.py table` from ablations/results.json (with the chart docs/ablation.png).",
+            "",
+        ]
+    )
     files.write_text(TABLE, text)  # atomic; creates docs/ablation/ if missing
     print(markdown_table(rows))
 

@@ -130,16 +130,30 @@ def measure_samplers(judge: Judge, params, net, scheduler, device, lead_only: bo
     sp = params.sample
     with tempfile.TemporaryDirectory() as tmp:
         u = params.unet2d
-        meta = {"objective": params.objective, "corruption": u.corruption, "conditioning": u.conditioning,
-                "class_conditional": u.class_conditional}  # fmt: skip
+        meta = {
+            "objective": params.objective,
+            "corruption": u.corruption,
+            "conditioning": u.conditioning,
+            "class_conditional": u.class_conditional,
+        }
         save_unet2d(Path(tmp) / "unet2d", copy.deepcopy(net).cpu(), scheduler, meta)
         net, scheduler, _ = load_unet2d(Path(tmp) / "unet2d", device)
     settings = [s for s in sp.settings if s.model == "unet2d"]
     out = {}
     for setting in settings[:1] if lead_only else settings:
-        x, _ = generate(net, setting.sampler, setting.steps, sp.n, batch_size=sp.batch_size, seed=sp.seed,
-                        corruption="ddpm", trained_config=scheduler.config, device=device, eta=setting.eta,
-                        precision=for_sampling(sp.precision, device).precision)  # fmt: skip
+        x, _ = generate(
+            net,
+            setting.sampler,
+            setting.steps,
+            sp.n,
+            batch_size=sp.batch_size,
+            seed=sp.seed,
+            corruption="ddpm",
+            trained_config=scheduler.config,
+            device=device,
+            eta=setting.eta,
+            precision=for_sampling(sp.precision, device).precision,
+        )
         quality = judge.measure(x)
         quality["fid_replicates"] = quality.pop("replicates")["fid"].round(4).tolist()  # for one-seed verdicts
         out[setting.name.removeprefix("unet2d/")] = quality
@@ -158,8 +172,17 @@ def train(params, on_sample=None, sample_every: int = 0, desc: str = "sweep"):
     parts = unet2d_parts(params)
     model, scheduler, _, ema = parts
     start = time.perf_counter()
-    result = fit_unet2d(params, parts, images, labels, accelerator, choice.channels_last, desc=desc,
-                        on_sample=on_sample, sample_every=sample_every)  # fmt: skip
+    result = fit_unet2d(
+        params,
+        parts,
+        images,
+        labels,
+        accelerator,
+        choice.channels_last,
+        desc=desc,
+        on_sample=on_sample,
+        sample_every=sample_every,
+    )
     net = (ema.model if ema is not None else accelerator.unwrap_model(model)).eval()
     return net, scheduler, accelerator.device, result, time.perf_counter() - start
 
@@ -171,13 +194,24 @@ def one(text: str, out: Path | None) -> None:
     judge = judge_for(params)
     samplers = measure_samplers(judge, params, net, scheduler, device)
     best = min(samplers, key=lambda k: samplers[k]["fid"])
-    row = {"setting": text, "n": params.sample.n, "steps": result.steps, "train_s": round(train_s, 1),
-           "final_loss": result.final_loss,
-           "floor_fid": judge.floor, "best_sampler": best, **samplers[best], "samplers": samplers}  # fmt: skip
+    row = {
+        "setting": text,
+        "n": params.sample.n,
+        "steps": result.steps,
+        "train_s": round(train_s, 1),
+        "final_loss": result.final_loss,
+        "floor_fid": judge.floor,
+        "best_sampler": best,
+        **samplers[best],
+        "samplers": samplers,
+    }
     if out is not None:
         files.write_json(out, row)
-    print(f"[{text or 'defaults'}] {best}: FID {row['fid']:.2f} ({row['fid'] / judge.floor:.2f}x floor), "
-          f"recognised {row['recognised']:.3f}, train {train_s:.0f} s", flush=True)  # fmt: skip
+    print(
+        f"[{text or 'defaults'}] {best}: FID {row['fid']:.2f} ({row['fid'] / judge.floor:.2f}x floor), "
+        f"recognised {row['recognised']:.3f}, train {train_s:.0f} s",
+        flush=True,
+    )
 
 
 def budget(text: str, every: int, out: Path) -> None:
@@ -205,8 +239,11 @@ def budget(text: str, every: int, out: Path) -> None:
         rows.append({"epochs": step / steps_per_epoch, "steps": step, "sampler": name, **m})
         this = {"setting": text, "machine": machine(), "floor_fid": judge.floor, "rows": rows}
         files.write_json(out, {"runs": [*runs, this]})
-        print(f"[{text or 'defaults'}] {step / steps_per_epoch:g} epochs: {name} FID {m['fid']:.2f} "
-              f"({m['fid'] / judge.floor:.2f}x floor), recognised {m['recognised']:.3f}", flush=True)  # fmt: skip
+        print(
+            f"[{text or 'defaults'}] {step / steps_per_epoch:g} epochs: {name} FID {m['fid']:.2f} "
+            f"({m['fid'] / judge.floor:.2f}x floor), recognised {m['recognised']:.3f}",
+            flush=True,
+        )
 
     net, _, _, result, _ = train(params, measure, every * steps_per_epoch, desc=text or "defaults")
     measure(result.steps, net)
@@ -241,8 +278,9 @@ def run(settings: list[str], jobs: int, out: Path) -> None:
     while pending or running:
         while pending and len(running) < jobs:
             i, text = pending.pop(0)
-            running[i] = subprocess.Popen([sys.executable, __file__, "one", "--setting", text,
-                                           "--out", str(work / f"{i}.json")], env=env)  # fmt: skip
+            running[i] = subprocess.Popen(
+                [sys.executable, __file__, "one", "--setting", text, "--out", str(work / f"{i}.json")], env=env
+            )
         time.sleep(2)
         for i, proc in list(running.items()):
             if proc.poll() is None:
@@ -262,11 +300,15 @@ def label(text: str) -> str:
 
 
 def markdown_table(results: dict) -> str:
-    lines = ["| setting (`dvc exp run -S` keys) | best sampler | FID | x floor | recognised | coverage KL |",
-             "|---|---|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        "| setting (`dvc exp run -S` keys) | best sampler | FID | x floor | recognised | coverage KL |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     for r in sorted(results["rows"], key=lambda r: r["fid"]):
-        lines.append(f"| {label(r['setting'])} | {r['best_sampler']} | {r['fid']:.1f} | "
-                     f"{r['fid'] / r['floor_fid']:.2f} | {r['recognised']:.3f} | {r['coverage_kl']:.3f} |")  # fmt: skip
+        lines.append(
+            f"| {label(r['setting'])} | {r['best_sampler']} | {r['fid']:.1f} | "
+            f"{r['fid'] / r['floor_fid']:.2f} | {r['recognised']:.3f} | {r['coverage_kl']:.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -282,14 +324,18 @@ def _pm(r: dict, key: str, fmt: str) -> str:
 
 
 def budget_table(budget: dict) -> str:
-    lines = ["| run | epochs | steps | sampler | FID ±95% | x floor | KID [95%] | recognised ±95% | coverage KL |",
-             "|---|---:|---:|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        "| run | epochs | steps | sampler | FID ±95% | x floor | KID [95%] | recognised ±95% | coverage KL |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
     for run_ in budget["runs"]:
         for r in run_["rows"]:
             kid = _ci(r, "kid", "{:.3g}") if "kid" in r else ""
-            lines.append(f"| {label(run_['setting'])} | {r['epochs']:g} | {r['steps']} | {r['sampler']} | "
-                         f"{_pm(r, 'fid', '{:.1f}')} | {r['fid'] / run_['floor_fid']:.2f} | {kid} | "
-                         f"{_pm(r, 'recognised', '{:.3f}')} | {r['coverage_kl']:.3f} |")  # fmt: skip
+            lines.append(
+                f"| {label(run_['setting'])} | {r['epochs']:g} | {r['steps']} | {r['sampler']} | "
+                f"{_pm(r, 'fid', '{:.1f}')} | {r['fid'] / run_['floor_fid']:.2f} | {kid} | "
+                f"{_pm(r, 'recognised', '{:.3f}')} | {r['coverage_kl']:.3f} |"
+            )
     return "\n".join(lines)
 
 
@@ -310,9 +356,11 @@ def seeds_table(results: dict) -> str:
     by seed)."""
     groups = by_seed(results)
     base = groups.get("")
-    lines = ["| setting | sampler | seeds | FID mean (sd over seeds) | FID sampling ±95% | KID mean (sd) | "
-             "recognised mean (sd) | FID per seed | vs defaults, same sampler |",
-             "|---|---|---:|---:|---:|---:|---:|---|---|"]  # fmt: skip
+    lines = [
+        "| setting | sampler | seeds | FID mean (sd over seeds) | FID sampling ±95% | KID mean (sd) | "
+        "recognised mean (sd) | FID per seed | vs defaults, same sampler |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|",
+    ]
     for text, runs in groups.items():
         seeds = sorted(runs)
         for sampler in runs[seeds[0]]["samplers"]:
@@ -325,16 +373,19 @@ def seeds_table(results: dict) -> str:
                 theirs = [base[k]["samplers"][sampler]["fid"] for k in sorted(base)]
                 against = seed_verdict(fid, theirs, "fid")
             elif not text and len(seeds) > 1:
-                best = min(runs[seeds[0]]["samplers"], key=lambda s: np.mean([runs[k]["samplers"][s]["fid"]
-                                                                               for k in seeds]))  # fmt: skip
+                best = min(
+                    runs[seeds[0]]["samplers"], key=lambda s: np.mean([runs[k]["samplers"][s]["fid"] for k in seeds])
+                )
                 best_fid = [runs[k]["samplers"][best]["fid"] for k in seeds]
                 against = "best sampler" if sampler == best else f"{seed_verdict(fid, best_fid, 'fid', True)} vs {best}"
             else:
                 against = ""
             sd = lambda v: f"{v.std(ddof=1):.3g}" if len(v) > 1 else "-"  # noqa: E731
-            lines.append(f"| {label(text)} | {sampler} | {len(seeds)} | {fid.mean():.1f} ({sd(fid)}) | {half:.1f} | "
-                         f"{kid.mean():.3g} ({sd(kid)}) | {rec.mean():.3f} ({sd(rec)}) | "
-                         f"{', '.join(f'{v:.1f}' for v in fid)} | {against} |")  # fmt: skip
+            lines.append(
+                f"| {label(text)} | {sampler} | {len(seeds)} | {fid.mean():.1f} ({sd(fid)}) | {half:.1f} | "
+                f"{kid.mean():.3g} ({sd(kid)}) | {rec.mean():.3f} ({sd(rec)}) | "
+                f"{', '.join(f'{v:.1f}' for v in fid)} | {against} |"
+            )
     return "\n".join(lines)
 
 
@@ -365,23 +416,28 @@ def table(results: dict | None, budget: dict | None, seeds: dict | None) -> None
         files.write_text(TABLE, "\n".join(parts))  # atomic; creates docs/ablation/ if missing
     if seeds:
         shown.append(seeds_table(seeds))
-        files.write_text(SEEDS_TABLE, "\n".join([
-            "# The ablation's claims over training seeds",
-            "",
-            shown[-1],
-            "",
-            f"Each setting trained with each training seed (`-S seed=k`) at the lesson's budget (3 epochs) on "
-            f"{seeds['machine']}, several at once, and sampled with every unet2d sampler of params.yaml (n = "
-            f"{seeds['rows'][0]['n']}, sample seed fixed). *sd over seeds*: the training-seed spread, which "
-            "holds the sampling noise too; *FID sampling ±95%*: the mean half-width of each run's bootstrap interval "
-            "over its sample set. *vs defaults*: better / worse only where Welch's 95% t interval of the difference "
-            "of seed means excludes 0, else within noise; the defaults' samplers are compared with its best one, "
-            "paired by seed.",
-            "",
-            "Made by `python ablations/sweep.py table` from ablations/seeds.json "
-            "(`python ablations/sweep.py run --seeds 0 1 2 --jobs 9 --out ablations/seeds.json`).",
-            "",
-        ]))  # fmt: skip
+        files.write_text(
+            SEEDS_TABLE,
+            "\n".join(
+                [
+                    "# The ablation's claims over training seeds",
+                    "",
+                    shown[-1],
+                    "",
+                    f"Each setting trained with each training seed (`-S seed=k`) at the lesson's budget (3 epochs) on "
+                    f"{seeds['machine']}, several at once, and sampled with every unet2d sampler of params.yaml (n = "
+                    f"{seeds['rows'][0]['n']}, sample seed fixed). *sd over seeds*: the training-seed spread, "
+                    "which holds the sampling noise too; *FID sampling ±95%*: the mean half-width of each run's "
+                    "bootstrap interval over its sample set. *vs defaults*: better / worse only where Welch's 95% t "
+                    "interval of the difference of seed means excludes 0, else within noise; the defaults' samplers "
+                    "are compared with its best one, paired by seed.",
+                    "",
+                    "Made by `python ablations/sweep.py table` from ablations/seeds.json "
+                    "(`python ablations/sweep.py run --seeds 0 1 2 --jobs 9 --out ablations/seeds.json`).",
+                    "",
+                ]
+            ),
+        )
     print("\n\n".join(shown))
 
 
@@ -391,9 +447,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--setting", action="append", help="overrides as `dvc exp run -S` takes them (repeatable)")
     parser.add_argument("--seeds", type=int, nargs="+", help="run: train each setting once per training seed")
     parser.add_argument("--jobs", type=int, default=1, help="settings trained at once")
-    parser.add_argument("--out", type=Path,
-                        help="run: default ablations/sweep.json (ablations/seeds.json with --seeds); "
-                             "budget: ablations/budget.json")  # fmt: skip
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="run: default ablations/sweep.json (ablations/seeds.json with --seeds); budget: ablations/budget.json",
+    )
     parser.add_argument("--every", type=int, default=3, help="budget: measure every k epochs")
     args = parser.parse_args(argv)
     try:

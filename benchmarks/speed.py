@@ -53,8 +53,10 @@ def machine() -> str:
     flags = cpu_flags()
     bf16 = "native bf16" if detect("cpu").native_bf16 else "no native bf16"
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{cpu_name()}: {cpu_class(flags)} ({bf16}; torch sees {torch.backends.cpu.get_cpu_capability()}), "
-            f"{device}; torch {torch.__version__}, {torch.get_num_threads()} threads")  # fmt: skip
+    return (
+        f"{cpu_name()}: {cpu_class(flags)} ({bf16}; torch sees {torch.backends.cpu.get_cpu_capability()}), "
+        f"{device}; torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
 
 
 # --- the two ways to train ----------------------------------------------------------------------------------------
@@ -66,8 +68,9 @@ def lesson_loop(model_name: str, steps: int, seed: int = 0) -> tuple[float, list
     from torch.utils.data import DataLoader
 
     torch.manual_seed(seed)
-    dataset = torchvision.datasets.MNIST(root=str(DATA), train=True, download=False,
-                                         transform=torchvision.transforms.ToTensor())  # fmt: skip
+    dataset = torchvision.datasets.MNIST(
+        root=str(DATA), train=True, download=False, transform=torchvision.transforms.ToTensor()
+    )
     loader = DataLoader(dataset, batch_size=BATCH, shuffle=True)
     net = (BasicUNet() if model_name == "basic" else build_unet()).to(DEVICE)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
@@ -102,28 +105,34 @@ def stage_run(model_name: str, steps: int, seed: int = 0, **overrides) -> tuple[
     accelerator = make_accelerator(choice.precision)
     with contextlib.redirect_stdout(io.StringIO()):  # fit's progress lines
         if model_name == "basic":
-            result = fit_basic(params, basic_parts(params), images, accelerator, choice.channels_last,
-                               desc="bench-basic")  # fmt: skip
+            result = fit_basic(
+                params, basic_parts(params), images, accelerator, choice.channels_last, desc="bench-basic"
+            )
         else:
-            result = fit_unet2d(params, unet2d_parts(params), images, None, accelerator, choice.channels_last,
-                                desc="bench-unet2d")  # fmt: skip
+            result = fit_unet2d(
+                params, unet2d_parts(params), images, None, accelerator, choice.channels_last, desc="bench-unet2d"
+            )
     return result.images_per_s, [loss for _, loss in result.loss_curve]
 
 
 def peak_rss_mib(variant: str, model_name: str, steps: int) -> float:
     """Peak resident memory of a fresh process that trains `steps` steps one way (imports included)."""
     # VmHWM (via peak_rss_kib), not ru_maxrss: that one is inherited from this (large) process through fork.
-    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import speed; "
-            f"from scratch_diffusion.stage import peak_rss_kib; speed.{variant}({model_name!r}, {steps}); "
-            "print(peak_rss_kib())")  # fmt: skip
+    code = (
+        f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import speed; "
+        f"from scratch_diffusion.stage import peak_rss_kib; speed.{variant}({model_name!r}, {steps}); "
+        "print(peak_rss_kib())"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     return int(out.stdout.strip().splitlines()[-1]) / 1024
 
 
 def fresh(call: str):
     """`speed.<call>` evaluated in a fresh process: Accelerate keeps one mixed precision per process."""
-    code = (f"import sys, json; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import speed; "
-            f"print(json.dumps(speed.{call}))")  # fmt: skip
+    code = (
+        f"import sys, json; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import speed; "
+        f"print(json.dumps(speed.{call}))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -134,8 +143,10 @@ def bench_training(models: list[str], steps: int, repeats: int) -> None:
     for name in models:
         p = params.basic if name == "basic" else params.unet2d
         choice = choose(name, p.mixed_precision, p.channels_last, detect(DEVICE.type))
-        print(f"{name:7s} train stage defaults: {p.mixed_precision} -> {choice.precision}, channels_last "
-              f"{p.channels_last} -> {choice.channels_last}")  # fmt: skip
+        print(
+            f"{name:7s} train stage defaults: {p.mixed_precision} -> {choice.precision}, channels_last "
+            f"{p.channels_last} -> {choice.channels_last}"
+        )
         stage_run(name, 3)  # warm both paths up (allocator, oneDNN kernel choice) outside the timings
         lesson_loop(name, 3)
         a, b = [], []
@@ -144,10 +155,8 @@ def bench_training(models: list[str], steps: int, repeats: int) -> None:
             b.append(stage_run(name, steps)[0])
         ma, mb = statistics.median(a), statistics.median(b)
         mem_a, mem_b = peak_rss_mib("lesson_loop", name, 5), peak_rss_mib("stage_run", name, 5)
-        print(f"{name:7s} lesson loop {ma:7.1f} img/s (runs: {', '.join(f'{v:.0f}' for v in a)}), "
-              f"peak {mem_a:.0f} MiB")  # fmt: skip
-        print(f"{name:7s} train stage {mb:7.1f} img/s (runs: {', '.join(f'{v:.0f}' for v in b)}), "
-              f"peak {mem_b:.0f} MiB")  # fmt: skip
+        print(f"{name:7s} lesson loop {ma:7.1f} img/s (runs: {', '.join(f'{v:.0f}' for v in a)}), peak {mem_a:.0f} MiB")
+        print(f"{name:7s} train stage {mb:7.1f} img/s (runs: {', '.join(f'{v:.0f}' for v in b)}), peak {mem_b:.0f} MiB")
         print(f"{name:7s} ratio stage / lesson: {mb / ma:.2f}x")
 
 
@@ -169,17 +178,32 @@ def bench_sampling(repeats: int) -> None:
     precision = for_sampling(sp.precision, DEVICE.type).precision  # as the sample stage resolves it
     print(f"\n## Sampling: one batch of {bs} per default setting, precision {precision} (untrained weights)")
     torch.manual_seed(0)
-    nets = {"basic": BasicUNet().eval(),
-            "unet2d": UNet2DDenoiser(build_unet(u.block_out_channels, u.layers_per_block, u.down_block_types,
-                                                u.up_block_types), u.conditioning).eval()}  # fmt: skip
+    nets = {
+        "basic": BasicUNet().eval(),
+        "unet2d": UNet2DDenoiser(
+            build_unet(u.block_out_channels, u.layers_per_block, u.down_block_types, u.up_block_types), u.conditioning
+        ).eval(),
+    }
     nets = {name: net.to(DEVICE) for name, net in nets.items()}
-    config = ddpm_scheduler(u.num_train_timesteps, u.beta_schedule, u.beta_start, u.beta_end,
-                            PREDICTION_TYPES[params.objective]).config  # fmt: skip
+    config = ddpm_scheduler(
+        u.num_train_timesteps, u.beta_schedule, u.beta_start, u.beta_end, PREDICTION_TYPES[params.objective]
+    ).config
     for s in sp.settings:
         corruption = "toy" if s.sampler == "toy" else "ddpm"
         start = time.perf_counter()
-        _, nfe = generate(nets[s.model], s.sampler, s.steps, bs, batch_size=bs, seed=0, corruption=corruption,
-                          trained_config=config, eta=s.eta, precision=precision, device=DEVICE)  # fmt: skip
+        _, nfe = generate(
+            nets[s.model],
+            s.sampler,
+            s.steps,
+            bs,
+            batch_size=bs,
+            seed=0,
+            corruption=corruption,
+            trained_config=config,
+            eta=s.eta,
+            precision=precision,
+            device=DEVICE,
+        )
         seconds = time.perf_counter() - start
         print(f"{s.name:24s} NFE {nfe:4d}  {bs / seconds:8.1f} img/s  {1000 * seconds / bs:7.1f} ms/image")
 
@@ -208,8 +232,10 @@ def bench_sampling(repeats: int) -> None:
                 torch.cuda.synchronize()
             timings[name].append(bs / (time.perf_counter() - start))
     mp, ms = statistics.median(timings["plain"]), statistics.median(timings["stage"])
-    print(f"UNet2DModel evaluation, batch {bs}: plain fp32 eager {mp:.1f} img/s, sample stage {ms:.1f} img/s, "
-          f"ratio {ms / mp:.2f}x")  # fmt: skip
+    print(
+        f"UNet2DModel evaluation, batch {bs}: plain fp32 eager {mp:.1f} img/s, sample stage {ms:.1f} img/s, "
+        f"ratio {ms / mp:.2f}x"
+    )
 
 
 def bench_end_to_end() -> None:
@@ -234,14 +260,19 @@ def bench_end_to_end() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", choices=("train", "loss", "sample", "end-to-end"), action="append",
-                        help="run only these parts (repeatable); default: train, sample, end-to-end")  # fmt: skip
+    parser.add_argument(
+        "--only",
+        choices=("train", "loss", "sample", "end-to-end"),
+        action="append",
+        help="run only these parts (repeatable); default: train, sample, end-to-end",
+    )
     parser.add_argument("--models", nargs="+", default=["basic", "unet2d"], choices=("basic", "unet2d"))
     parser.add_argument("--steps", type=int, default=0, help="training steps per run (default: 60 basic, 8 unet2d)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--loss-steps", type=int, default=500)
-    parser.add_argument("--report", action="store_true",
-                        help="also write what it prints to docs/performance/<machine class>.md")  # fmt: skip
+    parser.add_argument(
+        "--report", action="store_true", help="also write what it prints to docs/performance/<machine class>.md"
+    )
     args = parser.parse_args()
     if not (DATA / "MNIST/raw").is_dir():
         sys.exit(f"error: {DATA}/MNIST/raw not found: run `dvc repro download` first")

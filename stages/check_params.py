@@ -21,8 +21,9 @@ def main() -> None:
     try:
         load_params()
     except ParamsError as e:
-        raise ParamsError(f"{e} (nothing else ran; back to the last good state: git checkout params.yaml && "
-                          "dvc checkout)") from None  # fmt: skip
+        raise ParamsError(
+            f"{e} (nothing else ran; back to the last good state: git checkout params.yaml && dvc checkout)"
+        ) from None
     write_text(OUT, "params.yaml is valid\n")
 
 

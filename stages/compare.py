@@ -89,12 +89,24 @@ def main() -> None:
             replicates[name] |= conditional.pop("replicates")
             quality |= conditional | {"guidance_scale": t["guidance_scale"]}
         meta = metas[model]
-        rows.append({"setting": name, "model": model, "sampler": sampler, "steps": steps, "nfe": t["nfe"],
-                     "seconds_per_image": t["seconds_per_image"], **quality,
-                     **{k: meta[k] for k in ("corruption", "objective", "conditioning")}})  # fmt: skip
+        rows.append(
+            {
+                "setting": name,
+                "model": model,
+                "sampler": sampler,
+                "steps": steps,
+                "nfe": t["nfe"],
+                "seconds_per_image": t["seconds_per_image"],
+                **quality,
+                **{k: meta[k] for k in ("corruption", "objective", "conditioning")},
+            }
+        )
         shown = f", conditional accuracy {quality['cond_accuracy']:.3f}" if name in labels else ""
-        print(f"compare: {name}: FID {quality['fid']:.2f} [{quality['fid_lo']:.2f}, {quality['fid_hi']:.2f}], "
-              f"KID {quality['kid']:.3g}, recognised {quality['recognised']:.3f}{shown}", flush=True)  # fmt: skip
+        print(
+            f"compare: {name}: FID {quality['fid']:.2f} [{quality['fid_lo']:.2f}, {quality['fid_hi']:.2f}], "
+            f"KID {quality['kid']:.3g}, recognised {quality['recognised']:.3f}{shown}",
+            flush=True,
+        )
     rows.sort(key=lambda r: (r["model"], r["fid"]))
     summary = summarise(rows, replicates, floor)
 
@@ -116,9 +128,13 @@ def main() -> None:
         figures["Conditional accuracy and FID against guidance scale"] = REPORTS / "figures/guidance.png"
         figures["Ten of each digit"] = REPORTS / "figures/digits.png"
         plot_guidance(conditional, figures["Conditional accuracy and FID against guidance scale"])
-        plot_digit_grid(images[best_cond["setting"]], labels[best_cond["setting"]], figures["Ten of each digit"],
-                        f"{best_cond['setting']}: one row per digit asked for "
-                        f"(conditional accuracy {best_cond['cond_accuracy']:.3f})")  # fmt: skip
+        plot_digit_grid(
+            images[best_cond["setting"]],
+            labels[best_cond["setting"]],
+            figures["Ten of each digit"],
+            f"{best_cond['setting']}: one row per digit asked for "
+            f"(conditional accuracy {best_cond['cond_accuracy']:.3f})",
+        )
     context = {"n": n, "classifier_accuracy": classifier_accuracy, "real_recognised": judge.real_recognised}
     write_report(rows, summary, context, figures, REPORTS / "compare.md", REPORTS / "compare.html")
 
@@ -129,17 +145,40 @@ def main() -> None:
             headline[f"best_{key}_{model}"] = best[key]
     if conditional:
         headline["best_cond_accuracy_unet2d"] = best_cond["cond_accuracy"]
-    keep = ("fid", "fid_lo", "fid_hi", "kid", "kid_lo", "kid_hi", "recognised", "recognised_lo", "recognised_hi",
-            "coverage_kl", "memorised", "nfe", "seconds_per_image", "guidance_scale", "cond_accuracy",
-            "cond_accuracy_lo", "cond_accuracy_hi", "fid_class_mean", "verdict")  # fmt: skip
+    keep = (
+        "fid",
+        "fid_lo",
+        "fid_hi",
+        "kid",
+        "kid_lo",
+        "kid_hi",
+        "recognised",
+        "recognised_lo",
+        "recognised_hi",
+        "coverage_kl",
+        "memorised",
+        "nfe",
+        "seconds_per_image",
+        "guidance_scale",
+        "cond_accuracy",
+        "cond_accuracy_lo",
+        "cond_accuracy_hi",
+        "fid_class_mean",
+        "verdict",
+    )
     settings = {r["setting"]: {k: r[k] for k in keep if r.get(k) is not None} for r in rows}
     files.write_json("metrics/compare.json", {**headline, "settings": settings})
     fid_columns = ["setting", "sampler", "nfe", "fid", "fid_lo", "fid_hi"]
     files.write_tsv("plots/compare/fid_vs_nfe.tsv", fid_columns, [[r[k] for k in fid_columns] for r in rows])
     # Always written (header only without class-conditional sets), so the DVC plot exists in every experiment.
-    files.write_tsv("plots/compare/guidance.tsv", ["setting", "sampler", "guidance", "cond_accuracy", "fid"],
-                    [(r["setting"], f"{r['sampler']}-{r['steps']}", r["guidance_scale"], r["cond_accuracy"], r["fid"])
-                     for r in conditional])  # fmt: skip
+    files.write_tsv(
+        "plots/compare/guidance.tsv",
+        ["setting", "sampler", "guidance", "cond_accuracy", "fid"],
+        [
+            (r["setting"], f"{r['sampler']}-{r['steps']}", r["guidance_scale"], r["cond_accuracy"], r["fid"])
+            for r in conditional
+        ],
+    )
 
     tags = {"best_setting": summary["best"]["setting"]}
     for name in ("basic", "unet2d", "classifier"):

@@ -91,10 +91,20 @@ def main() -> None:
             guidance = {} if scale is None else {"labels": labels, "guidance_scale": scale}
             start = time.perf_counter()
             images, nfe = generate(
-                model, s.sampler, s.steps, sp.n, batch_size=sp.batch_size, seed=sp.seed, corruption=corruption,
-                trained_config=config, device=device, eta=s.eta, precision=choice.precision,
-                progress=progress_reporter(name, sp.n, start, bar), **guidance,
-            )  # fmt: skip
+                model,
+                s.sampler,
+                s.steps,
+                sp.n,
+                batch_size=sp.batch_size,
+                seed=sp.seed,
+                corruption=corruption,
+                trained_config=config,
+                device=device,
+                eta=s.eta,
+                precision=choice.precision,
+                progress=progress_reporter(name, sp.n, start, bar),
+                **guidance,
+            )
             seconds = time.perf_counter() - start
             arrays = {"images": images} if scale is None else {"images": images, "labels": labels.numpy()}
             with files.atomic_path(f"samples/{name}.npz") as tmp, open(tmp, "wb") as f:
@@ -129,8 +139,10 @@ def progress_reporter(name: str, n: int, start: float, bar):
         done += batch
         if done == batch and done < n and bar.disable:
             rate = done / (time.perf_counter() - start)
-            print(f"sample: {name}: {rate:.1f} img/s; about {duration((n - done) / rate)} left for this setting",
-                  flush=True)
+            print(
+                f"sample: {name}: {rate:.1f} img/s; about {duration((n - done) / rate)} left for this setting",
+                flush=True,
+            )
 
     return report
 

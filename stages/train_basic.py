@@ -58,20 +58,28 @@ def main() -> None:
         ckpt = Checkpointing(Path(CHECKPOINTS), p.checkpoint_every, p.checkpoints_keep, tags["params_hash"])
     resume_id = resumable_run_id(ckpt)
     logged_params = {**flatten(used), **choice.as_params()}
-    run = (tracking.start_run(params.mlflow.experiment, "train-basic", logged_params, tags, resume_run_id=resume_id)
-           if main_proc else None)  # fmt: skip
+    run = (
+        tracking.start_run(params.mlflow.experiment, "train-basic", logged_params, tags, resume_run_id=resume_id)
+        if main_proc
+        else None
+    )
     with run or nullcontext() as active:
         # A resumed run continues its MLflow run: log only the steps it has not logged yet.
         logged = tracking.last_logged_step(active.info.run_id) if main_proc and resume_id else -1
         if ckpt is not None and main_proc:
             ckpt.run_id = active.info.run_id
         result = fit_basic(
-            params, model, images, accelerator, choice.channels_last,
+            params,
+            model,
+            images,
+            accelerator,
+            choice.channels_last,
             on_log=lambda s, v: s > logged and tracking.log_metrics({"loss": v}, step=s),
             sample_every=p.sample_every,
             on_sample=lambda s, net: s > logged and tracking.log_image(sample_grid(net), key="samples", step=s),
-            checkpointing=ckpt, desc="train-basic",
-        )  # fmt: skip
+            checkpointing=ckpt,
+            desc="train-basic",
+        )
         if not main_proc:
             return
         net = accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # plain forward: picklable for MLflow
@@ -79,13 +87,19 @@ def main() -> None:
             save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
         report_training(result, sample_grid(net), "metrics/train_basic.json", "plots/train_basic")
         # The weights beside the pickle: `generate` loads a registry model from them, without unpickling it.
-        info = (tracking.log_torch_model(net.cpu(), extra_files=[f"{OUT}/model.safetensors"])
-                if params.mlflow.log_model else None)  # fmt: skip
-        files.write_json(f"{OUT}/run.json", {
-            "run_id": active.info.run_id,
-            "experiment_id": active.info.experiment_id,
-            "model_uri": info.model_uri if info else None,
-        })  # fmt: skip
+        info = (
+            tracking.log_torch_model(net.cpu(), extra_files=[f"{OUT}/model.safetensors"])
+            if params.mlflow.log_model
+            else None
+        )
+        files.write_json(
+            f"{OUT}/run.json",
+            {
+                "run_id": active.info.run_id,
+                "experiment_id": active.info.experiment_id,
+                "model_uri": info.model_uri if info else None,
+            },
+        )
     return choice.as_params(prefix="")
 
 

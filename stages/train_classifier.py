@@ -33,11 +33,20 @@ def main() -> None:
     model = MnistClassifier()
     with tracking.start_run(params.mlflow.experiment, "train-classifier", flatten(used), {}) as active:
         result = fit(
-            model, classifier_loss, images, accelerator, labels=labels,
-            batch_size=c.batch_size, lr=c.lr, epochs=c.epochs, seed=c.seed, max_steps=c.max_steps,
-            lr_schedule="cosine", on_log=lambda s, v: tracking.log_metrics({"loss": v}, step=s),
+            model,
+            classifier_loss,
+            images,
+            accelerator,
+            labels=labels,
+            batch_size=c.batch_size,
+            lr=c.lr,
+            epochs=c.epochs,
+            seed=c.seed,
+            max_steps=c.max_steps,
+            lr_schedule="cosine",
+            on_log=lambda s, v: tracking.log_metrics({"loss": v}, step=s),
             desc="train-classifier",
-        )  # fmt: skip
+        )
         net = accelerator.unwrap_model(model, keep_fp32_wrapper=False).cpu().eval()
         acc = accuracy(net, test_images, test_labels)
         metrics = {"test_accuracy": acc, "final_loss": result.final_loss, "wall_s": result.wall_s}

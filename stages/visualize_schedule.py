@@ -34,8 +34,9 @@ def main() -> None:
     images, _ = load_split("data/dataset", train=False, n=N_DIGITS)
     used = {"seed": params.seed, **{f"unet2d.{k}": getattr(u, k) for k in SCHEDULE_KEYS}}
 
-    plot_schedules(schedule_curves(u.num_train_timesteps, u.beta_schedule, u.beta_start, u.beta_end),
-                   f"{OUT}/schedules.png")  # fmt: skip
+    plot_schedules(
+        schedule_curves(u.num_train_timesteps, u.beta_schedule, u.beta_start, u.beta_end), f"{OUT}/schedules.png"
+    )
     scheduler = ddpm_scheduler(u.num_train_timesteps, u.beta_schedule, u.beta_start, u.beta_end)
     plot_corruption(images.float() / 255, scheduler, f"{OUT}/corruption.png", seed=params.seed)
     noise = torch.rand(N_DIGITS, 1, 28, 28, generator=torch.Generator().manual_seed(params.seed))

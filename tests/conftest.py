@@ -129,14 +129,27 @@ def run_queue(project: Path, jobs: int, timeout: float = 600) -> str:
     The workers are stopped afterwards (an idle one may outlive the queue).
     """
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], cwd=project, env=env, check=True, timeout=120,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    subprocess.run(
+        ["dvc", "queue", "start", "-j", str(jobs)],
+        cwd=project,
+        env=env,
+        check=True,
+        timeout=120,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + timeout
     try:
         while re.search(r"\b(Queued|Running)\b", status := run(["dvc", "queue", "status"], cwd=project).stdout):
             assert time.monotonic() < deadline, status
             time.sleep(3)
     finally:
-        subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=project, env=env, timeout=120,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        subprocess.run(
+            ["dvc", "queue", "stop", "--kill"],
+            cwd=project,
+            env=env,
+            timeout=120,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
     return status

@@ -16,10 +16,21 @@ def script(name: str):
 
 
 def run_row(label: str, fid: float, seed: int | None = None, half: float | None = None) -> dict:
-    return {"name": f"abl-full-{label}", "budget": "full", "label": label, "change": label, "seed": seed,
-            "train_wall_s": 60.0, "best_sampler": "ddim-50-eta1", "fid": fid, "floor_fid": 10.0, "recognised": 0.8,
-            "coverage_kl": 0.01, "fid_lo": None if half is None else fid - half,
-            "fid_hi": None if half is None else fid + half}  # fmt: skip
+    return {
+        "name": f"abl-full-{label}",
+        "budget": "full",
+        "label": label,
+        "change": label,
+        "seed": seed,
+        "train_wall_s": 60.0,
+        "best_sampler": "ddim-50-eta1",
+        "fid": fid,
+        "floor_fid": 10.0,
+        "recognised": 0.8,
+        "coverage_kl": 0.01,
+        "fid_lo": None if half is None else fid - half,
+        "fid_hi": None if half is None else fid + half,
+    }
 
 
 def test_dvc_ablation_rows_get_verdicts_from_both_spreads():
@@ -30,8 +41,13 @@ def test_dvc_ablation_rows_get_verdicts_from_both_spreads():
     rows += [run_row("batch 32", 61.5, half=5.0), run_row("6 epochs", 45.0)]  # one run each
     table = run.markdown_table(rows).splitlines()
     verdict = {line.split(" | ")[1]: line.split(" | ")[-1].rstrip(" |") for line in table[2:]}
-    assert verdict == {"default": "reference", "cosine betas": "worse", "EMA off": "within noise",
-                       "batch 32": "-", "6 epochs": "-"}  # fmt: skip
+    assert verdict == {
+        "default": "reference",
+        "cosine betas": "worse",
+        "EMA off": "within noise",
+        "batch 32": "-",
+        "6 epochs": "-",
+    }
     assert "| 0, 1, 2 |" in table[2] and "61.0 (sd 1.0)" in table[2]
     single = run.markdown_table([run_row("default", 60.0, half=4.0), run_row("batch 32", 70.0, half=4.0)])
     assert single.splitlines()[-1].endswith("| worse |") and "70.0 ± 4.0" in single
@@ -47,16 +63,25 @@ def test_seed_experiments_are_named_and_queued_per_seed():
 
 def test_sweep_seed_table_compares_settings_and_samplers():
     sweep = script("sweep")
-    assert sweep.with_seeds(["", "objective=eps"], [0, 1]) == ["seed=0", "seed=1", "objective=eps seed=0",
-                                                                "objective=eps seed=1"]  # fmt: skip
+    assert sweep.with_seeds(["", "objective=eps"], [0, 1]) == [
+        "seed=0",
+        "seed=1",
+        "objective=eps seed=0",
+        "objective=eps seed=1",
+    ]
 
     def row(setting, ddim, dpm):
         m = lambda f: {"fid": f, "fid_lo": f - 3, "fid_hi": f + 3, "kid": f / 10, "recognised": 0.8}  # noqa: E731
         return {"setting": setting, "n": 1000, "samplers": {"ddim-50-eta1": m(ddim), "dpmsolver++-20": m(dpm)}}
 
-    rows = [row("seed=0", 60, 70), row("seed=1", 70, 80.5), row("seed=2", 65, 74),
-            row("objective=eps seed=0", 700, 900), row("objective=eps seed=1", 720, 950),
-            row("objective=eps seed=2", 710, 940)]  # fmt: skip
+    rows = [
+        row("seed=0", 60, 70),
+        row("seed=1", 70, 80.5),
+        row("seed=2", 65, 74),
+        row("objective=eps seed=0", 700, 900),
+        row("objective=eps seed=1", 720, 950),
+        row("objective=eps seed=2", 710, 940),
+    ]
     lines = sweep.seeds_table({"machine": "test", "rows": rows}).splitlines()
     assert lines[2].endswith("| best sampler |") and "| 65.0 (5) |" in lines[2]
     assert lines[3].endswith("| worse vs ddim-50-eta1 |")  # paired by seed: +10, +10.5, +9

@@ -17,51 +17,96 @@ CASES = [
     ("train_basic", {"bsaic": {"lr": 0.1}}, "bsaic: unknown key"),
     ("train_unet2d", {"objective": "epsilon"}, "objective: got 'epsilon', allowed: 'x0', 'eps', 'v'"),
     ("train_unet2d", {"unet2d": {"corruption": "gauss"}}, "unet2d.corruption: got 'gauss', allowed: 'ddpm', 'toy'"),
-    ("train_unet2d", {"unet2d": {"corruption": "toy", "conditioning": "amount"}, "objective": "v"},
-     "objective: got 'v' with unet2d.corruption=toy"),
+    (
+        "train_unet2d",
+        {"unet2d": {"corruption": "toy", "conditioning": "amount"}, "objective": "v"},
+        "objective: got 'v' with unet2d.corruption=toy",
+    ),
     ("train_unet2d", {"unet2d": {"conditioning": "time"}}, "unet2d.conditioning: got 'time', allowed"),
     ("train_unet2d", {"unet2d": {"beta_start": 0.1, "beta_end": 0.01}}, "unet2d.beta_end: got 0.01"),
-    ("train_unet2d", {"unet2d": {"block_out_channels": [32, "wide", 64]}},
-     "unet2d.block_out_channels[1]: got 'wide', expected an integer"),
+    (
+        "train_unet2d",
+        {"unet2d": {"block_out_channels": [32, "wide", 64]}},
+        "unet2d.block_out_channels[1]: got 'wide', expected an integer",
+    ),
     ("train_unet2d", {"unet2d": {"block_out_channels": 32}}, "unet2d.block_out_channels: got 32, expected a non-empty"),
     ("train_unet2d", {"unet2d": {"ema_decay": 1.5}}, "unet2d.ema_decay: got 1.5, allowed range [0.0, 0.99999]"),
     ("train_unet2d", {"unet2d": {"ema_warmup": 1}}, "unet2d.ema_warmup: got 1, allowed range [2, 1000]"),
     ("train_unet2d", {"unet2d": {"loss_weighting": "snr"}}, "unet2d.loss_weighting: got 'snr', allowed: 'none'"),
     ("train_unet2d", {"unet2d": {"lr_schedule": "linear"}}, "unet2d.lr_schedule: got 'linear', allowed"),
-    ("sample", {"sample": {"settings": [{"model": "unet2d", "sampler": "plms", "steps": 10}]}},
-     "sample.settings[0].sampler: got 'plms', allowed: 'toy', 'ddpm'"),
-    ("sample", {"sample": {"settings": [{"model": "unet2d", "sampler": "ddim", "steps": 2000}]}},
-     "unet2d/ddim-2000 has 2000 steps, more than unet2d.num_train_timesteps (1000)"),
-    ("sample", {"sample": {"settings": [{"model": "basic", "sampler": "ddim", "steps": 10}]}},
-     "sample.settings[0].sampler: got 'ddim' for model 'basic'"),
-    ("sample", {"sample": {"settings": [{"model": "unet2d", "sampler": "euler", "steps": 10, "eta": 0.5}]}},
-     "sample.settings[0].eta: got 0.5 for sampler 'euler'; eta is for ddim only"),
-    ("sample", {"sample": {"settings": [{"model": "unet2d", "sampler": "ddim", "stpes": 10}]}},
-     "sample.settings[0].stpes: unknown key"),
+    (
+        "sample",
+        {"sample": {"settings": [{"model": "unet2d", "sampler": "plms", "steps": 10}]}},
+        "sample.settings[0].sampler: got 'plms', allowed: 'toy', 'ddpm'",
+    ),
+    (
+        "sample",
+        {"sample": {"settings": [{"model": "unet2d", "sampler": "ddim", "steps": 2000}]}},
+        "unet2d/ddim-2000 has 2000 steps, more than unet2d.num_train_timesteps (1000)",
+    ),
+    (
+        "sample",
+        {"sample": {"settings": [{"model": "basic", "sampler": "ddim", "steps": 10}]}},
+        "sample.settings[0].sampler: got 'ddim' for model 'basic'",
+    ),
+    (
+        "sample",
+        {"sample": {"settings": [{"model": "unet2d", "sampler": "euler", "steps": 10, "eta": 0.5}]}},
+        "sample.settings[0].eta: got 0.5 for sampler 'euler'; eta is for ddim only",
+    ),
+    (
+        "sample",
+        {"sample": {"settings": [{"model": "unet2d", "sampler": "ddim", "stpes": 10}]}},
+        "sample.settings[0].stpes: unknown key",
+    ),
     ("sample", {"sample": {"n": 6000}}, "sample.n: got 6000, allowed range [2, 5000]"),
-    ("sample", {"sample": {"settings": [{"model": "basic", "sampler": "toy", "steps": 5}] * 2}},
-     "sample.settings: 'basic/toy-5' appears twice"),
+    (
+        "sample",
+        {"sample": {"settings": [{"model": "basic", "sampler": "toy", "steps": 5}] * 2}},
+        "sample.settings: 'basic/toy-5' appears twice",
+    ),
     ("download", {"data": {"dataset": "cifar10"}}, "data.dataset: got 'cifar10', allowed: 'mnist', 'fashion_mnist'"),
     ("download", {"data": {"source": "/nowhere"}}, "data.source: got '/nowhere', which is no folder"),
     ("train_classifier", {"classifier": {"lr": 0}}, "classifier.lr: got 0.0, allowed range (0.0, 1.0]"),
     ("compare", {"mlflow": {"experiment": 5}}, "mlflow.experiment: got 5, expected a string"),
     ("visualize_schedule", {"seed": "abc"}, "seed: got 'abc', expected an integer"),
-    ("check_params", {"objective": "noise"}, "objective: got 'noise', allowed: 'x0', 'eps', 'v' (nothing else ran; "
-     "back to the last good state: git checkout params.yaml && dvc checkout)"),
+    (
+        "check_params",
+        {"objective": "noise"},
+        "objective: got 'noise', allowed: 'x0', 'eps', 'v' (nothing else ran; "
+        "back to the last good state: git checkout params.yaml && dvc checkout)",
+    ),
     # Accepted once, then failed late (some after training): refused up front now.
     ("train_unet2d", {"unet2d": {"lr": float("nan")}}, "unet2d.lr: got nan, expected a finite number"),
-    ("train_unet2d", {"unet2d": {"block_out_channels": [32, 48]}},
-     "unet2d.block_out_channels: got 48; allowed: multiples of 32"),
-    ("train_unet2d", {"unet2d": {"block_out_channels": [32] * 4, "down_block_types": ["DownBlock2D"] * 4,
-                                 "up_block_types": ["UpBlock2D"] * 4}},
-     "unet2d.block_out_channels: got 4 blocks; allowed: at most 3"),
-    ("train_unet2d", {"unet2d": {"registered_model": ""}},
-     "unet2d.registered_model: got '', allowed: a non-empty name"),
+    (
+        "train_unet2d",
+        {"unet2d": {"block_out_channels": [32, 48]}},
+        "unet2d.block_out_channels: got 48; allowed: multiples of 32",
+    ),
+    (
+        "train_unet2d",
+        {
+            "unet2d": {
+                "block_out_channels": [32] * 4,
+                "down_block_types": ["DownBlock2D"] * 4,
+                "up_block_types": ["UpBlock2D"] * 4,
+            }
+        },
+        "unet2d.block_out_channels: got 4 blocks; allowed: at most 3",
+    ),
+    (
+        "train_unet2d",
+        {"unet2d": {"registered_model": ""}},
+        "unet2d.registered_model: got '', allowed: a non-empty name",
+    ),
     ("compare", {"mlflow": {"experiment": " lab "}}, "mlflow.experiment: got ' lab ', allowed: a non-empty name"),
-    ("train_basic", {"launch": "python && rm -rf data"},
-     "launch: got 'python && rm -rf data', which holds the shell character '&'"),
+    (
+        "train_basic",
+        {"launch": "python && rm -rf data"},
+        "launch: got 'python && rm -rf data', which holds the shell character '&'",
+    ),
     ("train_basic", {"launch": "torchrun --nproc_per_node $(nproc)"}, "which holds the shell character '$'"),
-]  # fmt: skip
+]
 
 
 def _run_stage(stage, project, monkeypatch, capsys):
@@ -83,14 +128,17 @@ def test_bad_params(project, monkeypatch, capsys, stage, overrides, message):
     assert after == before  # nothing written
 
 
-@pytest.mark.parametrize(("stage", "message"), [
-    ("train_basic", "dvc repro download"),
-    ("train_unet2d", "dvc repro download"),
-    ("train_classifier", "dvc repro download"),
-    ("sample", "dvc repro train-basic"),
-    ("visualize_schedule", "dvc repro train-basic"),
-    ("compare", "dvc repro sample"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("stage", "message"),
+    [
+        ("train_basic", "dvc repro download"),
+        ("train_unet2d", "dvc repro download"),
+        ("train_classifier", "dvc repro download"),
+        ("sample", "dvc repro train-basic"),
+        ("visualize_schedule", "dvc repro train-basic"),
+        ("compare", "dvc repro sample"),
+    ],
+)
 def test_missing_upstream_output_names_the_stage(project, monkeypatch, capsys, stage, message):
     code, err = _run_stage(stage, project, monkeypatch, capsys)
     assert code == 2 and message in err and err.count("\n") == 1, err

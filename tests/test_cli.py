@@ -32,8 +32,12 @@ def test_out_that_is_a_file_or_under_one_is_refused_before_loading_the_model(wor
 
 def test_unreachable_tracking_server_fails_in_seconds_and_leaves_no_files(workdir):
     start = time.monotonic()
-    proc = run([*GENERATE, "--model", "models:/scratch-diffusion-unet2d/1"], cwd=workdir, check=False,
-               env={"MLFLOW_TRACKING_URI": "http://user:s3cret@127.0.0.1:9"})  # fmt: skip
+    proc = run(
+        [*GENERATE, "--model", "models:/scratch-diffusion-unet2d/1"],
+        cwd=workdir,
+        check=False,
+        env={"MLFLOW_TRACKING_URI": "http://user:s3cret@127.0.0.1:9"},
+    )
     assert proc.returncode == 2 and time.monotonic() - start < 60
     assert "MLFLOW_TRACKING_URI=http://127.0.0.1:9: the tracking server does not answer" in proc.stderr
     assert "s3cret" not in proc.stderr + proc.stdout
@@ -91,10 +95,14 @@ def test_a_registry_model_is_never_unpickled(workdir):
     booby = Booby()
     booby.marker = str(workdir / "ran-foreign-code")
     with mlflow.start_run():
-        mlflow.pytorch.log_model(booby, name="model", registered_model_name="booby", pip_requirements=["torch"],
-                                 serialization_format="pickle")  # fmt: skip
+        mlflow.pytorch.log_model(
+            booby,
+            name="model",
+            registered_model_name="booby",
+            pip_requirements=["torch"],
+            serialization_format="pickle",
+        )
     assert not (workdir / "ran-foreign-code").exists()
-    proc = run([*GENERATE, "--model", "models:/booby/1"], cwd=workdir, check=False,
-               env={"MLFLOW_TRACKING_URI": store})  # fmt: skip
+    proc = run([*GENERATE, "--model", "models:/booby/1"], cwd=workdir, check=False, env={"MLFLOW_TRACKING_URI": store})
     assert proc.returncode == 2 and "refused (unpickling a registry model runs its code)" in proc.stderr, proc.stderr
     assert not (workdir / "ran-foreign-code").exists()

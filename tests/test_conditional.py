@@ -17,8 +17,10 @@ from tests.conftest import TINY, run, write_params
 
 # TINY's blocks with 64 channels in the second: with 32 channels in 32 GroupNorm groups, the per-channel shift that
 # the time (and class) embedding adds is normalised away entirely, so a (32, 32) net ignores its labels.
-SMALL = {**{k: TINY["unet2d"][k] for k in ("layers_per_block", "down_block_types", "up_block_types")},
-         "block_out_channels": [32, 64]}  # fmt: skip
+SMALL = {
+    **{k: TINY["unet2d"][k] for k in ("layers_per_block", "down_block_types", "up_block_types")},
+    "block_out_channels": [32, 64],
+}
 
 
 def denoiser(num_classes: int = 10) -> UNet2DDenoiser:
@@ -114,15 +116,17 @@ class TwoDigitOracle(torch.nn.Module):
         x0 = [m + ab.sqrt() * self.s**2 / var * (x_t - ab.sqrt() * m) for m in self.means]
         log_p = torch.stack([-((x_t - ab.sqrt() * m) ** 2 / var).flatten(1).sum(1) / 2 for m in self.means], 1)
         w = per_image(log_p.softmax(1)[:, 0], x_t)
-        x0_hat = torch.where(per_image(y == 0, x_t), x0[0], torch.where(per_image(y == 1, x_t), x0[1],
-                                                                         w * x0[0] + (1 - w) * x0[1]))  # fmt: skip
+        x0_hat = torch.where(
+            per_image(y == 0, x_t), x0[0], torch.where(per_image(y == 1, x_t), x0[1], w * x0[0] + (1 - w) * x0[1])
+        )
         eps = (x_t - ab.sqrt() * x0_hat) / (1 - ab).sqrt()
         return target(self.objective, x0_hat, eps, ab)
 
 
 @pytest.mark.parametrize("objective", list(PREDICTION_TYPES))
-@pytest.mark.parametrize(("sampler", "steps"), [("ddpm", 50), ("ddim", 25), ("dpmsolver++", 10), ("euler", 20),
-                                                ("heun", 10), ("unipc", 10)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("sampler", "steps"), [("ddpm", 50), ("ddim", 25), ("dpmsolver++", 10), ("euler", 20), ("heun", 10), ("unipc", 10)]
+)
 def test_guidance_draws_the_class_asked_for_with_every_sampler(tmp_path, objective, sampler, steps):
     """Guidance must never push samples away from the class asked for: with the oracle, samples asked for class 0 end
     nearer its mean at scale 3 than at scale 1 or not farther (DDIM's unclipped noise estimate pushed them toward the
@@ -135,9 +139,19 @@ def test_guidance_draws_the_class_asked_for_with_every_sampler(tmp_path, objecti
     a, b = oracle.means
     distance = {}
     for scale in (0, 1, 3):
-        images, _ = generate(oracle, sampler, steps, 32, batch_size=32, seed=0, corruption="ddpm",
-                             trained_config=trained.config, eta=1.0 if sampler == "ddim" else 0.0,
-                             labels=torch.zeros(32, dtype=torch.long), guidance_scale=scale)  # fmt: skip
+        images, _ = generate(
+            oracle,
+            sampler,
+            steps,
+            32,
+            batch_size=32,
+            seed=0,
+            corruption="ddpm",
+            trained_config=trained.config,
+            eta=1.0 if sampler == "ddim" else 0.0,
+            labels=torch.zeros(32, dtype=torch.long),
+            guidance_scale=scale,
+        )
         x = torch.from_numpy(images).float().unsqueeze(1) / 127.5 - 1
         to_a, to_b = ((x - a) ** 2).mean((1, 2, 3)), ((x - b) ** 2).mean((1, 2, 3))
         distance[scale] = float(to_a.mean())
@@ -153,15 +167,31 @@ def test_class_conditional_needs_ddpm_noise():
 
 @pytest.mark.slow
 def test_a_tiny_conditional_model_draws_the_digit_asked_for(project, tmp_path):
-    write_params(project, {
-        "data": {"n_train": 3000},
-        "unet2d": {"class_conditional": True, "block_out_channels": [32, 64], "max_steps": 200, "batch_size": 32,
-                   "lr": 2e-3, "sample_every": 0, "checkpoint_every": 0},
-        "classifier": {"max_steps": 150},
-        "sample": {"n": 100, "batch_size": 100, "guidance_scales": [0, 1, 3],
-                   "settings": [{"model": "basic", "sampler": "toy", "steps": 3},
-                                {"model": "unet2d", "sampler": "ddim", "steps": 10}]},
-    })  # fmt: skip
+    write_params(
+        project,
+        {
+            "data": {"n_train": 3000},
+            "unet2d": {
+                "class_conditional": True,
+                "block_out_channels": [32, 64],
+                "max_steps": 200,
+                "batch_size": 32,
+                "lr": 2e-3,
+                "sample_every": 0,
+                "checkpoint_every": 0,
+            },
+            "classifier": {"max_steps": 150},
+            "sample": {
+                "n": 100,
+                "batch_size": 100,
+                "guidance_scales": [0, 1, 3],
+                "settings": [
+                    {"model": "basic", "sampler": "toy", "steps": 3},
+                    {"model": "unet2d", "sampler": "ddim", "steps": 10},
+                ],
+            },
+        },
+    )
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'store.db'}"}
     run(["dvc", "repro"], cwd=project, env=env)
     compare = json.loads((project / "metrics/compare.json").read_text())
@@ -179,7 +209,27 @@ def test_a_tiny_conditional_model_draws_the_digit_asked_for(project, tmp_path):
 
     # "Draw me a 7", from the DVC output and from the model registry.
     for model in ("models/unet2d", "models:/scratch-diffusion-unet2d/1"):
-        run(["scratch-diffusion", "generate", "--model", model, "--digit", "7", "--guidance-scale", "3", "--n", "10",
-             "--sampler", "ddim", "--steps", "10", "--out", "sevens"], cwd=project, env=env)  # fmt: skip
+        run(
+            [
+                "scratch-diffusion",
+                "generate",
+                "--model",
+                model,
+                "--digit",
+                "7",
+                "--guidance-scale",
+                "3",
+                "--n",
+                "10",
+                "--sampler",
+                "ddim",
+                "--steps",
+                "10",
+                "--out",
+                "sevens",
+            ],
+            cwd=project,
+            env=env,
+        )
         with np.load(project / "sevens/ddim-10-seed0-digits7-g3.npz") as npz:
             assert npz["images"].shape == (10, 28, 28) and set(npz["labels"].tolist()) == {7}

@@ -19,8 +19,9 @@ def test_two_processes_act_as_one_run(project, tmp_path):
     uri = f"sqlite:///{tmp_path / 'store.db'}"
     env = {"MLFLOW_TRACKING_URI": uri}
     # Global batch = 2 processes x per-process batch: the TINY params' 32 and 16.
-    write_params(project, {"launch": "torchrun --nproc_per_node 2", "basic": {"batch_size": 16},
-                           "unet2d": {"batch_size": 8}})  # fmt: skip
+    write_params(
+        project, {"launch": "torchrun --nproc_per_node 2", "basic": {"batch_size": 16}, "unet2d": {"batch_size": 8}}
+    )
     proc = run(["dvc", "repro", "train-basic", "train-unet2d"], cwd=project, env=env)
     out = proc.stdout + proc.stderr
     client = MlflowClient(tracking_uri=uri)
@@ -28,8 +29,13 @@ def test_two_processes_act_as_one_run(project, tmp_path):
     two = {}
     for stage, (metrics_name, logged_steps) in STAGES.items():
         # Two processes really ran, and their replicas (weights and EMA) ended bit-identical.
-        ends = dict(re.findall(rf"{stage}: process (\d) of 2 ends with (weights sha256 \w+, EMA sha256 \w+|"
-                               r"weights sha256 \w+)", out))  # fmt: skip
+        ends = dict(
+            re.findall(
+                rf"{stage}: process (\d) of 2 ends with (weights sha256 \w+, EMA sha256 \w+|"
+                r"weights sha256 \w+)",
+                out,
+            )
+        )
         assert set(ends) == {"0", "1"}, out[-3000:]
         assert ends["0"] == ends["1"]
         # One MLflow run per stage, each loss step logged once, by the main process only.

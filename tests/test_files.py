@@ -12,4 +12,3 @@ def test_atomic_path_leaves_nothing_when_the_write_fails(tmp_path):
         tmp.write_text("half")
         raise RuntimeError
     assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]
-

@@ -28,8 +28,10 @@ def test_cpu_flags_are_matched_whole():
         assert "fpu" in flags
 
 
-@pytest.mark.parametrize(("flags", "cls"), [(AVX2, "AVX2"), (AVX512, "AVX512"), (AVX512_BF16, "AVX512-BF16"),
-                                            (AMX, "AMX"), (frozenset({"sse2"}), "pre-AVX2")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("flags", "cls"),
+    [(AVX2, "AVX2"), (AVX512, "AVX512"), (AVX512_BF16, "AVX512-BF16"), (AMX, "AMX"), (frozenset({"sse2"}), "pre-AVX2")],
+)
 def test_cpu_class(flags, cls):
     assert cpu_class(flags) == cls
 
@@ -70,8 +72,11 @@ def test_the_line_a_stage_prints():
     assert choice.line("train-unet2d", 2) == "train-unet2d: fp32 (CPU: AVX2, no native bf16), NCHW, 2 threads"
     cuda = choose("basic", "auto", "auto", Hardware("cuda", AVX2, cuda_bf16=True))
     assert cuda.line("train-basic", 8) == "train-basic: bf16 (CUDA: native bf16), NHWC, 8 threads"
-    assert choice.as_params() == {"resolved.precision": "fp32", "resolved.channels_last": False,
-                                  "resolved.hardware": "CPU: AVX2, no native bf16"}  # fmt: skip
+    assert choice.as_params() == {
+        "resolved.precision": "fp32",
+        "resolved.channels_last": False,
+        "resolved.hardware": "CPU: AVX2, no native bf16",
+    }
 
 
 def test_unknown_values_are_refused():

@@ -40,8 +40,18 @@ def classifier(mnist):
     train_x, train_y, test_x, test_y = mnist
     torch.manual_seed(0)
     net = MnistClassifier()
-    fit(net, classifier_loss, train_x, Accelerator(cpu=True), labels=train_y, batch_size=64, lr=2e-3, epochs=1,
-        seed=0, lr_schedule="cosine")  # fmt: skip
+    fit(
+        net,
+        classifier_loss,
+        train_x,
+        Accelerator(cpu=True),
+        labels=train_y,
+        batch_size=64,
+        lr=2e-3,
+        epochs=1,
+        seed=0,
+        lr_schedule="cosine",
+    )
     net.eval()
     assert accuracy(net, test_x[:2000], test_y[:2000]) > 0.9  # one short epoch; the stage trains to 99%+
     return net

@@ -23,8 +23,15 @@ except ImportError:  # pragma: no cover - the dev extra installs it
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # No background traffic: this machine's network is closed, and Chromium retries refused connections by the dozen.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
-                 "--disable-background-networking", "--disable-component-update"]  # fmt: skip
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-background-networking",
+    "--disable-component-update",
+]
 
 pytestmark = [
     pytest.mark.slow,
@@ -59,11 +66,27 @@ def mlflow_server(backend_uri: str, *args: str, cwd=None, timeout: float = 90):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri, *args,
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            backend_uri,
+            *args,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         env={**os.environ, "MLFLOW_TRACKING_URI": backend_uri},
-    )  # fmt: skip
+    )
     try:
         wait_until_up(url, proc, timeout)
         yield url
@@ -136,8 +159,9 @@ def test_runs_loss_and_sample_grid_are_shown(server, tmp_path):
             box = full.bounding_box()
             # Whole: each corner of the grid is the grid itself on screen (not clipped, not covered).
             corners = [(box["x"] + dx, box["y"] + dy) for dx in (3, box["width"] - 3) for dy in (3, box["height"] - 3)]
-            on_top = [full.evaluate("(img, [x, y]) => document.elementFromPoint(x, y) === img", [x, y])
-                      for x, y in corners]  # fmt: skip
+            on_top = [
+                full.evaluate("(img, [x, y]) => document.elementFromPoint(x, y) === img", [x, y]) for x, y in corners
+            ]
             shot = tmp_path / "run.png"
             page.screenshot(path=shot)
             if os.environ.get("MLFLOW_UI_SCREENSHOT"):  # retake the README's picture: the same view, as tested

@@ -40,8 +40,16 @@ OUTPUTS = [
     "metrics/compare.json",
     "plots/compare/fid_vs_nfe.tsv",
 ]
-STAGES = ["check-params", "download", "train-basic", "train-unet2d", "sample", "visualize-schedule", "train-classifier",
-          "compare"]  # fmt: skip
+STAGES = [
+    "check-params",
+    "download",
+    "train-basic",
+    "train-unet2d",
+    "sample",
+    "visualize-schedule",
+    "train-classifier",
+    "compare",
+]
 
 
 def test_dvc_repro_then_experiments(project):
@@ -94,8 +102,21 @@ def test_dvc_repro_then_experiments(project):
     champion = client.get_model_version_by_alias(registered["registered_model"], "champion")
     assert str(champion.version) == str(registered["registered_version"])
     assert float(champion.tags["compare.fid"]) == pytest.approx(compare["best_fid_unet2d"], abs=1e-3)
-    run(["scratch-diffusion", "generate", "--model", f"models:/{registered['registered_model']}@champion", "--steps",
-         "2", "--n", "2", "--out", "champion"], cwd=project)  # fmt: skip
+    run(
+        [
+            "scratch-diffusion",
+            "generate",
+            "--model",
+            f"models:/{registered['registered_model']}@champion",
+            "--steps",
+            "2",
+            "--n",
+            "2",
+            "--out",
+            "champion",
+        ],
+        cwd=project,
+    )
     assert (project / "champion/ddim-2-seed0.npz").is_file()
 
     # The EMA axis from one run: the script retraces the stage's trajectory, so its copy at params.yaml's own
@@ -120,12 +141,26 @@ def test_dvc_repro_then_experiments(project):
     budget = ["ablations/sweep.py", "budget", "--every", "1", "--setting", "unet2d.max_steps=0 unet2d.epochs=2"]
     run([sys.executable, *budget], cwd=project)
     setting = budget[-1]  # added to the runs already in the file (the repository's own), or replacing its own
-    (budget_run,) = [r for r in json.loads((project / "ablations/budget.json").read_text())["runs"]
-                     if r["setting"] == setting]  # fmt: skip
+    (budget_run,) = [
+        r for r in json.loads((project / "ablations/budget.json").read_text())["runs"] if r["setting"] == setting
+    ]
     assert [(r["epochs"], r["steps"]) for r in budget_run["rows"]] == [(1, 16), (2, 32)]  # 256 images, batch 16
     # Training-seed spread: each setting once per seed, summarised as mean and spread with a noise-aware verdict.
-    run([sys.executable, "ablations/sweep.py", "run", "--seeds", "1", "2", "--setting", "", "--setting",
-         "unet2d.lr=5e-4"], cwd=project)  # fmt: skip
+    run(
+        [
+            sys.executable,
+            "ablations/sweep.py",
+            "run",
+            "--seeds",
+            "1",
+            "2",
+            "--setting",
+            "",
+            "--setting",
+            "unet2d.lr=5e-4",
+        ],
+        cwd=project,
+    )
     seeded = json.loads((project / "ablations/seeds.json").read_text())["rows"]
     assert [r["setting"] for r in seeded] == ["seed=1", "seed=2", "unet2d.lr=5e-4 seed=1", "unet2d.lr=5e-4 seed=2"]
     run([sys.executable, "ablations/sweep.py", "table"], cwd=project)

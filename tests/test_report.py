@@ -6,9 +6,23 @@ from scratch_diffusion.report import markdown_table, summarise, summary_text
 
 
 def row(setting: str, fid: float, half: float, seconds: float) -> dict:
-    return {"setting": setting, "model": "unet2d", "sampler": setting.split("-")[0], "steps": 10, "nfe": 10,
-            "fid": fid, "fid_lo": fid - half, "fid_hi": fid + half, "kid": fid / 100, "kid_lo": 0.0, "kid_hi": 1.0,
-            "recognised": 0.8, "coverage_kl": 0.01, "memorised": 0.0, "seconds_per_image": seconds}  # fmt: skip
+    return {
+        "setting": setting,
+        "model": "unet2d",
+        "sampler": setting.split("-")[0],
+        "steps": 10,
+        "nfe": 10,
+        "fid": fid,
+        "fid_lo": fid - half,
+        "fid_hi": fid + half,
+        "kid": fid / 100,
+        "kid_lo": 0.0,
+        "kid_hi": 1.0,
+        "recognised": 0.8,
+        "coverage_kl": 0.01,
+        "memorised": 0.0,
+        "seconds_per_image": seconds,
+    }
 
 
 def test_summary_names_the_settings_within_noise_and_the_cheapest_of_them():

@@ -16,10 +16,17 @@ from tests.conftest import REPO, run, write_params
 
 FAST = {
     "data": {"n_train": 256},
-    "basic": {"batch_size": 32, "epochs": 6, "max_steps": 40, "log_every": 2, "sample_every": 0, "checkpoint_every": 5,
-              "checkpoints_keep": 3},
+    "basic": {
+        "batch_size": 32,
+        "epochs": 6,
+        "max_steps": 40,
+        "log_every": 2,
+        "sample_every": 0,
+        "checkpoint_every": 5,
+        "checkpoints_keep": 3,
+    },
     "mlflow": {"log_model": False},
-}  # fmt: skip
+}
 STAGE = [sys.executable, str(REPO / "stages/train_basic.py")]
 
 
@@ -31,8 +38,11 @@ def downloaded(project):
 
 
 def _env(store):
-    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}",
-            "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
+    return {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{store}",
+        "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",
+    }
 
 
 def _kill_after_checkpoint(project, store, step: int) -> None:

@@ -48,8 +48,9 @@ def test_every_sampler_ends_at_x0_with_an_oracle(objective, sampler):
     torch.manual_seed(0)
     sched = ddpm_scheduler(prediction_type=PREDICTION_TYPES[objective])
     x0 = torch.rand(2, 1, 8, 8) * 1.6 - 0.8  # inside [-1, 1], away from the clip edges
-    x01, _ = sample_images(_oracle(objective, x0, sched.alphas_cumprod), sampler, 10, torch.randn(2, 1, 8, 8),
-                           sched.config, seed=0)  # fmt: skip
+    x01, _ = sample_images(
+        _oracle(objective, x0, sched.alphas_cumprod), sampler, 10, torch.randn(2, 1, 8, 8), sched.config, seed=0
+    )
     torch.testing.assert_close(x01, (x0 + 1) / 2, atol=2e-3, rtol=0)
 
 
@@ -60,9 +61,10 @@ def tiny_unet():
     return UNet2DDenoiser(unet).eval(), ddpm_scheduler(prediction_type="epsilon")
 
 
-@pytest.mark.parametrize(("sampler", "steps", "nfe"),
-                         [("ddpm", 3, 3), ("ddim", 3, 3), ("dpmsolver++", 3, 3), ("euler", 3, 3), ("heun", 3, 5),
-                          ("unipc", 3, 3)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("sampler", "steps", "nfe"),
+    [("ddpm", 3, 3), ("ddim", 3, 3), ("dpmsolver++", 3, 3), ("euler", 3, 3), ("heun", 3, 5), ("unipc", 3, 3)],
+)
 def test_tiny_model_shape_range_determinism_nfe(tiny_unet, sampler, steps, nfe):
     model, sched = tiny_unet
     kwargs = dict(batch_size=2, seed=7, corruption="ddpm", trained_config=sched.config)
@@ -78,8 +80,9 @@ def test_tiny_model_shape_range_determinism_nfe(tiny_unet, sampler, steps, nfe):
 def test_multistep_scheduler_is_fresh_per_batch(tiny_unet):
     """DPM-Solver++ keeps state between steps: several batches must not index past the end."""
     model, sched = tiny_unet
-    images, _ = generate(model, "dpmsolver++", 4, 6, batch_size=2, seed=0, corruption="ddpm",
-                         trained_config=sched.config)  # fmt: skip
+    images, _ = generate(
+        model, "dpmsolver++", 4, 6, batch_size=2, seed=0, corruption="ddpm", trained_config=sched.config
+    )
     assert images.shape == (6, 28, 28)
 
 

@@ -24,10 +24,12 @@ try:
 except ImportError:  # pragma: no cover - the dev extra installs it
     psycopg = None
 SKIP = (
-    "no PostgreSQL server binaries (Debian: apt-get install postgresql; .ci/run does)" if PG_BIN is None
-    else "psycopg is not installed (pip install -e '.[dev]')" if psycopg is None
+    "no PostgreSQL server binaries (Debian: apt-get install postgresql; .ci/run does)"
+    if PG_BIN is None
+    else "psycopg is not installed (pip install -e '.[dev]')"
+    if psycopg is None
     else None
-)  # fmt: skip
+)
 
 
 def as_postgres(cmd: list[str]) -> list[str]:
@@ -43,22 +45,33 @@ def postgres():
     if os.geteuid() == 0:
         shutil.chown(data, "postgres", "postgres")
     port = free_port()
-    subprocess.run(as_postgres([f"{PG_BIN}/initdb", "-D", str(data / "db"), "-U", "mlflow", "--auth=trust"]),
-                   check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        as_postgres([f"{PG_BIN}/initdb", "-D", str(data / "db"), "-U", "mlflow", "--auth=trust"]),
+        check=True,
+        capture_output=True,
+    )
     server = subprocess.Popen(
-        as_postgres([f"{PG_BIN}/postgres", "-D", str(data / "db"), "-h", "127.0.0.1", "-p", str(port),
-                     "-k", str(data)]),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        as_postgres(
+            [f"{PG_BIN}/postgres", "-D", str(data / "db"), "-h", "127.0.0.1", "-p", str(port), "-k", str(data)]
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
-        while subprocess.run([f"{PG_BIN}/pg_isready", "-h", "127.0.0.1", "-p", str(port)],
-                             capture_output=True).returncode != 0:  # fmt: skip
+        while (
+            subprocess.run([f"{PG_BIN}/pg_isready", "-h", "127.0.0.1", "-p", str(port)], capture_output=True).returncode
+            != 0
+        ):
             assert server.poll() is None, server.stdout.read()
             assert time.monotonic() < deadline, "PostgreSQL did not start within 60 s"
             time.sleep(0.3)
-        subprocess.run([f"{PG_BIN}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "mlflow", "mlflow"],
-                       check=True, capture_output=True)  # fmt: skip
+        subprocess.run(
+            [f"{PG_BIN}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "mlflow", "mlflow"],
+            check=True,
+            capture_output=True,
+        )
         yield f"postgresql://mlflow@127.0.0.1:{port}/mlflow"
     finally:
         server.terminate()
@@ -78,8 +91,11 @@ def test_training_logs_to_the_team_server(project, tracking_server, tmp_path):
     from mlflow import MlflowClient
 
     run([sys.executable, str(REPO / "stages/download.py")], cwd=project)
-    run([sys.executable, str(REPO / "stages/train_unet2d.py")], cwd=project,
-        env={"MLFLOW_TRACKING_URI": tracking_server})  # fmt: skip
+    run(
+        [sys.executable, str(REPO / "stages/train_unet2d.py")],
+        cwd=project,
+        env={"MLFLOW_TRACKING_URI": tracking_server},
+    )
     assert not (project / "mlflow.db").exists() and not (project / "mlartifacts").exists()  # all went to the server
 
     client = MlflowClient(tracking_uri=tracking_server, registry_uri=tracking_server)

@@ -46,8 +46,10 @@ def test_processes_racing_on_a_fresh_store_all_log(tmp_path):
     unless the store is opened once under a lock (without it, most of these processes died here)."""
     uri = f"sqlite:///{tmp_path / 'fresh.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    procs = [subprocess.Popen([sys.executable, "-c", RACER], env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
-             for _ in range(4)]  # fmt: skip
+    procs = [
+        subprocess.Popen([sys.executable, "-c", RACER], env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
     errors = [p.communicate()[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0, 0], errors
     client = mlflow.MlflowClient(tracking_uri=uri)
@@ -62,8 +64,22 @@ def test_two_queued_experiments_on_a_fresh_store_both_log(project):
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "data"], cwd=project)
     assert not (project / "mlflow.db").exists()
     for seed in (1, 2):
-        run(["dvc", "exp", "run", "--queue", "-n", f"race-{seed}", "-S", f"classifier.seed={seed}",
-             "-S", "classifier.max_steps=2", "train-classifier"], cwd=project)  # fmt: skip
+        run(
+            [
+                "dvc",
+                "exp",
+                "run",
+                "--queue",
+                "-n",
+                f"race-{seed}",
+                "-S",
+                f"classifier.seed={seed}",
+                "-S",
+                "classifier.max_steps=2",
+                "train-classifier",
+            ],
+            cwd=project,
+        )
     status = run_queue(project, jobs=2)
     assert status.count("Success") == 2 and "Failed" not in status, status
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")

@@ -25,8 +25,9 @@ def trained(project, tmp_path):
         "MLFLOW_TRACKING_PASSWORD": "SECRET-pw-2",
         "HF_TOKEN": "SECRET-3",
     }
-    proc = run([sys.executable, str(REPO / "stages/train_basic.py")], cwd=project,
-               env={"MLFLOW_TRACKING_URI": uri, **secrets})  # fmt: skip
+    proc = run(
+        [sys.executable, str(REPO / "stages/train_basic.py")], cwd=project, env={"MLFLOW_TRACKING_URI": uri, **secrets}
+    )
     return project, uri, proc
 
 

@@ -26,9 +26,13 @@ def assert_plain_ddim_draws_what_we_draw(folder):
     ours, _ = generate(model, "ddim", 4, 3, batch_size=3, seed=5, corruption="ddpm", trained_config=scheduler.config)
     ddim = DDIMScheduler.from_pretrained(folder / "scheduler", timestep_spacing="trailing")
     theirs = DDIMPipeline(unet=UNet2DModel.from_pretrained(folder / "unet"), scheduler=ddim)(
-        batch_size=3, num_inference_steps=4, eta=0.0, use_clipped_model_output=True, output_type="np",
+        batch_size=3,
+        num_inference_steps=4,
+        eta=0.0,
+        use_clipped_model_output=True,
+        output_type="np",
         generator=torch.Generator().manual_seed(5),
-    ).images[..., 0]  # fmt: skip
+    ).images[..., 0]
     assert np.abs((theirs * 255).round() - ours.astype(float)).max() <= 1
 
 
@@ -49,8 +53,9 @@ def test_each_objective_trains_logs_and_registers(downloaded, tmp_path, objectiv
     choice = choose("unet2d", "auto", "auto", detect("cpu"))
     lines = proc.stdout.splitlines()
     assert lines[0] == choice.line("train-unet2d", torch.get_num_threads()), proc.stdout
-    assert re.search(r"^train-unet2d: \d+ img/s over steps 2-6; about \d+ s left for the 6 steps to go$", proc.stdout,
-                     re.M), proc.stdout  # fmt: skip
+    assert re.search(
+        r"^train-unet2d: \d+ img/s over steps 2-6; about \d+ s left for the 6 steps to go$", proc.stdout, re.M
+    ), proc.stdout
     cost = json.loads((project / "metrics/cost/train-unet2d.json").read_text())
     assert {k: cost[k] for k in ("precision", "channels_last", "hardware")} == choice.as_params(prefix="")
 
@@ -117,8 +122,10 @@ def test_saved_model_loads_in_ddpm_pipeline_and_generates(downloaded, tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"objective": "eps", "unet2d": {"corruption": "toy", "conditioning": "amount"}},
-         "objective: got 'eps' with unet2d.corruption=toy"),
+        (
+            {"objective": "eps", "unet2d": {"corruption": "toy", "conditioning": "amount"}},
+            "objective: got 'eps' with unet2d.corruption=toy",
+        ),
         ({"unet2d": {"corruption": "toy"}}, "unet2d.conditioning: got 'timestep' with unet2d.corruption=toy"),
         ({"unet2d": {"conditioning": "amount"}}, "unet2d.conditioning: got 'amount' with unet2d.corruption=ddpm"),
         ({"unet2d": {"down_block_types": ["DownBlock2D"]}}, "unet2d.down_block_types: got 1 blocks"),
@@ -126,7 +133,7 @@ def test_saved_model_loads_in_ddpm_pipeline_and_generates(downloaded, tmp_path):
         ({"unet2d": {"beta_schedule": "cosine"}}, "allowed: 'linear', 'scaled_linear', 'squaredcos_cap_v2'"),
         ({"objective": "noise"}, "objective: got 'noise', allowed: 'x0', 'eps', 'v'"),
     ],
-)  # fmt: skip
+)
 def test_invalid_settings_fail_before_work(project, overrides, message):
     write_params(project, overrides)
     proc = run([sys.executable, str(REPO / "stages/train_unet2d.py")], cwd=project, check=False)
@@ -136,8 +143,11 @@ def test_invalid_settings_fail_before_work(project, overrides, message):
 
 def test_toy_corruption_with_amount_conditioning_trains(downloaded, tmp_path):
     write_params(downloaded, {"unet2d": {"corruption": "toy", "conditioning": "amount", "max_steps": 4}})
-    run([sys.executable, str(REPO / "stages/train_unet2d.py")], cwd=downloaded,
-        env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'store.db'}"})  # fmt: skip
+    run(
+        [sys.executable, str(REPO / "stages/train_unet2d.py")],
+        cwd=downloaded,
+        env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'store.db'}"},
+    )
     _, _, meta = load_unet2d(downloaded / "models/unet2d")
     assert meta["corruption"] == "toy" and meta["conditioning"] == "amount"
     # Plain diffusers would draw DDPM samples from a toy-corruption net: the folder is no DDPMPipeline, and its
@@ -152,8 +162,11 @@ def test_a_timestep_blind_model_draws_the_same_in_plain_diffusers(downloaded, tm
     """`conditioning: none` trains on t = 0 only; the saved UNet ignores t, so diffusers' own DDIMPipeline, which
     feeds the real t, draws what the project's sampler draws with t = 0."""
     write_params(downloaded, {"unet2d": {"conditioning": "none", "max_steps": 4}})
-    run([sys.executable, str(REPO / "stages/train_unet2d.py")], cwd=downloaded,
-        env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'store.db'}"})  # fmt: skip
+    run(
+        [sys.executable, str(REPO / "stages/train_unet2d.py")],
+        cwd=downloaded,
+        env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'store.db'}"},
+    )
     folder = downloaded / "models/unet2d"
     model, _, meta = load_unet2d(folder)
     assert meta["conditioning"] == "none" and "ignores t" in (folder / "README.md").read_text()

@@ -24,9 +24,22 @@ def _train(images, ckpt_dir, crash_at=None):
         if crash_at is not None and step >= crash_at:
             raise Crash
 
-    fit(model, toy_loss, images, Accelerator(cpu=True), batch_size=16, lr=1e-3, epochs=2, seed=3, ema=ema,
-        lr_schedule="cosine", warmup_steps=2, log_every=1, on_log=on_log,
-        checkpointing=Checkpointing(ckpt_dir, every=3, params_hash="h"))  # fmt: skip
+    fit(
+        model,
+        toy_loss,
+        images,
+        Accelerator(cpu=True),
+        batch_size=16,
+        lr=1e-3,
+        epochs=2,
+        seed=3,
+        ema=ema,
+        lr_schedule="cosine",
+        warmup_steps=2,
+        log_every=1,
+        on_log=on_log,
+        checkpointing=Checkpointing(ckpt_dir, every=3, params_hash="h"),
+    )
     return model, ema
 
 
@@ -60,8 +73,17 @@ def test_a_run_resumed_from_its_final_checkpoint_reports_the_speed_of_the_run_th
 
     def train():
         torch.manual_seed(0)
-        return fit(BasicUNet(), toy_loss, images, Accelerator(cpu=True), batch_size=16, lr=1e-3, epochs=2, seed=3,
-                   checkpointing=Checkpointing(tmp_path / "run", every=3, params_hash="h"))  # fmt: skip
+        return fit(
+            BasicUNet(),
+            toy_loss,
+            images,
+            Accelerator(cpu=True),
+            batch_size=16,
+            lr=1e-3,
+            epochs=2,
+            seed=3,
+            checkpointing=Checkpointing(tmp_path / "run", every=3, params_hash="h"),
+        )
 
     first = train()
     recorded = json.loads((tmp_path / "run/step-0000012/train_state.json").read_text())["progress"]["train_s"]

@@ -37,9 +37,11 @@ def _load_any(model: str, device: str):
         except Exception as e:  # MlflowException / RestException: unknown name, version or alias
             raise StageError(f"--model: cannot load {model!r} from {tracking.tracking_uri()}: {e}") from None
         if not ((path / "model.safetensors").is_file() or (path / META).is_file()):
-            raise StageError(f"--model: {model!r} carries no safetensors weights and metadata beside its pickle; "
-                             "refused (unpickling a registry model runs its code): use a model logged by this "
-                             "project's training stages")  # fmt: skip
+            raise StageError(
+                f"--model: {model!r} carries no safetensors weights and metadata beside its pickle; "
+                "refused (unpickling a registry model runs its code): use a model logged by this "
+                "project's training stages"
+            )
     try:
         if (path / "model.safetensors").is_file():
             return load_basic(path, device), "toy", None
@@ -88,17 +90,31 @@ def generate_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="start-noise seed; same seed, same images (default: 0)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM only: 0 deterministic, 1 DDPM-like")
     parser.add_argument("--batch-size", type=int, default=250, help="images per model call (default: 250)")
-    parser.add_argument("--digit", type=int, action="append", metavar="D",
-                        help="class-conditional models: draw this digit (repeatable: --digit 3 --digit 7 alternates; "
-                             "default: all ten in turn)")  # fmt: skip
-    parser.add_argument("--guidance-scale", type=float, default=None, metavar="S",
-                        help="class-conditional models: classifier-free guidance scale, 0 unconditional, "
-                             "1 plain conditional, > 1 guided (default: 2, the best measured trade-off)")  # fmt: skip
-    parser.add_argument("--precision", default="auto", choices=SAMPLE_PRECISIONS,
-                        help="model evaluations under bf16 autocast, or all fp32; auto: bf16 where the hardware "
-                             "computes it natively (default: auto)")  # fmt: skip
+    parser.add_argument(
+        "--digit",
+        type=int,
+        action="append",
+        metavar="D",
+        help="class-conditional models: draw this digit (repeatable: --digit 3 --digit 7 alternates; "
+        "default: all ten in turn)",
+    )
+    parser.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=None,
+        metavar="S",
+        help="class-conditional models: classifier-free guidance scale, 0 unconditional, "
+        "1 plain conditional, > 1 guided (default: 2, the best measured trade-off)",
+    )
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=SAMPLE_PRECISIONS,
+        help="model evaluations under bf16 autocast, or all fp32; auto: bf16 where the hardware "
+        "computes it natively (default: auto)",
+    )
     parser.add_argument("--out", default="generated", help="output folder (default: generated/)")
-    args = parser.parse_args(argv)  # fmt: skip
+    args = parser.parse_args(argv)
     for name in ("steps", "n", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}: got {getattr(args, name)}, allowed: 1 or more")
@@ -121,15 +137,18 @@ def generate_main(argv: list[str] | None = None) -> None:
     net, corruption, config = _load_any(args.model, device)
     if (args.sampler == "toy") != (corruption == "toy"):
         allowed = "toy" if corruption == "toy" else "ddpm, ddim, dpmsolver++, euler, heun, unipc"
-        parser.error(f"--sampler: got {args.sampler!r} for a model trained with the {corruption} corruption; "
-                     f"allowed: {allowed}")  # fmt: skip
+        parser.error(
+            f"--sampler: got {args.sampler!r} for a model trained with the {corruption} corruption; allowed: {allowed}"
+        )
     if config is not None and args.steps > config.num_train_timesteps:
         parser.error(f"--steps: got {args.steps}, allowed: 1..{config.num_train_timesteps} for this model")
 
     conditional = getattr(net, "null_label", None) is not None
     if not conditional and (args.digit or args.guidance_scale is not None):
-        parser.error(f"--digit/--guidance-scale: {args.model!r} is not class-conditional; allowed only with a model "
-                     "trained with unet2d.class_conditional: true")  # fmt: skip
+        parser.error(
+            f"--digit/--guidance-scale: {args.model!r} is not class-conditional; allowed only with a model "
+            "trained with unet2d.class_conditional: true"
+        )
     bad = [d for d in args.digit or [] if not 0 <= d <= 9]
     if bad:
         parser.error(f"--digit: got {bad[0]}, allowed: 0..9")
@@ -138,12 +157,25 @@ def generate_main(argv: list[str] | None = None) -> None:
     guidance = {}
     if conditional:
         digits = args.digit or list(range(10))
-        guidance = {"labels": torch.tensor([digits[i % len(digits)] for i in range(args.n)]),
-                    "guidance_scale": 2.0 if args.guidance_scale is None else args.guidance_scale}  # fmt: skip
+        guidance = {
+            "labels": torch.tensor([digits[i % len(digits)] for i in range(args.n)]),
+            "guidance_scale": 2.0 if args.guidance_scale is None else args.guidance_scale,
+        }
 
-    images, nfe = generate(net, args.sampler, args.steps, args.n, batch_size=args.batch_size, seed=args.seed,
-                           corruption=corruption, trained_config=config, device=device, eta=args.eta,
-                           precision=choice.precision, **guidance)  # fmt: skip
+    images, nfe = generate(
+        net,
+        args.sampler,
+        args.steps,
+        args.n,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        corruption=corruption,
+        trained_config=config,
+        device=device,
+        eta=args.eta,
+        precision=choice.precision,
+        **guidance,
+    )
     stem = f"{args.sampler}-{args.steps}-seed{args.seed}"
     if guidance:
         stem += f"-digits{''.join(map(str, args.digit or range(10)))}-g{guidance['guidance_scale']:g}"

@@ -38,4 +38,3 @@ def write_json(path: str | Path, obj) -> None:
 def write_tsv(path: str | Path, header: list[str], rows) -> None:
     lines = ["\t".join(header)] + ["\t".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in r) for r in rows]
     write_text(path, "\n".join(lines) + "\n")
-

@@ -131,8 +131,10 @@ def choose(network: str, precision: str, channels_last: str | bool, hardware: Ha
     if precision == "auto":
         precision = "bf16" if hardware.native_bf16 else "fp32"
     elif precision == "bf16" and hardware.device == "cpu" and not hardware.native_bf16:
-        warning = (f"bf16 asked for on a CPU without native bf16 ({cpu_class(hardware.cpu_flags)}): PyTorch "
-                   "emulates it, 7-14x slower than fp32; 'auto' or 'fp32' is faster here")  # fmt: skip
+        warning = (
+            f"bf16 asked for on a CPU without native bf16 ({cpu_class(hardware.cpu_flags)}): PyTorch "
+            "emulates it, 7-14x slower than fp32; 'auto' or 'fp32' is faster here"
+        )
     if channels_last == "auto":
         channels_last = CHANNELS_LAST[network]
     return Choice(precision, channels_last, hardware, warning)

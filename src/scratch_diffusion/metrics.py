@@ -36,8 +36,14 @@ RECOGNISED_THRESHOLD = 0.9
 MEMORISATION_PERCENTILE = 1.0
 RESAMPLES = 200  # bootstrap resamples behind each interval (and KID subsets)
 CONFIDENCE = 0.95
-LOWER_IS_BETTER = {"fid": True, "kid": True, "coverage_kl": True, "memorised": True, "recognised": False,
-                   "cond_accuracy": False}  # fmt: skip
+LOWER_IS_BETTER = {
+    "fid": True,
+    "kid": True,
+    "coverage_kl": True,
+    "memorised": True,
+    "recognised": False,
+    "cond_accuracy": False,
+}
 
 
 def classifier_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -146,8 +152,9 @@ class Judge:
 
     def __init__(self, classifier: MnistClassifier, test_images, train_images, n: int, resamples: int = RESAMPLES):
         if 2 * n > len(test_images):
-            raise ValueError(f"sample.n: got {n}; the judge needs 2 * n real test images (allowed: n <= "
-                             f"{len(test_images) // 2})")  # fmt: skip
+            raise ValueError(
+                f"sample.n: got {n}; the judge needs 2 * n real test images (allowed: n <= {len(test_images) // 2})"
+            )
         self.classifier = classifier.eval()
         self.n, self.resamples = n, resamples
         self.train_images = train_images
@@ -215,10 +222,14 @@ class Judge:
                 ours, theirs = features(self.classifier, mine), features(self.classifier, real)
                 per_class[str(c)] = frechet_distance(*gaussian(ours), *gaussian(theirs))
         lo, hi = _interval(reps, float(hit.mean()))
-        return {"cond_accuracy": float(hit.mean()), "cond_accuracy_lo": lo, "cond_accuracy_hi": hi,
-                "fid_per_class": per_class,
-                "fid_class_mean": float(np.mean(list(per_class.values()))) if per_class else None,
-                "replicates": {"cond_accuracy": reps}}  # fmt: skip
+        return {
+            "cond_accuracy": float(hit.mean()),
+            "cond_accuracy_lo": lo,
+            "cond_accuracy_hi": hi,
+            "fid_per_class": per_class,
+            "fid_class_mean": float(np.mean(list(per_class.values()))) if per_class else None,
+            "replicates": {"cond_accuracy": reps},
+        }
 
 
 def verdict(a: dict, b: dict, key: str) -> str:

@@ -72,8 +72,14 @@ def min_snr_weight(objective: str, snr_t: torch.Tensor, gamma: float = 5.0) -> t
     return clipped / (snr_t + 1)
 
 
-def ddpm_loss(scheduler, objective: str, weighting: str = "none", gamma: float = 5.0, label_dropout: float = 0.0,
-              null_label: int | None = None) -> Callable:  # fmt: skip
+def ddpm_loss(
+    scheduler,
+    objective: str,
+    weighting: str = "none",
+    gamma: float = 5.0,
+    label_dropout: float = 0.0,
+    null_label: int | None = None,
+) -> Callable:
     """`loss_fn(model, x0_pixels[, labels])` for DDPM training: t ~ U{0..T-1}, Gaussian noise, MSE on the objective's
     target. With labels (class-conditional nets), each is replaced by `null_label` with probability `label_dropout`,
     so the same net also learns the unconditional prediction that classifier-free guidance needs."""

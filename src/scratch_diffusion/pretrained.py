@@ -131,8 +131,10 @@ def load_unet2d(path: str | Path, device="cpu") -> tuple[UNet2DDenoiser, DDPMSch
         scheduler = DDPMScheduler.from_pretrained(scheduler_dir)
         return UNet2DDenoiser(unet, meta["conditioning"]).eval(), scheduler, meta
     except Exception as e:  # whatever the damage, one message that names the folder
-        raise ModelFileError(f"{path}: not a readable trained model ({type(e).__name__}: {str(e)[:200]}); "
-                             "rerun `dvc repro train-unet2d` (or `dvc checkout models/unet2d`)") from None  # fmt: skip
+        raise ModelFileError(
+            f"{path}: not a readable trained model ({type(e).__name__}: {str(e)[:200]}); "
+            "rerun `dvc repro train-unet2d` (or `dvc checkout models/unet2d`)"
+        ) from None
 
 
 def load_basic(path: str | Path, device="cpu"):
@@ -148,6 +150,8 @@ def load_basic(path: str | Path, device="cpu"):
     try:
         net.load_state_dict(load_file(weights))
     except Exception as e:
-        raise ModelFileError(f"{weights}: not a readable BasicUNet ({type(e).__name__}: {str(e)[:200]}); rerun "
-                             "`dvc repro train-basic` (or `dvc checkout models/basic`)") from None  # fmt: skip
+        raise ModelFileError(
+            f"{weights}: not a readable BasicUNet ({type(e).__name__}: {str(e)[:200]}); rerun "
+            "`dvc repro train-basic` (or `dvc checkout models/basic`)"
+        ) from None
     return net.to(device).eval()

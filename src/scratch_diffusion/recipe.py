@@ -27,15 +27,25 @@ def basic_parts(params: Params) -> BasicUNet:
     return BasicUNet()
 
 
-def fit_basic(params: Params, model: BasicUNet, images: torch.Tensor, accelerator: Accelerator, channels_last: bool,
-              **hooks) -> TrainResult:  # fmt: skip
+def fit_basic(
+    params: Params, model: BasicUNet, images: torch.Tensor, accelerator: Accelerator, channels_last: bool, **hooks
+) -> TrainResult:
     """Train the BasicUNet as the train-basic stage does (the lesson's loop: toy corruption, x0 target, Adam)."""
     p = params.basic
     return fit(
-        model, toy_loss, images, accelerator,
-        batch_size=p.batch_size, lr=p.lr, epochs=p.epochs, seed=params.seed, max_steps=p.max_steps,
-        log_every=p.log_every, channels_last=channels_last, **hooks,
-    )  # fmt: skip
+        model,
+        toy_loss,
+        images,
+        accelerator,
+        batch_size=p.batch_size,
+        lr=p.lr,
+        epochs=p.epochs,
+        seed=params.seed,
+        max_steps=p.max_steps,
+        log_every=p.log_every,
+        channels_last=channels_last,
+        **hooks,
+    )
 
 
 def unet2d_parts(params: Params) -> Parts:
@@ -44,16 +54,24 @@ def unet2d_parts(params: Params) -> Parts:
     p = params.unet2d
     torch.manual_seed(params.seed)
     num_classes = NUM_CLASSES if p.class_conditional else 0
-    unet = build_unet(p.block_out_channels, p.layers_per_block, p.down_block_types, p.up_block_types,
-                      num_classes=num_classes)  # fmt: skip
+    unet = build_unet(
+        p.block_out_channels, p.layers_per_block, p.down_block_types, p.up_block_types, num_classes=num_classes
+    )
     model = UNet2DDenoiser(unet, p.conditioning)
-    scheduler = ddpm_scheduler(p.num_train_timesteps, p.beta_schedule, p.beta_start, p.beta_end,
-                               PREDICTION_TYPES[params.objective])  # fmt: skip
+    scheduler = ddpm_scheduler(
+        p.num_train_timesteps, p.beta_schedule, p.beta_start, p.beta_end, PREDICTION_TYPES[params.objective]
+    )
     if p.corruption == "toy":
         loss_fn = toy_loss
     else:
-        loss_fn = ddpm_loss(scheduler, params.objective, p.loss_weighting, p.min_snr_gamma,
-                            label_dropout=p.label_dropout, null_label=model.null_label)  # fmt: skip
+        loss_fn = ddpm_loss(
+            scheduler,
+            params.objective,
+            p.loss_weighting,
+            p.min_snr_gamma,
+            label_dropout=p.label_dropout,
+            null_label=model.null_label,
+        )
     ema = EMA(model, p.ema_decay, p.ema_warmup) if p.ema_decay > 0 else None
     return model, scheduler, loss_fn, ema
 
@@ -73,9 +91,21 @@ def fit_unet2d(
     p = params.unet2d
     model, _, loss_fn, own_ema = parts
     return fit(
-        model, loss_fn, images, accelerator,
-        batch_size=p.batch_size, lr=p.lr, epochs=p.epochs, seed=params.seed, max_steps=p.max_steps,
-        grad_clip=p.grad_clip, lr_schedule=p.lr_schedule, warmup_steps=p.lr_warmup_steps,
-        ema=own_ema if ema is None else ema, log_every=p.log_every, channels_last=channels_last,
-        labels=labels if p.class_conditional else None, **hooks,
-    )  # fmt: skip
+        model,
+        loss_fn,
+        images,
+        accelerator,
+        batch_size=p.batch_size,
+        lr=p.lr,
+        epochs=p.epochs,
+        seed=params.seed,
+        max_steps=p.max_steps,
+        grad_clip=p.grad_clip,
+        lr_schedule=p.lr_schedule,
+        warmup_steps=p.lr_warmup_steps,
+        ema=own_ema if ema is None else ema,
+        log_every=p.log_every,
+        channels_last=channels_last,
+        labels=labels if p.class_conditional else None,
+        **hooks,
+    )

@@ -111,8 +111,12 @@ def plot_losses(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
     for name, curve in curves.items():
         steps, losses = zip(*curve, strict=True)
         ax.plot(steps, losses, label=name)
-    ax.set(xlabel="optimizer step", ylabel="training loss (each model's own objective)", yscale="log",
-           title="training loss")  # fmt: skip
+    ax.set(
+        xlabel="optimizer step",
+        ylabel="training loss (each model's own objective)",
+        yscale="log",
+        title="training loss",
+    )
     ax.legend()
     _save(fig, path)
 
@@ -128,8 +132,13 @@ def plot_fid_vs_nfe(rows: list[dict], floor: float, path: Path) -> None:
         bars = [fid - [r.get("fid_lo", r["fid"]) for r in group], [r.get("fid_hi", r["fid"]) for r in group] - fid]
         ax.errorbar([r["nfe"] for r in group], fid, yerr=bars, fmt="o-", capsize=3, color=f"C{i % 10}", label=name)
     ax.axhline(floor, color="grey", linestyle="--", label=f"real data floor ({floor:.2f})")
-    ax.set(xscale="log", yscale="log", xlabel="model evaluations per image (NFE)", ylabel="FID (classifier features)",
-           title="sample quality against cost (bars: 95% bootstrap intervals)")  # fmt: skip
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="model evaluations per image (NFE)",
+        ylabel="FID (classifier features)",
+        title="sample quality against cost (bars: 95% bootstrap intervals)",
+    )
     ax.legend(fontsize=8)
     _save(fig, path)
 
@@ -147,8 +156,12 @@ def plot_guidance(rows: list[dict], path: Path) -> None:
         acc_ax.plot(scales, [r["cond_accuracy"] for r in group], "o-", color=f"C{i % 10}", label=name)
         fid_ax.plot(scales, [r["fid"] for r in group], "o-", color=f"C{i % 10}", label=name)
     acc_ax.axhline(0.1, color="grey", linestyle=":", label="chance")
-    acc_ax.set(xlabel="guidance scale (0 = unconditional, 1 = conditional)", ylabel="conditional accuracy",
-               title="samples read as the digit asked for", ylim=(0, 1.02))  # fmt: skip
+    acc_ax.set(
+        xlabel="guidance scale (0 = unconditional, 1 = conditional)",
+        ylabel="conditional accuracy",
+        title="samples read as the digit asked for",
+        ylim=(0, 1.02),
+    )
     fid_ax.set(xlabel="guidance scale", ylabel="FID (classifier features)", title="overall FID", yscale="log")
     acc_ax.legend(fontsize=8)
     _save(fig, path)
@@ -176,8 +189,9 @@ def plot_montage(rows: list[dict], images: dict[str, np.ndarray], path: Path, pe
     _save(fig, path)
 
 
-def write_report(rows: list[dict], summary: dict, context: dict, figures: dict[str, Path], out_md: Path,
-                 out_html: Path) -> None:  # fmt: skip
+def write_report(
+    rows: list[dict], summary: dict, context: dict, figures: dict[str, Path], out_md: Path, out_html: Path
+) -> None:
     """reports/compare.md (figures linked) and a self-contained HTML page (figures inline)."""
     n, floor = context["n"], summary["floor"]
     intro = (

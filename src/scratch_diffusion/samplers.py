@@ -105,8 +105,9 @@ def fixed_noise(n: int, corruption: str, seed: int, shape: tuple[int, ...] = (1,
     return torch.rand(n, *shape, generator=g) if corruption == "toy" else torch.randn(n, *shape, generator=g)
 
 
-def sample_images(model, sampler: str, steps: int, noise: torch.Tensor, trained_config=None, seed: int = 0,
-                  **options) -> tuple[torch.Tensor, int]:  # fmt: skip
+def sample_images(
+    model, sampler: str, steps: int, noise: torch.Tensor, trained_config=None, seed: int = 0, **options
+) -> tuple[torch.Tensor, int]:
     """One entry point for every sampler: returns (images in [0, 1] (B, C, H, W), NFE).
 
     `toy` is the lesson's sampler (noise in [0, 1]); any other name is a diffusers scheduler built from
@@ -124,10 +125,23 @@ def sample_images(model, sampler: str, steps: int, noise: torch.Tensor, trained_
 PRECISIONS = ("fp32", "bf16")
 
 
-def generate(model, sampler: str, steps: int, n: int, *, batch_size: int, seed: int, corruption: str,
-             trained_config=None, device="cpu", eta: float = 0.0, precision: str = "fp32",
-             labels: torch.Tensor | None = None, guidance_scale: float = 1.0,
-             progress=None) -> tuple[np.ndarray, int]:  # fmt: skip
+def generate(
+    model,
+    sampler: str,
+    steps: int,
+    n: int,
+    *,
+    batch_size: int,
+    seed: int,
+    corruption: str,
+    trained_config=None,
+    device="cpu",
+    eta: float = 0.0,
+    precision: str = "fp32",
+    labels: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+    progress=None,
+) -> tuple[np.ndarray, int]:
     """`n` images as uint8 (n, H, W) from one sampler setting, in batches, and the NFE per image.
 
     The start noise of all n images comes from one generator seeded with `seed`, so a batch size change does
@@ -145,8 +159,15 @@ def generate(model, sampler: str, steps: int, n: int, *, batch_size: int, seed: 
     for i, start in enumerate(range(0, n, batch_size)):
         net = model if labels is None else Guided(model, labels[start : start + batch_size], guidance_scale)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            x01, nfe = sample_images(net, sampler, steps, noise[start : start + batch_size].to(device),
-                                     trained_config, seed=seed + i, **options)  # fmt: skip
+            x01, nfe = sample_images(
+                net,
+                sampler,
+                steps,
+                noise[start : start + batch_size].to(device),
+                trained_config,
+                seed=seed + i,
+                **options,
+            )
         out.append((x01[:, 0] * 255).round().to(torch.uint8).cpu().numpy())
         if progress is not None:
             progress(x01.shape[0])

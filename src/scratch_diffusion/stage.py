@@ -33,11 +33,14 @@ def run_stage(main: Callable[[], dict | None], record_cost: bool = True) -> None
 
         stage = Path(sys.argv[0]).stem.replace("_", "-")
         peak_kib = max(peak_rss_kib(), resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-        write_json(f"metrics/cost/{stage}.json", {
-            "wall_s": round(time.perf_counter() - start, 2),
-            "peak_rss_mib": round(peak_kib / 1024, 1),
-            **ran_with,
-        })  # fmt: skip
+        write_json(
+            f"metrics/cost/{stage}.json",
+            {
+                "wall_s": round(time.perf_counter() - start, 2),
+                "peak_rss_mib": round(peak_kib / 1024, 1),
+                **ran_with,
+            },
+        )
 
 
 def peak_rss_kib() -> int:

@@ -121,8 +121,10 @@ def check_reachable(uri: str) -> None:
     except urllib.error.HTTPError:
         return  # it answered: a server that lacks /health or wants other credentials is still there
     except (urllib.error.URLError, OSError, ValueError) as e:
-        raise ConnectionError(f"MLFLOW_TRACKING_URI={shown}: the tracking server does not answer ({e}); "
-                              "start it, fix the URI, or unset it to use ./mlflow.db") from None  # fmt: skip
+        raise ConnectionError(
+            f"MLFLOW_TRACKING_URI={shown}: the tracking server does not answer ({e}); "
+            "start it, fix the URI, or unset it to use ./mlflow.db"
+        ) from None
 
 
 def last_logged_step(run_id: str, key: str = "loss") -> int:
@@ -134,8 +136,9 @@ def last_logged_step(run_id: str, key: str = "loss") -> int:
 
 
 @contextmanager
-def start_run(experiment: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, Any],
-              resume_run_id: str | None = None) -> Iterator:  # fmt: skip
+def start_run(
+    experiment: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, Any], resume_run_id: str | None = None
+) -> Iterator:
     """Open one MLflow run with the flattened params and the standard tags; yields the active run.
 
     With `resume_run_id` (training resumed from a checkpoint), that run is continued if the store has it;
@@ -204,8 +207,13 @@ def pip_requirements() -> list[str]:
     return [f"{pkg}=={md.version(pkg)}" for pkg in ("torch", "diffusers", "numpy", "safetensors")]
 
 
-def log_torch_model(model, name: str = "model", registered_name: str | None = None, tags: Mapping | None = None,
-                    extra_files: list[str | Path] | None = None):  # fmt: skip
+def log_torch_model(
+    model,
+    name: str = "model",
+    registered_name: str | None = None,
+    tags: Mapping | None = None,
+    extra_files: list[str | Path] | None = None,
+):
     """Log a torch module with the package source shipped alongside, so loading needs no install of ours."""
     import mlflow
 
@@ -254,4 +262,3 @@ def promote_champion(name: str, version: str, fid: float, n: int) -> bool:
             return False  # the champion measured as good or better, or at another n (FIDs across n never compare)
     _with_retry(client.set_registered_model_alias, name, CHAMPION, version)
     return True
-

@@ -149,12 +149,16 @@ def find_checkpoints(ckpt: Checkpointing, log=print) -> list[tuple[Path, dict]]:
             continue
         info = json.loads(marker.read_text())
         if info.get("params_hash") != ckpt.params_hash:
-            log(f"checkpoint {path}: made with other params ({info.get('params_hash')} != {ckpt.params_hash}), "
-                "not resumed from")  # fmt: skip
+            log(
+                f"checkpoint {path}: made with other params ({info.get('params_hash')} != {ckpt.params_hash}), "
+                "not resumed from"
+            )
             continue
         if info.get("num_processes", 1) != ckpt.num_processes:
-            log(f"checkpoint {path}: made by {info.get('num_processes', 1)} processes, this run has "
-                f"{ckpt.num_processes}; not resumed from (resume with the same number of processes)")  # fmt: skip
+            log(
+                f"checkpoint {path}: made by {info.get('num_processes', 1)} processes, this run has "
+                f"{ckpt.num_processes}; not resumed from (resume with the same number of processes)"
+            )
             continue
         found.append((path, info))
     return found
@@ -184,8 +188,11 @@ class Eta:
         elif step == self.report_at and step < self.total and self.from_time is not None:
             self.step_s = (time.perf_counter() - self.from_time) / (step - self.from_step)
             rate = self.images_per_step / self.step_s
-            print(f"{self.desc}: {rate:.0f} img/s over steps {self.from_step + 1}-{step}; about {self.left(step)} "
-                  f"left for the {self.total - step} steps to go", flush=True)  # fmt: skip
+            print(
+                f"{self.desc}: {rate:.0f} img/s over steps {self.from_step + 1}-{step}; about {self.left(step)} "
+                f"left for the {self.total - step} steps to go",
+                flush=True,
+            )
 
     def left(self, step: int) -> str:
         if self.step_s is None:
@@ -251,8 +258,12 @@ def fit(
     # never draws from the global RNG (which the corruption noise uses).
     dataset = TensorDataset(images) if labels is None else TensorDataset(images, labels)
     order = torch.Generator()
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=RandomSampler(dataset, generator=order),
-                        generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=RandomSampler(dataset, generator=order),
+        generator=torch.Generator().manual_seed(seed),
+    )
     layout = torch.channels_last if channels_last else torch.contiguous_format
     model.to(memory_format=layout)
     # The fused kernel updates all parameters in one pass (CPU and CUDA): ~5% of a small network's step here.
@@ -282,8 +293,9 @@ def fit(
         progress.run_id = checkpointing.run_id
         _resume(accelerator, checkpointing, extras, main)
 
-    bar = tqdm(total=total, initial=progress.step, desc=desc, disable=not (main and sys.stderr.isatty()),
-               dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(
+        total=total, initial=progress.step, desc=desc, disable=not (main and sys.stderr.isatty()), dynamic_ncols=True
+    )
     plain_every = max(1, total // 20)  # off a terminal: about 20 plain progress lines
     if on_sample and sample_every and main and progress.step == 0:
         # The untrained model's grid: a baseline for the later ones, and the step MLflow's image slider opens at.
@@ -340,8 +352,10 @@ def fit(
             if main and bar.disable and (step % plain_every == 0 or last):
                 rate = (progress.seen - seen_at_start) / (time.perf_counter() - start)
                 shown = f"loss {progress.loss_curve[-1][1]:.4f} " if progress.loss_curve else ""
-                print(f"{desc}: step {step}/{total} epoch {epoch + 1} {shown}({rate:.0f} img/s, "
-                      f"{eta.left(step)} left)", flush=True)  # fmt: skip
+                print(
+                    f"{desc}: step {step}/{total} epoch {epoch + 1} {shown}({rate:.0f} img/s, {eta.left(step)} left)",
+                    flush=True,
+                )
             if on_sample and sample_every and step % sample_every == 0 and not last:
                 accelerator.wait_for_everyone()
                 if main:
@@ -376,8 +390,9 @@ def fit(
         if ema is not None:
             held += f", EMA sha256 {weights_digest(ema.model)}"
         # One write per line: the processes share stdout, and print() writes the newline separately.
-        sys.stdout.write(f"{desc}: process {accelerator.process_index} of {accelerator.num_processes} ends with "
-                         f"{held}\n")  # fmt: skip
+        sys.stdout.write(
+            f"{desc}: process {accelerator.process_index} of {accelerator.num_processes} ends with {held}\n"
+        )
         sys.stdout.flush()
     return TrainResult(
         steps=step,
@@ -411,8 +426,12 @@ def _save(accelerator: Accelerator, ckpt: Checkpointing, extras: dict, main: boo
             state["ema_updates"] = ema.updates
             save_file({k: v.contiguous() for k, v in ema.model.state_dict().items()}, str(path / "ema.safetensors"))
         (path / "train_state.json").write_text(json.dumps(state))
-        marker = {"step": progress.step, "params_hash": ckpt.params_hash, "run_id": progress.run_id,
-                  "num_processes": accelerator.num_processes}  # fmt: skip
+        marker = {
+            "step": progress.step,
+            "params_hash": ckpt.params_hash,
+            "run_id": progress.run_id,
+            "num_processes": accelerator.num_processes,
+        }
         (path / COMPLETE).write_text(json.dumps(marker) + "\n")
         complete = sorted(p for p in Path(ckpt.dir).glob("step-*") if (p / COMPLETE).is_file())
         for old in complete[: -ckpt.keep]:
@@ -449,8 +468,9 @@ def _resume(accelerator: Accelerator, ckpt: Checkpointing, extras: dict, main: b
             progress.load_state_dict(state["progress"])
         except Exception as e:  # truncated or corrupt files: back to the fresh state, then an older checkpoint
             _restore(extras, fresh)
-            warnings.warn(f"checkpoint {path} could not be loaded ({type(e).__name__}: {e}); trying an older one",
-                          stacklevel=2)  # fmt: skip
+            warnings.warn(
+                f"checkpoint {path} could not be loaded ({type(e).__name__}: {e}); trying an older one", stacklevel=2
+            )
             continue
         log(f"resumed from {path} (step {progress.step})")
         return
@@ -470,9 +490,13 @@ def _snapshot(extras: dict) -> dict:
         "scheduler": copy.deepcopy(extras["scheduler"].state_dict()),
         "progress": copy.deepcopy(extras["progress"].state_dict()),
         "ema": (copy.deepcopy(ema.model.state_dict()), ema.updates) if ema is not None else None,
-        "rng": (random.getstate(), np.random.get_state(), torch.get_rng_state(),
-                torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None),
-    }  # fmt: skip
+        "rng": (
+            random.getstate(),
+            np.random.get_state(),
+            torch.get_rng_state(),
+            torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        ),
+    }
 
 
 def _restore(extras: dict, fresh: dict) -> None:
