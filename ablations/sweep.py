@@ -36,7 +36,7 @@ from scratch_diffusion.config import ParamsError, params_from_dict
 from scratch_diffusion.data import load_split
 from scratch_diffusion.hardware import cpu_name, for_sampling
 from scratch_diffusion.metrics import Judge, seed_verdict
-from scratch_diffusion.pretrained import load_unet2d, save_unet2d
+from scratch_diffusion.model_files import load_unet2d, save_unet2d
 from scratch_diffusion.recipe import fit_unet2d, unet2d_parts
 from scratch_diffusion.samplers import generate
 from scratch_diffusion.training import stage_accelerator

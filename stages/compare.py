@@ -17,10 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from scratch_diffusion import files, tracking
-from scratch_diffusion.config import load_params
-from scratch_diffusion.data import load_split
-from scratch_diffusion.metrics import Judge
-from scratch_diffusion.report import (
+from scratch_diffusion.compare_report import (
     plot_digit_grid,
     plot_fid_vs_nfe,
     plot_guidance,
@@ -29,6 +26,9 @@ from scratch_diffusion.report import (
     summarise,
     write_report,
 )
+from scratch_diffusion.config import load_params
+from scratch_diffusion.data import load_split
+from scratch_diffusion.metrics import Judge
 from scratch_diffusion.stage import StageError, run_stage
 
 REPORTS = Path("reports")

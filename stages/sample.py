@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 from scratch_diffusion import files, tracking
 from scratch_diffusion.config import flatten, load_params
 from scratch_diffusion.hardware import for_sampling
-from scratch_diffusion.plots import grid, save_png
-from scratch_diffusion.pretrained import load_basic, load_unet2d
+from scratch_diffusion.images import grid, save_png
+from scratch_diffusion.model_files import load_basic, load_unet2d
 from scratch_diffusion.samplers import generate
 from scratch_diffusion.stage import StageError, duration, run_stage
 
@@ -44,7 +44,7 @@ def load_models(names: set[str], device) -> dict:
                 model, scheduler, meta = load_unet2d(path, device)
                 loaded[name] = (model, meta["corruption"], scheduler.config)
                 conditional = model.null_label is not None
-        except OSError as e:  # missing, or pretrained.ModelFileError: truncated, corrupt, not ours
+        except OSError as e:  # missing, or model_files.ModelFileError: truncated, corrupt, not ours
             raise StageError(str(e)) from None
         run_file = path / "run.json"
         run_id = json.loads(run_file.read_text())["run_id"] if run_file.is_file() else ""

@@ -18,12 +18,12 @@ from safetensors.torch import save_file
 from scratch_diffusion import files, tracking
 from scratch_diffusion.config import flatten, load_params, params_hash
 from scratch_diffusion.data import load_split
-from scratch_diffusion.plots import grid, to_uint8
+from scratch_diffusion.images import grid, to_uint8
 from scratch_diffusion.recipe import basic_parts, fit_basic
-from scratch_diffusion.reporting import report_training
 from scratch_diffusion.samplers import toy_sample
 from scratch_diffusion.stage import run_stage
 from scratch_diffusion.training import Checkpointing, resumable_run_id, stage_accelerator
+from scratch_diffusion.training_report import report_training
 
 DATA_ROOT = "data/dataset"
 CHECKPOINTS = "checkpoints/train-basic"

@@ -19,14 +19,14 @@ import torch
 from scratch_diffusion import files, tracking
 from scratch_diffusion.config import flatten, load_params, params_hash
 from scratch_diffusion.data import NUM_CLASSES, load_split
+from scratch_diffusion.images import grid, to_uint8
+from scratch_diffusion.model_files import META, save_unet2d
 from scratch_diffusion.models import Guided
-from scratch_diffusion.plots import grid, to_uint8
-from scratch_diffusion.pretrained import META, save_unet2d
 from scratch_diffusion.recipe import fit_unet2d, unet2d_parts
-from scratch_diffusion.reporting import report_training
 from scratch_diffusion.samplers import fixed_noise, sample_images
 from scratch_diffusion.stage import run_stage
 from scratch_diffusion.training import Checkpointing, resumable_run_id, stage_accelerator
+from scratch_diffusion.training_report import report_training
 
 DATA_ROOT = "data/dataset"
 CHECKPOINTS = "checkpoints/train-unet2d"

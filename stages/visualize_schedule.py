@@ -15,7 +15,7 @@ from scratch_diffusion.config import load_params
 from scratch_diffusion.corruption import ddpm_scheduler
 from scratch_diffusion.data import load_split
 from scratch_diffusion.figures import plot_corruption, plot_sampling_steps, plot_schedules, schedule_curves
-from scratch_diffusion.pretrained import load_basic
+from scratch_diffusion.model_files import load_basic
 from scratch_diffusion.samplers import toy_sample
 from scratch_diffusion.stage import StageError, run_stage
 
@@ -29,7 +29,7 @@ def main() -> None:
     u = params.unet2d
     try:
         net = load_basic("models/basic")
-    except OSError as e:  # missing, or pretrained.ModelFileError
+    except OSError as e:  # missing, or model_files.ModelFileError
         raise StageError(str(e)) from None
     images, _ = load_split("data/dataset", train=False, n=N_DIGITS)
     used = {"seed": params.seed, **{f"unet2d.{k}": getattr(u, k) for k in SCHEDULE_KEYS}}

@@ -14,7 +14,7 @@ from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, UNet2DModel
 from mlflow import MlflowClient
 
 from scratch_diffusion.hardware import choose, detect
-from scratch_diffusion.pretrained import load_unet2d
+from scratch_diffusion.model_files import load_unet2d
 from scratch_diffusion.samplers import generate
 from tests.conftest import REPO, run, write_params
 

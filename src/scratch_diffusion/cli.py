@@ -21,7 +21,7 @@ def _load_any(model: str, device: str):
     never by unpickling the logged model: anyone who can register a version would otherwise run code here."""
     from pathlib import Path
 
-    from scratch_diffusion.pretrained import META, load_basic, load_unet2d
+    from scratch_diffusion.model_files import META, load_basic, load_unet2d
 
     path = Path(model)
     if model.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
@@ -46,7 +46,7 @@ def _load_any(model: str, device: str):
         if (path / "model.safetensors").is_file():
             return load_basic(path, device), "toy", None
         net, scheduler, meta = load_unet2d(path, device)
-    except OSError as e:  # missing, truncated or foreign files (pretrained.ModelFileError)
+    except OSError as e:  # missing, truncated or foreign files (model_files.ModelFileError)
         raise StageError(
             f"--model: {model!r} is neither a trained model folder (models/basic, models/unet2d) nor an MLflow "
             f"model URI (models:/<name>/<version> or models:/<name>@champion): {e}"
@@ -63,7 +63,7 @@ def generate_main(argv: list[str] | None = None) -> None:
 
     from scratch_diffusion.config import SAMPLERS
     from scratch_diffusion.hardware import SAMPLE_PRECISIONS, for_sampling
-    from scratch_diffusion.plots import grid, save_png
+    from scratch_diffusion.images import grid, save_png
     from scratch_diffusion.samplers import generate
 
     parser = argparse.ArgumentParser(

@@ -188,7 +188,7 @@ def log_image(picture: np.ndarray, key: str, step: int, caption: str | None = No
     shows a slider over steps, shows the digits whole and readable."""
     import mlflow
 
-    from scratch_diffusion.plots import captioned
+    from scratch_diffusion.images import captioned
 
     _with_retry(mlflow.log_image, captioned(picture, caption or f"{key}, step {step}"), key=key, step=step)
 

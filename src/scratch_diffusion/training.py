@@ -216,6 +216,84 @@ class TrainResult:
         return self.loss_curve[-1][1] if self.loss_curve else math.nan
 
 
+def _loader(images, labels, batch_size: int, seed: int) -> tuple[DataLoader, torch.Generator]:
+    """The data order is a function of (seed, epoch) alone, so a resumed run replays it exactly: the sampler's
+    generator (returned) is reseeded at every epoch, and the loader gets its own generator so that creating an
+    iterator never draws from the global RNG (which the corruption noise uses)."""
+    dataset = TensorDataset(images) if labels is None else TensorDataset(images, labels)
+    order = torch.Generator()
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=RandomSampler(dataset, generator=order),
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return loader, order
+
+
+class _LossMeter:
+    """Loss sums of the log window and of the epoch, kept on the device: read back (a device sync) only at a log
+    point, at an epoch's end and at a checkpoint. Starts from what a checkpoint recorded."""
+
+    def __init__(self, progress: _Progress, device: torch.device):
+        self.window, self.window_n = torch.tensor(progress.window[0], device=device), progress.window[1]
+        self.epoch, self.epoch_n = torch.tensor(progress.epoch_acc[0], device=device), progress.epoch_acc[1]
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.window += loss.detach().float()
+        self.epoch += loss.detach().float()
+        self.window_n += 1
+        self.epoch_n += 1
+
+    def window_mean(self, accelerator: Accelerator) -> float:
+        mean = accelerator.reduce(self.window, "mean").item() / self.window_n
+        self.window.zero_()
+        self.window_n = 0
+        return mean
+
+    def epoch_mean(self, accelerator: Accelerator) -> float:
+        return accelerator.reduce(self.epoch, "mean").item() / max(self.epoch_n, 1)
+
+    def record(self, progress: _Progress, epoch_done: bool) -> None:
+        progress.window = [self.window.item(), self.window_n]
+        progress.epoch_acc = [0.0, 0] if epoch_done else [self.epoch.item(), self.epoch_n]
+
+
+class _Display:
+    """What a person watching sees: a tqdm bar on a terminal, else about 20 plain progress lines, both with the
+    time left (Eta); the main process only."""
+
+    def __init__(self, desc: str, total: int, progress: _Progress, images_per_step: int, main: bool):
+        self.desc, self.total, self.progress, self.main = desc, total, progress, main
+        self.bar = tqdm(
+            total=total,
+            initial=progress.step,
+            desc=desc,
+            disable=not (main and sys.stderr.isatty()),
+            dynamic_ncols=True,
+        )
+        self.plain_every = max(1, total // 20)
+        self.eta = Eta(desc, total, progress.step, images_per_step)
+        self.start, self.seen_at_start = time.perf_counter(), progress.seen
+
+    def step(self, step: int, epoch: int, logged: float | None) -> None:
+        if logged is not None:
+            self.bar.set_postfix(loss=f"{logged:.4f}", epoch=epoch + 1)
+        self.bar.update(1)
+        if not self.main:
+            return
+        self.eta.tick(step)
+        if self.bar.disable and (step % self.plain_every == 0 or step == self.total):
+            rate = (self.progress.seen - self.seen_at_start) / (time.perf_counter() - self.start)
+            curve = self.progress.loss_curve
+            shown = f"loss {curve[-1][1]:.4f} " if curve else ""
+            print(
+                f"{self.desc}: step {step}/{self.total} epoch {epoch + 1} {shown}({rate:.0f} img/s, "
+                f"{self.eta.left(step)} left)",
+                flush=True,
+            )
+
+
 def fit(
     model: torch.nn.Module,
     loss_fn: Callable[..., torch.Tensor],
@@ -253,17 +331,7 @@ def fit(
     if lr_schedule not in ("constant", "cosine"):
         raise ValueError(f"unknown lr schedule {lr_schedule!r}; allowed: constant, cosine")
     set_seed(seed, device_specific=True)  # seed + process index: each shard draws its own noise
-    # The data order is a function of (seed, epoch) alone, so a resumed run replays it exactly: the sampler's
-    # generator is reseeded at every epoch, and the loader gets its own generator so that creating an iterator
-    # never draws from the global RNG (which the corruption noise uses).
-    dataset = TensorDataset(images) if labels is None else TensorDataset(images, labels)
-    order = torch.Generator()
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=RandomSampler(dataset, generator=order),
-        generator=torch.Generator().manual_seed(seed),
-    )
+    loader, order = _loader(images, labels, batch_size, seed)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     model.to(memory_format=layout)
     # The fused kernel updates all parameters in one pass (CPU and CUDA): ~5% of a small network's step here.
@@ -272,18 +340,11 @@ def fit(
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     if ema is not None:
         ema.model.to(accelerator.device)
-
-    total = epochs * len(loader)
-    if max_steps:
-        total = min(total, max_steps)
+    total = min(epochs * len(loader), max_steps or epochs * len(loader))
     # Warm-up then constant or cosine decay to 0, stepped once per optimizer step (not prepared: with several
     # processes Accelerate would step it once per process).
-    scheduler = get_scheduler(
-        "cosine" if lr_schedule == "cosine" else "constant_with_warmup",
-        optimizer,
-        num_warmup_steps=warmup_steps,
-        num_training_steps=total,
-    )
+    name = "cosine" if lr_schedule == "cosine" else "constant_with_warmup"
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total)
     progress = _Progress()
     # Not registered with Accelerate: it unpickles registered objects with weights_only=False. The lr schedule
     # and progress go to JSON, the EMA weights to safetensors (see _save / _resume).
@@ -292,17 +353,12 @@ def fit(
     if checkpointing is not None:
         progress.run_id = checkpointing.run_id
         _resume(accelerator, checkpointing, extras, main)
-
-    bar = tqdm(
-        total=total, initial=progress.step, desc=desc, disable=not (main and sys.stderr.isatty()), dynamic_ncols=True
-    )
-    plain_every = max(1, total // 20)  # off a terminal: about 20 plain progress lines
+    averaged = lambda: ema.model if ema is not None else accelerator.unwrap_model(model)  # noqa: E731
     if on_sample and sample_every and main and progress.step == 0:
         # The untrained model's grid: a baseline for the later ones, and the step MLflow's image slider opens at.
-        on_sample(0, ema.model if ema is not None else accelerator.unwrap_model(model))
+        on_sample(0, averaged())
         model.train()
-    device = accelerator.device
-    eta = Eta(desc, total, progress.step, batch_size * accelerator.num_processes)
+    display = _Display(desc, total, progress, batch_size * accelerator.num_processes, main)
     start, seen_at_start, train_s_before = time.perf_counter(), progress.seen, progress.train_s
     step = progress.step
     for epoch in range(progress.epoch, epochs):
@@ -311,15 +367,9 @@ def fit(
         model.train()
         order.manual_seed(seed + epoch)
         skip = progress.batch_in_epoch if epoch == progress.epoch else 0
-        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
-        # Loss sums stay on the device and are read back every `log_every` steps: each `.item()` is a sync point.
-        window_sum = torch.tensor(progress.window[0], device=device)
-        epoch_sum = torch.tensor(progress.epoch_acc[0], device=device)
-        window_n, epoch_n = progress.window[1], progress.epoch_acc[1]
-        batch_in_epoch = skip
-        for batch, *y in batches:
-            # uint8 -> [0, 1]; models map to their own range in loss_fn
-            x0 = (batch.float() / 255).contiguous(memory_format=layout)
+        meter, batch_in_epoch = _LossMeter(progress, accelerator.device), skip
+        for batch, *y in accelerator.skip_first_batches(loader, skip) if skip else loader:
+            x0 = (batch.float() / 255).contiguous(memory_format=layout)  # [0, 1]; loss_fn maps to its model's range
             loss = loss_fn(model, x0, *y)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
@@ -329,78 +379,55 @@ def fit(
             scheduler.step()
             if ema is not None:
                 ema.update(model)
-
-            step += 1
-            batch_in_epoch += 1
+            step, batch_in_epoch = step + 1, batch_in_epoch + 1
             progress.seen += x0.shape[0] * accelerator.num_processes
-            window_sum += loss.detach().float()
-            epoch_sum += loss.detach().float()
-            window_n += 1
-            epoch_n += 1
-            last = step == total
+            meter.add(loss)
+            last, logged = step == total, None
             if step % log_every == 0 or last:
-                mean = accelerator.reduce(window_sum, "mean").item() / window_n
-                window_sum.zero_()
-                window_n = 0
-                progress.loss_curve.append([step, mean])
+                logged = meter.window_mean(accelerator)
+                progress.loss_curve.append([step, logged])
                 if main and on_log:
-                    on_log(step, mean)
-                bar.set_postfix(loss=f"{mean:.4f}", epoch=epoch + 1)
-            bar.update(1)
-            if main:
-                eta.tick(step)
-            if main and bar.disable and (step % plain_every == 0 or last):
-                rate = (progress.seen - seen_at_start) / (time.perf_counter() - start)
-                shown = f"loss {progress.loss_curve[-1][1]:.4f} " if progress.loss_curve else ""
-                print(
-                    f"{desc}: step {step}/{total} epoch {epoch + 1} {shown}({rate:.0f} img/s, {eta.left(step)} left)",
-                    flush=True,
-                )
+                    on_log(step, logged)
+            display.step(step, epoch, logged)
             if on_sample and sample_every and step % sample_every == 0 and not last:
                 accelerator.wait_for_everyone()
                 if main:
-                    on_sample(step, ema.model if ema is not None else accelerator.unwrap_model(model))
+                    on_sample(step, averaged())
                 model.train()
             epoch_done = batch_in_epoch == len(loader)
             if epoch_done:
-                progress.epoch_losses.append(accelerator.reduce(epoch_sum, "mean").item() / max(epoch_n, 1))
+                progress.epoch_losses.append(meter.epoch_mean(accelerator))
             if checkpointing is not None and (step % checkpointing.every == 0 or last):
-                # Record exactly where we are; the sums are read back here only, at a checkpoint.
-                progress.step = step
+                progress.step = step  # exactly where we are
                 progress.epoch, progress.batch_in_epoch = (epoch + 1, 0) if epoch_done else (epoch, batch_in_epoch)
-                progress.window = [window_sum.item(), window_n]
-                progress.epoch_acc = [0.0, 0] if epoch_done else [epoch_sum.item(), epoch_n]
+                meter.record(progress, epoch_done)
                 progress.train_s = train_s_before + time.perf_counter() - start
                 _save(accelerator, checkpointing, extras, main)
             if last:
                 break
-        if step >= total and batch_in_epoch < len(loader):
-            # max_steps ended the run mid-epoch: report the partial epoch's mean too.
-            progress.epoch_losses.append(accelerator.reduce(epoch_sum, "mean").item() / max(epoch_n, 1))
+        if step >= total and batch_in_epoch < len(loader):  # max_steps ended the run mid-epoch: its mean too
+            progress.epoch_losses.append(meter.epoch_mean(accelerator))
         progress.window, progress.epoch_acc = [0.0, 0], [0.0, 0]
-    bar.close()
+    display.bar.close()
     accelerator.wait_for_everyone()
     # The run's own time and speed over all its resumes: a run resumed from its final checkpoint reports the
     # figures of the run that made it (a checkpoint from before this was recorded counts from the resume).
     wall = train_s_before + time.perf_counter() - start
     seen = progress.seen if train_s_before else progress.seen - seen_at_start
     if accelerator.num_processes > 1:
-        # Data-parallel replicas must end identical; each process says what it holds, so a divergence shows.
-        held = f"weights sha256 {weights_digest(accelerator.unwrap_model(model))}"
-        if ema is not None:
-            held += f", EMA sha256 {weights_digest(ema.model)}"
-        # One write per line: the processes share stdout, and print() writes the newline separately.
-        sys.stdout.write(
-            f"{desc}: process {accelerator.process_index} of {accelerator.num_processes} ends with {held}\n"
-        )
-        sys.stdout.flush()
-    return TrainResult(
-        steps=step,
-        epoch_losses=list(progress.epoch_losses),
-        loss_curve=[(int(s), float(v)) for s, v in progress.loss_curve],
-        wall_s=wall,
-        images_per_s=seen / wall if wall > 0 else 0.0,
-    )
+        _say_weights(accelerator, model, ema, desc)
+    curve = [(int(s), float(v)) for s, v in progress.loss_curve]
+    return TrainResult(step, list(progress.epoch_losses), curve, seen / wall if wall > 0 else 0.0, wall)
+
+
+def _say_weights(accelerator: Accelerator, model, ema: EMA | None, desc: str) -> None:
+    """Data-parallel replicas must end identical; each process says what it holds, so a divergence shows."""
+    held = f"weights sha256 {weights_digest(accelerator.unwrap_model(model))}"
+    if ema is not None:
+        held += f", EMA sha256 {weights_digest(ema.model)}"
+    # One write per line: the processes share stdout, and print() writes the newline separately.
+    sys.stdout.write(f"{desc}: process {accelerator.process_index} of {accelerator.num_processes} ends with {held}\n")
+    sys.stdout.flush()
 
 
 def weights_digest(model: torch.nn.Module) -> str:

@@ -16,8 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from scratch_diffusion.files import atomic_path, write_text  # noqa: E402
+from scratch_diffusion.images import grid  # noqa: E402
 from scratch_diffusion.metrics import verdict  # noqa: E402
-from scratch_diffusion.plots import grid  # noqa: E402
 
 COLUMNS = [
     ("setting", "setting", "{}"),

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from scratch_diffusion.report import markdown_table, summarise, summary_text
+from scratch_diffusion.compare_report import markdown_table, summarise, summary_text
 
 
 def row(setting: str, fid: float, half: float, seconds: float) -> dict:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from scratch_diffusion import files, tracking
-from scratch_diffusion.plots import save_png
+from scratch_diffusion.images import save_png
 from scratch_diffusion.training import TrainResult
 
 
