@@ -28,7 +28,8 @@ import torch
 from safetensors.torch import load_file
 
 from scratch_diffusion import files
-from scratch_diffusion.config import SAMPLERS, ParamsError, SampleSetting, load_params
+from scratch_diffusion.choices import DIFFUSERS_SAMPLERS
+from scratch_diffusion.config import ParamsError, SampleSetting, load_params
 from scratch_diffusion.data import load_split
 from scratch_diffusion.hardware import cpu_name, for_sampling
 from scratch_diffusion.metrics import Judge
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--sampler",
         default="ddim",
-        choices=[s for s in SAMPLERS if s != "toy"],
+        choices=DIFFUSERS_SAMPLERS,
         help="measure: one sampler setting (default: DDIM-50, eta 1)",
     )
     parser.add_argument("--steps", type=int, default=50)

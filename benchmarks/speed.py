@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from scratch_diffusion.config import PREDICTION_TYPES, load_params
+from scratch_diffusion.choices import PREDICTION_TYPES
+from scratch_diffusion.config import load_params
 from scratch_diffusion.corruption import corrupt, ddpm_scheduler
 from scratch_diffusion.data import load_split
 from scratch_diffusion.files import write_text

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from scratch_diffusion import files, tracking
+from scratch_diffusion.choices import DIFFUSERS_SAMPLERS
 from scratch_diffusion.config import flatten, load_params
 from scratch_diffusion.hardware import for_sampling
 from scratch_diffusion.images import grid, save_png
@@ -63,7 +64,7 @@ def main() -> None:
     for i, s in enumerate(sp.settings):
         corruption = models[s.model][1]
         if (s.sampler == "toy") != (corruption == "toy"):
-            allowed = "'toy'" if corruption == "toy" else "ddpm, ddim, dpmsolver++, euler, heun, unipc"
+            allowed = "'toy'" if corruption == "toy" else ", ".join(DIFFUSERS_SAMPLERS)
             raise StageError(
                 f"sample.settings[{i}].sampler: got {s.sampler!r} for {s.model}, which was trained with the "
                 f"{corruption} corruption; allowed: {allowed}"

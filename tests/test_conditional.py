@@ -8,7 +8,8 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from scratch_diffusion.config import PREDICTION_TYPES, ParamsError, params_from_dict
+from scratch_diffusion.choices import PREDICTION_TYPES
+from scratch_diffusion.config import ParamsError, params_from_dict
 from scratch_diffusion.corruption import ddpm_scheduler
 from scratch_diffusion.models import Guided, UNet2DDenoiser, build_unet
 from scratch_diffusion.objectives import ddpm_loss, per_image, target

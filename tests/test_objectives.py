@@ -1,9 +1,9 @@
 import pytest
 import torch
 
+from scratch_diffusion.choices import PREDICTION_TYPES
 from scratch_diffusion.corruption import ddpm_scheduler
 from scratch_diffusion.objectives import (
-    OBJECTIVES,
     ddpm_loss,
     min_snr_weight,
     per_image,
@@ -42,7 +42,7 @@ def test_linear_schedule_pinned_values():
     assert float(ab[999]) == pytest.approx(4.0358e-05, rel=1e-3)
 
 
-@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("objective", list(PREDICTION_TYPES))
 def test_exact_prediction_recovers_x0(tiny, objective):
     _, x0, eps, _, alpha_bar, x_t = tiny
     exact = target(objective, x0, eps, alpha_bar)
@@ -62,7 +62,7 @@ def test_unknown_objective_is_a_clear_error():
         ddpm_loss(ddpm_scheduler(), "noise")
 
 
-@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("objective", list(PREDICTION_TYPES))
 @pytest.mark.parametrize("weighting", ["none", "min_snr"])
 def test_ddpm_loss_is_zero_for_an_oracle(objective, weighting):
     """A model that returns the exact target has zero loss: the loss wires x_t, t and target consistently."""

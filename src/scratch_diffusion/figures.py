@@ -11,11 +11,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from scratch_diffusion.choices import BETA_SCHEDULES  # noqa: E402
 from scratch_diffusion.corruption import corrupt, ddpm_scheduler, to_model_range  # noqa: E402
 from scratch_diffusion.files import atomic_path  # noqa: E402
 from scratch_diffusion.objectives import snr  # noqa: E402
-
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 
 def schedule_curves(num_train_timesteps: int, beta_schedule: str, beta_start: float, beta_end: float) -> dict:

@@ -16,8 +16,8 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # training: autocast through Accelerate
-SAMPLE_PRECISIONS = ("auto", "fp32", "bf16")  # sampling: model evaluations under autocast
+from scratch_diffusion.choices import TRAIN_PRECISIONS
+
 LAYOUTS = ("auto", True, False)  # channels_last: auto, or true (NHWC) / false (NCHW)
 
 # CPU flags (as /proc/cpuinfo spells them) that mean bf16 arithmetic in hardware.
@@ -123,8 +123,8 @@ def choose(network: str, precision: str, channels_last: str | bool, hardware: Ha
     """
     if network not in CHANNELS_LAST:
         raise ValueError(f"unknown network {network!r}; allowed: {', '.join(CHANNELS_LAST)}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
+    if precision not in TRAIN_PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; allowed: {', '.join(TRAIN_PRECISIONS)}")
     if channels_last not in LAYOUTS or not isinstance(channels_last, str | bool):
         raise ValueError(f"unknown channels_last {channels_last!r}; allowed: auto, true, false")
     warning = ""

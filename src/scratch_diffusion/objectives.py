@@ -14,16 +14,13 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from scratch_diffusion.config import PREDICTION_TYPES
+from scratch_diffusion.choices import LOSS_WEIGHTINGS, PREDICTION_TYPES
 from scratch_diffusion.corruption import corrupt, to_model_range
-
-OBJECTIVES = tuple(PREDICTION_TYPES)
-WEIGHTINGS = ("none", "min_snr")
 
 
 def _check(objective: str) -> None:
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; allowed: {', '.join(OBJECTIVES)}")
+    if objective not in PREDICTION_TYPES:
+        raise ValueError(f"unknown objective {objective!r}; allowed: {', '.join(PREDICTION_TYPES)}")
 
 
 def per_image(a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -84,8 +81,8 @@ def ddpm_loss(
     target. With labels (class-conditional nets), each is replaced by `null_label` with probability `label_dropout`,
     so the same net also learns the unconditional prediction that classifier-free guidance needs."""
     _check(objective)
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"unknown loss weighting {weighting!r}; allowed: {', '.join(WEIGHTINGS)}")
+    if weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"unknown loss weighting {weighting!r}; allowed: {', '.join(LOSS_WEIGHTINGS)}")
     num_t = scheduler.config.num_train_timesteps
 
     def loss_fn(model, x01: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:

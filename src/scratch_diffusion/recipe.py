@@ -11,7 +11,8 @@ import torch
 from accelerate import Accelerator
 from diffusers import DDPMScheduler
 
-from scratch_diffusion.config import PREDICTION_TYPES, Params
+from scratch_diffusion.choices import PREDICTION_TYPES
+from scratch_diffusion.config import Params
 from scratch_diffusion.corruption import ddpm_scheduler
 from scratch_diffusion.data import NUM_CLASSES
 from scratch_diffusion.models import BasicUNet, UNet2DDenoiser, build_unet

@@ -21,6 +21,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
+from scratch_diffusion.choices import SAMPLE_PRECISIONS
 from scratch_diffusion.models.unet2d import Guided
 
 SCHEDULERS = {
@@ -122,7 +123,7 @@ def sample_images(
     return ((x + 1) / 2).clamp(0, 1), nfe
 
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = tuple(p for p in SAMPLE_PRECISIONS if p != "auto")  # hardware.for_sampling resolved auto
 
 
 def generate(

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 from tqdm.auto import tqdm
 
+from scratch_diffusion.choices import LR_SCHEDULES, MIXED_PRECISIONS
 from scratch_diffusion.hardware import Choice, choose, detect
 from scratch_diffusion.stage import duration
 
@@ -36,10 +37,9 @@ def make_accelerator(mixed_precision: str = "fp32") -> Accelerator:
     """Accelerator for `mixed_precision` in fp32 | bf16 | fp16 (params say fp32 where Accelerate says "no":
     YAML 1.1 reads an unquoted `no` as false, and `dvc exp run -S` writes values unquoted). The value is passed
     explicitly, so it wins over what `accelerate config` saved (Accelerate reads that only when given None)."""
-    allowed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
-    if mixed_precision not in allowed:
-        raise ValueError(f"unknown mixed precision {mixed_precision!r}; allowed: {', '.join(allowed)}")
-    return Accelerator(mixed_precision=allowed[mixed_precision], cpu=_joined_on_cpu())
+    if mixed_precision not in MIXED_PRECISIONS:
+        raise ValueError(f"unknown mixed precision {mixed_precision!r}; allowed: {', '.join(MIXED_PRECISIONS)}")
+    return Accelerator(mixed_precision=MIXED_PRECISIONS[mixed_precision], cpu=_joined_on_cpu())
 
 
 def _joined_on_cpu() -> bool:
@@ -328,8 +328,8 @@ def fit(
     newest complete checkpoint of the same params, ending with the same weights as an uninterrupted run.
     `channels_last` trains in the NHWC memory layout (weights and batches), which oneDNN's convolutions prefer.
     """
-    if lr_schedule not in ("constant", "cosine"):
-        raise ValueError(f"unknown lr schedule {lr_schedule!r}; allowed: constant, cosine")
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr schedule {lr_schedule!r}; allowed: {', '.join(LR_SCHEDULES)}")
     set_seed(seed, device_specific=True)  # seed + process index: each shard draws its own noise
     loader, order = _loader(images, labels, batch_size, seed)
     layout = torch.channels_last if channels_last else torch.contiguous_format
@@ -343,8 +343,9 @@ def fit(
     total = min(epochs * len(loader), max_steps or epochs * len(loader))
     # Warm-up then constant or cosine decay to 0, stepped once per optimizer step (not prepared: with several
     # processes Accelerate would step it once per process).
-    name = "cosine" if lr_schedule == "cosine" else "constant_with_warmup"
-    scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total)
+    scheduler = get_scheduler(
+        LR_SCHEDULES[lr_schedule], optimizer, num_warmup_steps=warmup_steps, num_training_steps=total
+    )
     progress = _Progress()
     # Not registered with Accelerate: it unpickles registered objects with weights_only=False. The lr schedule
     # and progress go to JSON, the EMA weights to safetensors (see _save / _resume).

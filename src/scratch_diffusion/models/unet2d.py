@@ -16,7 +16,7 @@ from diffusers import UNet2DModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
-CONDITIONINGS = ("timestep", "none", "amount")
+from scratch_diffusion.choices import CONDITIONINGS
 
 
 def build_unet(

