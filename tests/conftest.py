@@ -92,7 +92,12 @@ def mnist_raw(tmp_path_factory) -> Path:
 @pytest.fixture
 def project(tmp_path, mnist_raw, monkeypatch) -> Path:
     """A git+DVC copy of the project with tiny params, reading MNIST from a local folder (no network)."""
-    dest = tmp_path / "project"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return make_project(tmp_path / "project", mnist_raw)
+
+
+def make_project(dest: Path, mnist_raw: Path) -> Path:
+    """Copy the project to `dest` with tiny params and commit it in a new git repository."""
     for name in PROJECT_FILES:
         src = REPO / name
         target = dest / name
@@ -106,7 +111,6 @@ def project(tmp_path, mnist_raw, monkeypatch) -> Path:
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
     subprocess.run([*git, "commit", "-qm", "init"], cwd=dest, check=True)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return dest
 
 

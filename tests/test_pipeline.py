@@ -1,4 +1,7 @@
-"""End to end: the real `dvc repro` and `dvc exp run` on a git+DVC copy of the project with tiny params."""
+"""End to end: the real `dvc repro` and `dvc exp run` on a git+DVC copy of the project with tiny params.
+
+One project is reproduced once for the module; each test then checks one thing about it, in file order (the later
+ones run experiments on top of what the earlier ones left), so the first failure does not hide the rest."""
 
 import json
 import re
@@ -8,7 +11,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import run, run_queue, write_params
+from tests.conftest import make_project, run, run_queue, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -52,18 +55,56 @@ STAGES = [
 ]
 
 
-def test_dvc_repro_then_experiments(project):
-    out = run(["dvc", "repro"], cwd=project).stdout
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory, mnist_raw):
+    """The project after one `dvc repro`, and its stdout."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        project = make_project(tmp_path_factory.mktemp("pipeline") / "project", mnist_raw)
+        yield project, run(["dvc", "repro"], cwd=project).stdout
+
+
+@pytest.fixture(scope="module")
+def project(reproduced):
+    return reproduced[0]
+
+
+@pytest.fixture(scope="module")
+def client(project):
+    # Default store: SQLite at the repo root, absolute.
+    return MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+
+
+def runs_named(client, filter_string: str) -> list:
+    return client.search_runs([client.get_experiment_by_name("scratch-diffusion").experiment_id], filter_string)
+
+
+@pytest.fixture(scope="module")
+def baseline(project):
+    """The reproduced project committed: the experiments' baseline (ablations/run.py diffs params against it)."""
+    run(["git", "add", "-A"], cwd=project)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline"], cwd=project)
+    return project
+
+
+def test_repro_runs_every_stage_and_writes_its_outputs(reproduced, client):
+    project, out = reproduced
     for stage in STAGES:
         assert f"Running stage '{stage}'" in out
     for path in OUTPUTS:
         assert (project / path).is_file(), path
-
-    # Default store: SQLite at the repo root, absolute; the run id in the DVC output points into it.
+    # The run id in the DVC output points into the default store.
     run_id = json.loads((project / "models/basic/run.json").read_text())["run_id"]
-    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     assert client.get_run(run_id).info.status == "FINISHED"
+    sample_run = runs_named(client, "tags.mlflow.runName = 'sample'")[0]
+    assert sample_run.data.tags["train_run_basic"] == run_id
+    timings = json.loads((project / "metrics/sample.json").read_text())
+    assert timings["unet2d/heun-2"]["nfe"] == 3 and timings["basic/toy-3"]["nfe"] == 3
+    images = np.load(project / "samples/unet2d/ddim-3.npz")["images"]
+    assert images.shape == (6, 28, 28) and images.dtype == np.uint8
 
+
+def test_a_second_repro_runs_nothing_and_dvc_reads_the_outputs(project):
     assert "up to date" in run(["dvc", "status"], cwd=project).stdout.lower()
     assert "Running stage" not in run(["dvc", "repro"], cwd=project).stdout
     assert "final_loss" in run(["dvc", "metrics", "show", "--json"], cwd=project).stdout
@@ -71,18 +112,10 @@ def test_dvc_repro_then_experiments(project):
     plots = json.loads(run(["dvc", "plots", "show", "--json"], cwd=project).stdout)["data"]
     points = plots["loss"][0]["content"]["data"]["values"]
     assert {p["filename"] for p in points} == {"train_basic/loss.tsv", "train_unet2d/loss.tsv"}
-    timings = json.loads((project / "metrics/sample.json").read_text())
-    assert timings["unet2d/heun-2"]["nfe"] == 3 and timings["basic/toy-3"]["nfe"] == 3
-    images = np.load(project / "samples/unet2d/ddim-3.npz")["images"]
-    assert images.shape == (6, 28, 28) and images.dtype == np.uint8
-    sample_run = client.search_runs(
-        [client.get_experiment_by_name("scratch-diffusion").experiment_id],
-        filter_string="tags.mlflow.runName = 'sample'",
-    )[0]
-    assert sample_run.data.tags["train_run_basic"] == run_id
 
-    # The report lists every sample set, with the numbers of metrics/compare.json: each with its 95% interval and
-    # its verdict against the best setting.
+
+def test_the_report_carries_every_setting_with_its_interval_and_verdict(project):
+    timings = json.loads((project / "metrics/sample.json").read_text())
     compare = json.loads((project / "metrics/compare.json").read_text())
     report = (project / "reports/compare.md").read_text()
     assert sorted(compare["settings"]) == sorted(timings)
@@ -96,31 +129,23 @@ def test_dvc_repro_then_experiments(project):
     assert compare["best_fid_unet2d"] == min(r["fid"] for n, r in compare["settings"].items() if n.startswith("unet2d"))
     assert "Best setting: **" in report and "data:image/png;base64," in (project / "reports/compare.html").read_text()
 
-    # compare points the registry alias `champion` at the version it measured (the first one: nothing to beat), and
-    # `generate` reaches it by the alias alone, loading the logged safetensors.
+
+def test_the_champion_alias_serves_generate(project, client):
+    """compare points the registry alias `champion` at the version it measured (the first one: nothing to beat),
+    and `generate` reaches it by the alias alone, loading the logged safetensors."""
+    compare = json.loads((project / "metrics/compare.json").read_text())
     registered = json.loads((project / "models/unet2d/run.json").read_text())
     champion = client.get_model_version_by_alias(registered["registered_model"], "champion")
     assert str(champion.version) == str(registered["registered_version"])
     assert float(champion.tags["compare.fid"]) == pytest.approx(compare["best_fid_unet2d"], abs=1e-3)
-    run(
-        [
-            "scratch-diffusion",
-            "generate",
-            "--model",
-            f"models:/{registered['registered_model']}@champion",
-            "--steps",
-            "2",
-            "--n",
-            "2",
-            "--out",
-            "champion",
-        ],
-        cwd=project,
-    )
-    assert (project / "champion/ddim-2-seed0.npz").is_file()
+    model = f"models:/{registered['registered_model']}@champion"
+    run(["scratch-diffusion", "generate", "--model", model, "--steps", "2", "--n", "2", "--out", "out"], cwd=project)
+    assert (project / "out/ddim-2-seed0.npz").is_file()
 
-    # The EMA axis from one run: the script retraces the stage's trajectory, so its copy at params.yaml's own
-    # ema_warmup is the stage's model, bit for bit, and each copy gets the compare stage's metrics.
+
+def test_ema_horizons_retrace_the_stage(project):
+    """The EMA axis from one run: the script retraces the stage's trajectory, so its copy at params.yaml's own
+    ema_warmup is the stage's model, bit for bit, and each copy gets the compare stage's metrics."""
     run([sys.executable, "ablations/ema_horizons.py", "train", "--warmups", "10", "4"], cwd=project)
     run([sys.executable, "ablations/ema_horizons.py", "measure", "--steps", "3"], cwd=project)
     horizons = json.loads((project / "ablations/ema_horizons.json").read_text())
@@ -129,57 +154,52 @@ def test_dvc_repro_then_experiments(project):
     assert horizons["rows"][0]["fid"] != horizons["rows"][1]["fid"]
     assert "| 4 | 2 |" in (project / "docs/ablation/ema.md").read_text()  # mean age 8 / 4 steps
 
-    # The wide screen: its defaults row retraces the stage on a CPU, so its samples score exactly what compare
-    # reported for the same sampler; another setting gives another model. The budget run measures every epoch.
-    sweep = ["ablations/sweep.py", "run", "--setting", "", "--setting", "unet2d.lr=5e-4"]
-    run([sys.executable, *sweep], cwd=project)
+
+def test_the_sweep_retraces_the_stage(project):
+    """The wide screen: its defaults row retraces the stage on a CPU, so its samples score exactly what compare
+    reported for the same sampler; another setting gives another model. The budget run measures every epoch."""
+    compare = json.loads((project / "metrics/compare.json").read_text())
+    run([sys.executable, "ablations/sweep.py", "run", "--setting", "", "--setting", "unet2d.lr=5e-4"], cwd=project)
     rows = json.loads((project / "ablations/sweep.json").read_text())["rows"]
     assert [r["setting"] for r in rows] == ["", "unet2d.lr=5e-4"]
     for name, row in rows[0]["samplers"].items():
         assert row["fid"] == pytest.approx(compare["settings"][f"unet2d/{name}"]["fid"], rel=1e-6), name
     assert rows[1]["samplers"]["ddim-3"]["fid"] != rows[0]["samplers"]["ddim-3"]["fid"]
-    budget = ["ablations/sweep.py", "budget", "--every", "1", "--setting", "unet2d.max_steps=0 unet2d.epochs=2"]
-    run([sys.executable, *budget], cwd=project)
-    setting = budget[-1]  # added to the runs already in the file (the repository's own), or replacing its own
-    (budget_run,) = [
-        r for r in json.loads((project / "ablations/budget.json").read_text())["runs"] if r["setting"] == setting
-    ]
+    setting = "unet2d.max_steps=0 unet2d.epochs=2"
+    run([sys.executable, "ablations/sweep.py", "budget", "--every", "1", "--setting", setting], cwd=project)
+    # Added to the runs already in the file (the repository's own), or replacing its own.
+    runs = json.loads((project / "ablations/budget.json").read_text())["runs"]
+    (budget_run,) = [r for r in runs if r["setting"] == setting]
     assert [(r["epochs"], r["steps"]) for r in budget_run["rows"]] == [(1, 16), (2, 32)]  # 256 images, batch 16
-    # Training-seed spread: each setting once per seed, summarised as mean and spread with a noise-aware verdict.
-    run(
-        [
-            sys.executable,
-            "ablations/sweep.py",
-            "run",
-            "--seeds",
-            "1",
-            "2",
-            "--setting",
-            "",
-            "--setting",
-            "unet2d.lr=5e-4",
-        ],
-        cwd=project,
-    )
-    seeded = json.loads((project / "ablations/seeds.json").read_text())["rows"]
-    assert [r["setting"] for r in seeded] == ["seed=1", "seed=2", "unet2d.lr=5e-4 seed=1", "unet2d.lr=5e-4 seed=2"]
-    run([sys.executable, "ablations/sweep.py", "table"], cwd=project)
-    assert "| `unet2d.lr=5e-4` | ddim-3 |" in (project / "docs/ablation/sweep.md").read_text()
-    seeds_md = (project / "docs/ablation/seeds.md").read_text()
-    assert re.search(r"^\| `unet2d.lr=5e-4` \| ddim-3 \| 2 \| .*\| (better|worse|within noise) \|$", seeds_md, re.M)
     bad = run([sys.executable, "ablations/sweep.py", "run", "--setting", "unet2d.lr=0"], cwd=project, check=False)
     assert bad.returncode != 0 and "unet2d.lr: got 0" in bad.stderr
 
-    # The training seed changes the models judged, never the judge.
-    params = (project / "params.yaml").read_text()
-    write_params(project, {"seed": 1})
-    changed = json.loads(run(["dvc", "status", "--json"], cwd=project).stdout)
-    assert {"train-basic", "train-unet2d"} <= set(changed) and "train-classifier" not in changed
-    (project / "params.yaml").write_text(params)
 
-    # Changing the objective reruns train-unet2d only: neither download nor train-basic.
-    run(["git", "add", "-A"], cwd=project)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline"], cwd=project)
+def test_the_seed_table_gives_mean_spread_and_verdict(project):
+    """Training-seed spread: each setting once per seed, summarised as mean and spread with a noise-aware verdict."""
+    settings = ["--setting", "", "--setting", "unet2d.lr=5e-4"]
+    run([sys.executable, "ablations/sweep.py", "run", "--seeds", "1", "2", *settings], cwd=project)
+    seeded = json.loads((project / "ablations/seeds.json").read_text())["rows"]
+    assert [r["setting"] for r in seeded] == ["seed=1", "seed=2", "unet2d.lr=5e-4 seed=1", "unet2d.lr=5e-4 seed=2"]
+    run([sys.executable, "ablations/sweep.py", "table"], cwd=project)
+    seeds_md = (project / "docs/ablation/seeds.md").read_text()
+    assert re.search(r"^\| `unet2d.lr=5e-4` \| ddim-3 \| 2 \| .*\| (better|worse|within noise) \|$", seeds_md, re.M)
+
+
+def test_the_training_seed_changes_the_models_never_the_judge(project):
+    params = (project / "params.yaml").read_text()
+    try:
+        write_params(project, {"seed": 1})
+        changed = json.loads(run(["dvc", "status", "--json"], cwd=project).stdout)
+    finally:
+        (project / "params.yaml").write_text(params)
+    assert {"train-basic", "train-unet2d"} <= set(changed) and "train-classifier" not in changed
+
+
+def test_an_experiment_reruns_only_what_depends_on_its_change(baseline, client):
+    """Changing the objective reruns train-unet2d, sample and compare: neither download nor train-basic. The run
+    lands in the same store, tagged with its DVC experiment name."""
+    project = baseline
     exp = run(["dvc", "exp", "run", "-S", "objective=eps", "-n", "eps-exp"], cwd=project).stdout
     assert all(f"Running stage '{s}'" in exp for s in ["train-unet2d", "sample", "compare"])
     for untouched in ["download", "train-basic", "visualize-schedule", "train-classifier"]:
@@ -188,26 +208,30 @@ def test_dvc_repro_then_experiments(project):
     names = [e.get("name") for rev in shown for e in (rev.get("experiments") or []) for e in e["revs"]]
     assert "eps-exp" in names
     assert "best_fid_unet2d" in run(["dvc", "exp", "show", "--md"], cwd=project).stdout
+    runs = runs_named(client, "tags.dvc_exp_name = 'eps-exp'")
+    assert sorted(r.info.run_name for r in runs) == ["compare", "sample", "train-unet2d"]
+    assert [r.data.params["objective"] for r in runs if r.info.run_name == "train-unet2d"] == ["eps"]
 
-    # A value refused under `dvc exp run -S` stops the pipeline at check-params: every stage keeps its outputs.
+
+def test_a_refused_value_stops_the_experiment_before_any_stage(baseline):
+    """A value refused under `dvc exp run -S` stops the pipeline at check-params: every stage keeps its outputs."""
+    project = baseline
     before, params = (project / "metrics/compare.json").read_text(), (project / "params.yaml").read_text()
-    bad = run(["dvc", "exp", "run", "-S", "objective=noise"], cwd=project, check=False)
+    try:
+        bad = run(["dvc", "exp", "run", "-S", "objective=noise"], cwd=project, check=False)
+    finally:
+        (project / "params.yaml").write_text(params)
     assert bad.returncode != 0 and "objective: got 'noise', allowed: 'x0', 'eps', 'v'" in bad.stdout + bad.stderr
     assert "git checkout params.yaml && dvc checkout" in bad.stdout + bad.stderr
     assert (project / "models/unet2d/model_index.json").is_file() and (project / "samples/unet2d/ddim-3.npz").is_file()
     assert (project / "metrics/compare.json").read_text() == before
-    (project / "params.yaml").write_text(params)  # as the eps experiment left it
 
-    # The experiment's run landed in the same store, tagged with its DVC experiment name.
-    runs = client.search_runs(
-        [client.get_experiment_by_name("scratch-diffusion").experiment_id],
-        filter_string="tags.dvc_exp_name = 'eps-exp'",
-    )
-    assert sorted(r.info.run_name for r in runs) == ["compare", "sample", "train-unet2d"]
-    assert [r.data.params["objective"] for r in runs if r.info.run_name == "train-unet2d"] == ["eps"]
 
-    # Queued experiments, two at a time in temporary copies: both complete, both land in the same MLflow store.
-    # One is queued by the ablation script (its `full` budget adds nothing to the axis's -S values).
+def test_queued_experiments_land_in_one_store_and_the_ablation_table(baseline, client):
+    """Queued experiments, two at a time in temporary copies: both complete, both land in the same MLflow store.
+    One is queued by the ablation script (its `full` budget adds nothing to the axis's -S values); its table is
+    built from `dvc exp show --json`: the params diff against the baseline and the numbers compare logged."""
+    project = baseline
     run([sys.executable, "ablations/run.py", "queue", "--budget", "full", "--only", "objective v"], cwd=project)
     run(["dvc", "exp", "run", "--queue", "-S", "unet2d.lr=2e-3", "-n", "q-lr"], cwd=project)
     status = run_queue(project, jobs=2)
@@ -215,23 +239,17 @@ def test_dvc_repro_then_experiments(project):
     shown = run(["dvc", "exp", "show", "--json"], cwd=project).stdout
     assert '"abl-full-objective-v"' in shown and '"q-lr"' in shown
     for name in ("abl-full-objective-v", "q-lr"):
-        runs = client.search_runs(
-            [client.get_experiment_by_name("scratch-diffusion").experiment_id],
-            filter_string=f"tags.dvc_exp_name = '{name}'",
-        )
+        runs = runs_named(client, f"tags.dvc_exp_name = '{name}'")
         assert sorted(r.info.run_name for r in runs) == ["compare", "sample", "train-unet2d"], name
         assert all(r.info.status == "FINISHED" for r in runs)
     assert not list((project / ".dvc/tmp/exps").rglob("mlflow.db"))  # no store left inside a temp copy
 
-    # The ablation table is built from `dvc exp show --json`: one row per ablation experiment, its params diff
-    # against the baseline commit, and the numbers its compare stage logged to MLflow.
     run([sys.executable, "ablations/run.py", "collect"], cwd=project)
     row = json.loads((project / "ablations/results.json").read_text())["rows"]["abl-full-objective-v"]
     assert row["params_diff"] == {"objective": "v"} and row["change"] == "objective=v" and row["budget"] == "full"
-    compare_run = client.search_runs(
-        [client.get_experiment_by_name("scratch-diffusion").experiment_id],
-        filter_string="tags.dvc_exp_name = 'abl-full-objective-v' and tags.mlflow.runName = 'compare'",
-    )[0]
+    (compare_run,) = runs_named(
+        client, "tags.dvc_exp_name = 'abl-full-objective-v' and tags.mlflow.runName = 'compare'"
+    )
     assert row["fid"] == pytest.approx(compare_run.data.metrics["best_fid_unet2d"])
     assert row["recognised"] == pytest.approx(compare_run.data.metrics["best_recognised_unet2d"])
     assert row["train_wall_s"] > 0 and row["best_sampler"] in ("ddim-3", "heun-2", "dpmsolver++-3")
