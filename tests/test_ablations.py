@@ -86,3 +86,37 @@ def test_sweep_seed_table_compares_settings_and_samplers():
     assert lines[2].endswith("| best sampler |") and "| 65.0 (5) |" in lines[2]
     assert lines[3].endswith("| worse vs ddim-50-eta1 |")  # paired by seed: +10, +10.5, +9
     assert lines[4].startswith("| `objective=eps` | ddim-50-eta1 | 3 |") and lines[4].endswith("| worse |")
+
+
+def test_budget_rows_are_judged_against_the_long_experiments_targets():
+    sweep = script("sweep")
+
+    def point(epochs, fid, kid, kid_lo, kid_hi, recognised):
+        return {
+            "epochs": epochs,
+            "steps": epochs * 469,
+            "sampler": "ddim-50-eta1",
+            "fid": fid,
+            "kid": kid,
+            "kid_lo": kid_lo,
+            "kid_hi": kid_hi,
+            "recognised": recognised,
+            "coverage_kl": 0.01,
+        }
+
+    rows = [point(3, 80, 190, 95, 330, 0.80), point(6, 48, 62, 4, 160, 0.871), point(12, 30, 20, 2, 60, 0.90)]
+    first = rows[0]
+    assert sweep.missed_targets(rows[0], first, 12.5) == [
+        "recognised >= 0.88",
+        "FID <= 2.5x floor",
+        "KID clear of the first point",
+    ]
+    assert sweep.missed_targets(rows[1], first, 12.5) == [
+        "recognised >= 0.88",
+        "FID <= 2.5x floor",
+        "KID clear of the first point",  # 160 overlaps [95, 330]
+    ]
+    assert sweep.missed_targets(rows[2], first, 12.5) == []  # 30 <= 31.25, and 60 < 95
+    budget = {"runs": [{"setting": "unet2d.epochs=12", "machine": "cpu", "floor_fid": 12.5, "rows": rows}]}
+    lines = sweep.budget_table(budget).splitlines()
+    assert lines[4].startswith("| `unet2d.epochs=12` | cpu | 12 | 5628 |") and lines[4].endswith("| none |")
