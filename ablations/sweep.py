@@ -48,6 +48,7 @@ BUDGET = ROOT / "ablations" / "budget.json"
 SEEDS = ROOT / "ablations" / "seeds.json"
 TABLE = ROOT / "docs" / "ablation" / "sweep.md"  # the whole files are generated; docs/ablation.md explains them
 SEEDS_TABLE = ROOT / "docs" / "ablation" / "seeds.md"
+BUDGET_FIGURE = ROOT / "docs" / "ablation" / "budget.png"
 # The ablation's headline claims, rechecked over training seeds (`run --seeds 0 1 2 --out ablations/seeds.json`):
 # the objective, the beta schedule and (every row sampled with each unet2d sampler) the sampler.
 SEED_SETTINGS = ["", "unet2d.beta_schedule=linear", "objective=eps"]
@@ -362,6 +363,38 @@ def budget_table(budget: dict) -> str:
     return "\n".join(lines)
 
 
+def budget_figure(budget: dict, path: Path) -> None:
+    """FID, KID and recognised share against epochs, one line per run that carries intervals (error bars: 95%)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for run_ in budget["runs"]:
+        rows = [r for r in run_["rows"] if "kid_lo" in r]
+        if not rows:
+            continue
+        epochs = [r["epochs"] for r in rows]
+        for ax, key in zip(axes, ("fid", "kid", "recognised"), strict=True):
+            y = np.array([r[key] for r in rows])
+            err = np.array([[r[key] - r[key + "_lo"], r[key + "_hi"] - r[key]] for r in rows]).T
+            ax.errorbar(epochs, y, yerr=err, marker="o", capsize=3, label=f"{run_['setting']} ({run_['machine']})")
+    floor = budget["runs"][-1]["floor_fid"]
+    axes[0].axhline(TARGET_FLOOR_RATIO * floor, color="grey", ls="--", label=f"target: {TARGET_FLOOR_RATIO}x floor")
+    axes[2].axhline(TARGET_RECOGNISED, color="grey", ls="--", label=f"target: {TARGET_RECOGNISED}")
+    for ax, title in zip(axes, ("FID (lower is better)", "KID (lower is better)", "recognised share"), strict=True):
+        ax.set(title=title, xlabel="epochs")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    with files.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
 def by_seed(results: dict) -> dict[str, dict[int, dict]]:
     """{setting without its seed: {seed: row}}, in the order the settings first appear."""
     groups: dict[str, dict[int, dict]] = {}
@@ -437,6 +470,9 @@ def table(results: dict | None, budget: dict | None, seeds: dict | None) -> None
                 f"{TARGET_FLOOR_RATIO}x the floor and a KID interval entirely below the run's first point's.",
                 "",
             ]
+        if budget:
+            budget_figure(budget, BUDGET_FIGURE)
+            parts += [f"![quality against epochs]({BUDGET_FIGURE.name})", ""]
         parts += ["Made by `python ablations/sweep.py table` from ablations/sweep.json and ablations/budget.json.", ""]
         files.write_text(TABLE, "\n".join(parts))  # atomic; creates docs/ablation/ if missing
     if seeds:

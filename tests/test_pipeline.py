@@ -182,6 +182,7 @@ def test_the_seed_table_gives_mean_spread_and_verdict(project):
     seeded = json.loads((project / "ablations/seeds.json").read_text())["rows"]
     assert [r["setting"] for r in seeded] == ["seed=1", "seed=2", "unet2d.lr=5e-4 seed=1", "unet2d.lr=5e-4 seed=2"]
     run([sys.executable, "ablations/sweep.py", "table"], cwd=project)
+    assert (project / "docs/ablation/budget.png").is_file()  # the budget runs' quality curve
     seeds_md = (project / "docs/ablation/seeds.md").read_text()
     assert re.search(r"^\| `unet2d.lr=5e-4` \| ddim-3 \| 2 \| .*\| (better|worse|within noise) \|$", seeds_md, re.M)
 
