@@ -34,7 +34,7 @@ import yaml
 from scratch_diffusion import files
 from scratch_diffusion.config import ParamsError, params_from_dict
 from scratch_diffusion.data import load_split
-from scratch_diffusion.hardware import cpu_name, for_sampling
+from scratch_diffusion.hardware import cpu_class, cpu_flags, cpu_name, for_sampling
 from scratch_diffusion.metrics import Judge, seed_verdict
 from scratch_diffusion.model_files import load_unet2d, save_unet2d
 from scratch_diffusion.recipe import fit_unet2d, unet2d_parts
@@ -85,7 +85,9 @@ SETTINGS = [
 
 
 def machine() -> str:
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"{cpu_name()}, {os.cpu_count()} cores"
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"{cpu_name()}, {os.cpu_count()} cores, {cpu_class(cpu_flags())}"
 
 
 def parse_setting(text: str) -> dict:
