@@ -1,10 +1,9 @@
 """Typed view of `params.yaml`, validated before any stage does work.
 
 `params.yaml` is the one source of configuration, and its comments say what each knob does; this module holds
-the rules. Each group is a frozen dataclass whose fields carry their
-allowed range or choices (the names declared in choices.py) in `metadata`; `load_params` walks the YAML against
-them and raises one `ParamsError` that names the key, the bad value and what is allowed. Unknown keys (typos) are
-errors too.
+the rules. Each group is a frozen dataclass whose fields carry their allowed range or choices (the names declared
+in choices.py) in `metadata`; `load_params` walks the YAML against them and raises one `ParamsError` that names
+the key, the bad value and what is allowed. Unknown keys (typos) are errors too.
 
 Nothing else under `src/` reads `params.yaml`: stages call `load_params` and hand plain values to the library.
 """
