@@ -9,7 +9,9 @@ from torchmetrics.image.kid import KernelInceptionDistance
 
 from scratch_diffusion.data import load_split
 from scratch_diffusion.metrics import (
+    BOUNDS,
     Judge,
+    _interval,
     accuracy,
     class_coverage,
     classifier_loss,
@@ -100,6 +102,9 @@ def test_measure_gives_intervals_around_the_point_and_is_repeatable(mnist, judge
         assert m[f"{key}_lo"] <= m[key] <= m[f"{key}_hi"], key
         assert len(m["replicates"][key]) == 100
     assert m["fid_hi"] > m["fid_lo"] and m["kid_hi"] > m["kid_lo"]
+    for key, (lo, hi) in BOUNDS.items():
+        if key in m:
+            assert lo <= m[f"{key}_lo"] and m[f"{key}_hi"] <= hi, key
     again = judge.measure(shifted)
     assert again["fid_lo"] == m["fid_lo"] and again["kid"] == m["kid"]
 
@@ -148,6 +153,13 @@ def test_memorisation_flags_copies_of_training_images(mnist):
     assert memorised_share(train_x[:N], train_x, cut) == 1.0
     half = torch.cat([train_x[: N // 2], test_x[N : N + N // 2]])
     assert memorised_share(half, train_x, cut) == pytest.approx(0.5, abs=0.03)
+
+
+def test_a_share_near_zero_keeps_its_interval_in_range():
+    """Shifting the replicates onto the point can push a rare share's lower bound below 0: it is clipped."""
+    replicates = np.array([0.0] * 150 + [0.004] * 50)  # a share of about 0.001, resampled
+    assert _interval(replicates, 0.0005, "memorised")[0] == 0.0
+    assert _interval(replicates, 0.0005)[0] < 0  # unclipped without a metric's bounds (a difference, KID)
 
 
 def test_seed_verdicts_need_the_difference_beyond_the_seed_spread():

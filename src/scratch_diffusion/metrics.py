@@ -98,15 +98,26 @@ def memorised_share(images, train_images, threshold: float) -> float:
     return float((nearest_distances(images, train_images) < threshold).float().mean())
 
 
-def _interval(replicates: np.ndarray, point: float | None = None) -> tuple[float, float]:
+# The values each metric can take: a shifted interval is clipped to them (a share stays in [0, 1]). KID is
+# unbiased, so its estimate can go below 0.
+BOUNDS = {
+    "fid": (0.0, np.inf),
+    "coverage_kl": (0.0, np.inf),
+    "recognised": (0.0, 1.0),
+    "memorised": (0.0, 1.0),
+    "cond_accuracy": (0.0, 1.0),
+}
+
+
+def _interval(replicates: np.ndarray, point: float | None = None, key: str = "") -> tuple[float, float]:
     """The central 95% of the replicates; with `point`, first shifted so that their mean is the point. FID's
     bootstrap needs that: a resample repeats images, fewer distinct ones raise FID's small-sample bias, and the plain
-    percentiles would sit above the measured value."""
+    percentiles would sit above the measured value. The shift can cross a bound of metric `key`; it is clipped."""
     replicates = np.asarray(replicates, float)
     if point is not None:
         replicates = replicates - (replicates.mean() - point)
     tail = 100 * (1 - CONFIDENCE) / 2
-    lo, hi = np.percentile(replicates, [tail, 100 - tail])
+    lo, hi = np.clip(np.percentile(replicates, [tail, 100 - tail]), *BOUNDS.get(key, (-np.inf, np.inf)))
     return float(lo), float(hi)
 
 
@@ -203,7 +214,7 @@ class Judge:
         replicates["kid"] = kid_subsets(self.reference_features, f, self.resamples, max(2, self.n // 2))
         point["kid"] = float(replicates["kid"].mean())
         for key, values in replicates.items():
-            point[f"{key}_lo"], point[f"{key}_hi"] = _interval(values, point[key])
+            point[f"{key}_lo"], point[f"{key}_hi"] = _interval(values, point[key], key)
         return {**point, "replicates": replicates}
 
     def conditional(self, images, labels, real_images, real_labels) -> dict:
@@ -221,7 +232,7 @@ class Judge:
             if len(mine) >= 2 and len(real) == len(mine):
                 ours, theirs = features(self.classifier, mine), features(self.classifier, real)
                 per_class[str(c)] = frechet_distance(*gaussian(ours), *gaussian(theirs))
-        lo, hi = _interval(reps, float(hit.mean()))
+        lo, hi = _interval(reps, float(hit.mean()), "cond_accuracy")
         return {
             "cond_accuracy": float(hit.mean()),
             "cond_accuracy_lo": lo,
