@@ -1,29 +1,36 @@
-"""The EMA axis, measured from one training run: the default train-unet2d trajectory with its weight average
-tracked at several horizons at once (`unet2d.ema_warmup` values), each copy sampled and measured as compare does.
+"""The EMA axis, measured from one training run per seed: the default train-unet2d trajectory with its weight
+average tracked at several horizons at once (`unet2d.ema_warmup` values), each copy sampled and measured as compare
+does, and the horizons compared over training seeds.
 
-    python ablations/ema_horizons.py train                 # ~35 min here: checkpoints/ema-horizons/w<k>/
-    python ablations/ema_horizons.py measure               # ~4 min a copy: ablations/ema_horizons.json +
-                                                           # docs/ablation/ema.md
+    python ablations/ema_horizons.py train                 # ~35 min on 2 CPU cores: checkpoints/ema-horizons/seed42/
+    python ablations/ema_horizons.py train --seed 0        # the same with `-S seed=0` (one seed per process)
+    python ablations/ema_horizons.py measure               # ~4 min a copy, every trained seed:
+                                                           # ablations/ema_horizons.json + docs/ablation/ema.md
+    python ablations/ema_horizons.py measure --seed 0      # one seed, added beside those already measured
     python ablations/ema_horizons.py table                 # docs/ablation/ema.md again from the JSON
     python ablations/ema_horizons.py train --warmups 10 4  # other horizons (10 = the EMA before it had a knob)
 
-Why one run: the EMA never feeds back into training, so `dvc exp run -S unet2d.ema_warmup=k -S
+Why one run per seed: the EMA never feeds back into training, so `dvc exp run -S unet2d.ema_warmup=k -S
 unet2d.ema_decay=0.99999` trains the same trajectory and saves the same weights as the copy w<k> here (the script
-says whether the copy of params.yaml's own ema_warmup matches models/unet2d bit for bit). K horizons cost one
-training instead of K experiments. The decay cap is set out of reach (0.99999) so that the warm-up alone sets each
-horizon; the default's cap (0.995) is not reached within the lesson's 1407 steps either (not before step 1790).
+says whether the copy of params.yaml's own ema_warmup at its own seed matches models/unet2d bit for bit). K horizons
+cost one training instead of K experiments, and the copies of one seed compare paired. The decay cap is set out of
+reach (0.99999) so that the warm-up alone sets each horizon; the default's cap (0.995) is not reached within the
+lesson's 1407 steps either (not before step 1790).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -32,7 +39,7 @@ from scratch_diffusion.choices import DIFFUSERS_SAMPLERS
 from scratch_diffusion.config import ParamsError, SampleSetting, load_params
 from scratch_diffusion.data import load_split
 from scratch_diffusion.hardware import cpu_name, for_sampling
-from scratch_diffusion.metrics import Judge
+from scratch_diffusion.metrics import Judge, seed_verdict
 from scratch_diffusion.model_files import load_unet2d, save_unet2d
 from scratch_diffusion.recipe import fit_unet2d, unet2d_parts
 from scratch_diffusion.samplers import generate
@@ -60,8 +67,14 @@ class Horizons:
             ema.update(model)
 
 
-def train(warmups: list[int]) -> None:
+def seed_dir(seed: int) -> Path:
+    return MODELS / f"seed{seed}"
+
+
+def train(warmups: list[int], seed: int | None) -> None:
     params = load_params(ROOT / "params.yaml")
+    if seed is not None:
+        params = dataclasses.replace(params, seed=seed)  # what `-S seed=k` trains
     p = params.unet2d
     images, labels = load_split(DATA, train=True, n=params.data.n_train)
     # The stage's order of construction, so the trajectory is the stage's (see the module docstring).
@@ -72,7 +85,8 @@ def train(warmups: list[int]) -> None:
     for ema in horizons.emas.values():
         ema.model.to(accelerator.device)
     fit_unet2d(params, parts, images, labels, accelerator, choice.channels_last, ema=horizons, desc="ema-horizons")
-    shutil.rmtree(MODELS, ignore_errors=True)  # copies of an earlier run would be measured as if of this one
+    out = seed_dir(params.seed)
+    shutil.rmtree(out, ignore_errors=True)  # copies of an earlier run would be measured as if of this one
     for w, ema in horizons.emas.items():
         meta = {
             "objective": params.objective,
@@ -84,8 +98,8 @@ def train(warmups: list[int]) -> None:
             "steps": horizons.updates,
             "run_id": "",
         }
-        save_unet2d(MODELS / f"w{w}", ema.model.cpu(), scheduler, meta)
-    print(f"saved {len(warmups)} EMA copies after {horizons.updates} steps to {MODELS.relative_to(ROOT)}")
+        save_unet2d(out / f"w{w}", ema.model.cpu(), scheduler, meta)
+    print(f"saved {len(warmups)} EMA copies after {horizons.updates} steps to {out.relative_to(ROOT)}")
 
 
 def same_weights(a: Path, b: Path) -> bool:
@@ -93,20 +107,18 @@ def same_weights(a: Path, b: Path) -> bool:
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def measure(setting: SampleSetting) -> dict:
+def trained_seeds() -> list[int]:
+    return sorted(int(d.name[4:]) for d in MODELS.glob("seed*") if d.name[4:].isdigit() and any(d.glob("w*")))
+
+
+def measure_seed(seed: int, setting: SampleSetting, judge: Judge) -> dict:
+    """Every EMA copy of one training seed, sampled and measured as compare does."""
     params = load_params(ROOT / "params.yaml")
     sp = params.sample
     dirs = sorted(
-        (d for d in MODELS.glob("w*") if (d / "scratch_diffusion.json").is_file()), key=lambda d: -int(d.name[1:])
+        (d for d in seed_dir(seed).glob("w*") if (d / "scratch_diffusion.json").is_file()),
+        key=lambda d: -int(d.name[1:]),
     )
-    if not dirs:
-        sys.exit(f"error: {MODELS.relative_to(ROOT)}: no EMA copies; run `python ablations/ema_horizons.py train`")
-    classifier_file = ROOT / "models" / "classifier" / "model.safetensors"
-    if not classifier_file.is_file():
-        sys.exit(f"error: {classifier_file.relative_to(ROOT)}: missing; run `dvc repro train-classifier` first")
-    n = sp.n
-    judge = Judge.from_files(classifier_file, DATA, n)  # compare's own yardstick
-    floor = judge.floor
     rows = []
     for d in dirs:
         model, scheduler, meta = load_unet2d(d)
@@ -114,7 +126,7 @@ def measure(setting: SampleSetting) -> dict:
             model,
             setting.sampler,
             setting.steps,
-            n,
+            judge.n,
             batch_size=sp.batch_size,
             seed=sp.seed,
             corruption=meta["corruption"],
@@ -126,64 +138,140 @@ def measure(setting: SampleSetting) -> dict:
         quality.pop("replicates")
         row = {"warmup": meta["ema_warmup"], "steps": meta["steps"], **quality}
         print(
-            f"ema_warmup {row['warmup']}: FID {row['fid']:.2f} ({row['fid'] / floor:.2f}x floor), "
+            f"seed {seed}, ema_warmup {row['warmup']}: FID {row['fid']:.2f} ({row['fid'] / judge.floor:.2f}x floor), "
             f"recognised {row['recognised']:.3f}",
             flush=True,
         )
         rows.append(row)
-    own = MODELS / f"w{params.unet2d.ema_warmup}"
+    # The copy of params.yaml's own ema_warmup, trained with its own seed, is the stage's model.
+    own = seed_dir(seed) / f"w{params.unet2d.ema_warmup}"
     stage_model = ROOT / "models" / "unet2d"
-    matches = same_weights(own, stage_model) if own.is_dir() and stage_model.is_dir() else None
+    matches = same_weights(own, stage_model) if seed == params.seed and own.is_dir() and stage_model.is_dir() else None
     commit = subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "--short=7", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
-    results = {
+    return {
         "rows": rows,
-        "n": n,
-        "floor_fid": floor,
-        "sampler": setting.name.removeprefix("unet2d/"),
         "machine": f"{cpu_name()}, {os.cpu_count()} cores",
         "commit": commit,
         "default_matches_models_unet2d": matches,
     }
-    files.write_json(RESULTS, results)
+
+
+def measure(setting: SampleSetting, seeds: list[int] | None, replace: bool) -> dict:
+    """Measures the given seeds' copies (default: every trained seed) into ablations/ema_horizons.json, beside the
+    seeds already there if they were measured with the same yardstick (sampler, n, classifier)."""
+    params = load_params(ROOT / "params.yaml")
+    seeds = seeds or trained_seeds()
+    missing = [k for k in seeds if k not in trained_seeds()]
+    if not seeds or missing:
+        sys.exit(
+            f"error: {MODELS.relative_to(ROOT)}: no EMA copies for seed(s) {missing or 'any'}; run "
+            "`python ablations/ema_horizons.py train --seed K` first"
+        )
+    classifier_file = ROOT / "models" / "classifier" / "model.safetensors"
+    if not classifier_file.is_file():
+        sys.exit(f"error: {classifier_file.relative_to(ROOT)}: missing; run `dvc repro train-classifier` first")
+    judge = Judge.from_files(classifier_file, DATA, params.sample.n)  # compare's own yardstick
+    yardstick = {"n": judge.n, "floor_fid": judge.floor, "sampler": setting.name.removeprefix("unet2d/")}
+    results = {**yardstick, "runs": {}}
+    if RESULTS.is_file() and not replace:
+        results = json.loads(RESULTS.read_text())
+        # Equal floors mean the same classifier and reference set; a run judged otherwise does not compare.
+        same = results["n"] == yardstick["n"] and results["sampler"] == yardstick["sampler"]
+        if not same or not math.isclose(results["floor_fid"], yardstick["floor_fid"], rel_tol=1e-6):
+            sys.exit(
+                f"error: {RESULTS.relative_to(ROOT)} holds seeds measured with {results['sampler']} at n = "
+                f"{results['n']} (floor {results['floor_fid']:.2f}); this measure uses {yardstick['sampler']} at "
+                f"n = {yardstick['n']} (floor {yardstick['floor_fid']:.2f}). Measure with the same sampler and "
+                "params.yaml's sample.n, or pass --replace to start the file anew"
+            )
+    for seed in seeds:
+        results["runs"][str(seed)] = measure_seed(seed, setting, judge)
+        files.write_json(RESULTS, results)  # each seed kept as soon as it is measured
     return results
 
 
-def markdown_table(results: dict) -> str:
+def by_warmup(results: dict) -> dict[int, dict[int, dict]]:
+    """{ema_warmup: {seed: row}}, longest horizon first."""
+    out: dict[int, dict[int, dict]] = {}
+    for seed, run in sorted(results["runs"].items(), key=lambda kv: int(kv[0])):
+        for r in run["rows"]:
+            out.setdefault(r["warmup"], {})[int(seed)] = r
+    return dict(sorted(out.items()))
+
+
+def markdown_table(results: dict, default: int) -> str:
+    """Per horizon: mean and spread over training seeds, and the verdict against params.yaml's ema_warmup, paired
+    by seed (the copies of one seed share one trajectory and one set of start noise)."""
+    groups = by_warmup(results)
+    base = groups.get(default, {})
     lines = [
-        "| `unet2d.ema_warmup` | mean age of the averaged weights (steps) | FID | x floor | recognised | coverage KL |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| `unet2d.ema_warmup` | mean age (steps) | seeds | FID mean (sd over seeds) | FID sampling ±95% | x floor | "
+        "recognised mean (sd) | FID per seed | vs the default (FID; recognised) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
-    for r in results["rows"]:
-        ratio = r["fid"] / results["floor_fid"]
+    sd = lambda v: f"{np.std(v, ddof=1):.3g}" if len(v) > 1 else "-"  # noqa: E731
+    for w, runs in groups.items():
+        seeds = sorted(runs)
+        fid = [runs[k]["fid"] for k in seeds]
+        rec = [runs[k]["recognised"] for k in seeds]
+        halves = [(r["fid_hi"] - r["fid_lo"]) / 2 for r in runs.values() if "fid_hi" in r]
+        half = f"{np.mean(halves):.1f}" if halves else "-"
+        shared = [k for k in seeds if k in base]
+        if w == default:
+            against = "the default"
+        elif len(shared) > 1:
+            against = "; ".join(
+                seed_verdict([runs[k][key] for k in shared], [base[k][key] for k in shared], key, paired=True)
+                for key in ("fid", "recognised")
+            )
+        else:
+            against = "needs 2 seeds"
+        age = np.mean([runs[k]["steps"] for k in seeds]) / w
         lines.append(
-            f"| {r['warmup']} | {r['steps'] / r['warmup']:.0f} | {r['fid']:.1f} | {ratio:.2f} | "
-            f"{r['recognised']:.3f} | {r['coverage_kl']:.3f} |"
+            f"| {w} | {age:.0f} | {len(seeds)} | {np.mean(fid):.1f} ({sd(fid)}) | {half} | "
+            f"{np.mean(fid) / results['floor_fid']:.2f} | {np.mean(rec):.3f} ({sd(rec)}) | "
+            f"{', '.join(f'{v:.1f}' for v in fid)} | {against} |"
         )
     return "\n".join(lines)
 
 
 def table(results: dict) -> None:
+    params = load_params(ROOT / "params.yaml")
     matches = {
         True: "matches `models/unet2d` bit for bit",
         False: "does NOT match `models/unet2d`",
         None: "was not checked against `models/unet2d`",
-    }[results["default_matches_models_unet2d"]]
+    }
+    runs = results["runs"]
+    own = runs.get(str(params.seed))
+    seeds = ", ".join(sorted(runs, key=int))
+    machines = sorted({r["machine"] for r in runs.values()})
+    commits = ", ".join(f"seed {k}: {r['commit']}" for k, r in sorted(runs.items(), key=lambda kv: int(kv[0])))
+    check = (
+        f"The copy of params.yaml's own `ema_warmup` at its own seed ({params.seed}) "
+        f"{matches[own['default_matches_models_unet2d']]}."
+        if own
+        else f"params.yaml's own seed ({params.seed}) is not among them."
+    )
     text = "\n".join(
         [
-            "# The EMA horizon, from one training run",
+            "# The EMA horizon over training seeds",
             "",
-            markdown_table(results),
+            markdown_table(results, params.unet2d.ema_warmup),
             "",
-            f"One training run (params.yaml's defaults), {results['sampler']}, n = {results['n']}, floor "
-            f"{results['floor_fid']:.2f}. Machine: {results['machine']}. Code: {results['commit']}. The copy of "
-            f"params.yaml's own `ema_warmup` {matches}. Made by `python ablations/ema_horizons.py measure`.",
+            f"One training run per seed (params.yaml's defaults with `-S seed=k`; seeds {seeds}), each carrying its "
+            f"EMA at every horizon; {results['sampler']}, n = {results['n']}, sample seed fixed, floor "
+            f"{results['floor_fid']:.2f}. *sd over seeds*: the training-seed spread. *FID sampling ±95%*: the mean "
+            "bootstrap half-width over the sample set. Verdict: the 95% t interval of the per-seed differences from "
+            f"`ema_warmup` {params.unet2d.ema_warmup} (params.yaml's) excludes 0, else within noise. {check} "
+            f"Machine: {'; '.join(machines)}. Code: {commits}. Made by `python ablations/ema_horizons.py measure`.",
             "",
         ]
     )
     files.write_text(TABLE, text)  # atomic; creates docs/ablation/ if missing
-    print(markdown_table(results))
+    print(markdown_table(results, params.unet2d.ema_warmup))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -197,13 +285,30 @@ def main(argv: list[str] | None = None) -> None:
         help="measure: one sampler setting (default: DDIM-50, eta 1)",
     )
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument(
+        "--replace", action="store_true", help="measure: start ablations/ema_horizons.json anew (other yardstick)"
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="K",
+        help="training seeds (`-S seed=k`); train takes one (default: params.yaml's seed), measure several "
+        "(default: every trained seed)",
+    )
     parser.add_argument("--eta", type=float, default=None, help="DDIM only (default 1)")
     args = parser.parse_args(argv)
     bad = [w for w in args.warmups if w < 2]
     if bad:
         parser.error(f"--warmups: got {bad}; allowed: integers >= 2")
+    bad = [k for k in args.seed or [] if not 0 <= k < 2**32]
+    if bad:
+        parser.error(f"--seed: got {bad}; allowed: integers 0..{2**32 - 1} (as params.yaml's seed)")
     if args.command == "train":
-        train(args.warmups)
+        if args.seed is not None and len(args.seed) != 1:
+            parser.error(f"--seed: got {args.seed}; train takes one seed (run it once per seed)")
+        train(args.warmups, args.seed[0] if args.seed else None)
     elif args.command == "measure":
         eta = args.eta if args.eta is not None else 1.0 if args.sampler == "ddim" else 0.0
         setting = SampleSetting("unet2d", args.sampler, args.steps, eta)
@@ -211,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
             setting.validate("--")
         except ParamsError as e:
             parser.error(str(e))
-        table(measure(setting))
+        table(measure(setting, args.seed, args.replace))
     else:
         table(json.loads(RESULTS.read_text()))
 

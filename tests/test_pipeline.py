@@ -144,15 +144,26 @@ def test_the_champion_alias_serves_generate(project, client):
 
 
 def test_ema_horizons_retrace_the_stage(project):
-    """The EMA axis from one run: the script retraces the stage's trajectory, so its copy at params.yaml's own
-    ema_warmup is the stage's model, bit for bit, and each copy gets the compare stage's metrics."""
-    run([sys.executable, "ablations/ema_horizons.py", "train", "--warmups", "10", "4"], cwd=project)
-    run([sys.executable, "ablations/ema_horizons.py", "measure", "--steps", "3"], cwd=project)
+    """The EMA axis from one run per seed: the script retraces the stage's trajectory, so its copy at params.yaml's
+    own ema_warmup and seed is the stage's model, bit for bit; each copy gets the compare stage's metrics, and two
+    seeds give each horizon a paired verdict against the default."""
+    script = [sys.executable, "ablations/ema_horizons.py"]
+    run([*script, "train", "--warmups", "10", "4"], cwd=project)
+    run([*script, "train", "--warmups", "10", "4", "--seed", "7"], cwd=project)
+    # The repository's file holds seeds measured at n = 1000: another yardstick is refused, not mixed in.
+    mixed = run([*script, "measure", "--steps", "3"], cwd=project, check=False)
+    assert mixed.returncode != 0 and "pass --replace" in mixed.stderr
+    run([*script, "measure", "--steps", "3", "--replace"], cwd=project)
     horizons = json.loads((project / "ablations/ema_horizons.json").read_text())
-    assert horizons["default_matches_models_unet2d"] is True
-    assert [r["warmup"] for r in horizons["rows"]] == [10, 4] and all(r["steps"] == 8 for r in horizons["rows"])
-    assert horizons["rows"][0]["fid"] != horizons["rows"][1]["fid"]
-    assert "| 4 | 2 |" in (project / "docs/ablation/ema.md").read_text()  # mean age 8 / 4 steps
+    own, other = horizons["runs"]["42"], horizons["runs"]["7"]
+    assert own["default_matches_models_unet2d"] is True and other["default_matches_models_unet2d"] is None
+    assert [r["warmup"] for r in own["rows"]] == [10, 4] and all(r["steps"] == 8 for r in own["rows"])
+    assert own["rows"][0]["fid"] != own["rows"][1]["fid"] != other["rows"][1]["fid"]
+    table = (project / "docs/ablation/ema.md").read_text()
+    (w4,) = [line for line in table.splitlines() if line.startswith("| 4 | 2 | 2 |")]  # mean age 8 / 4 steps
+    assert re.search(r"\| (better|worse|within noise); (better|worse|within noise) \|$", w4), w4
+    bad = run([*script, "train", "--seed", "-1"], cwd=project, check=False)
+    assert bad.returncode != 0 and "--seed: got [-1]" in bad.stderr
 
 
 def test_the_sweep_retraces_the_stage(project):
