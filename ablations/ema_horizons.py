@@ -24,7 +24,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -38,7 +37,7 @@ from scratch_diffusion import files
 from scratch_diffusion.choices import DIFFUSERS_SAMPLERS
 from scratch_diffusion.config import ParamsError, SampleSetting, load_params
 from scratch_diffusion.data import load_split
-from scratch_diffusion.hardware import cpu_name, for_sampling
+from scratch_diffusion.hardware import for_sampling, machine
 from scratch_diffusion.metrics import Judge, seed_verdict
 from scratch_diffusion.model_files import load_unet2d, save_unet2d
 from scratch_diffusion.recipe import fit_unet2d, unet2d_parts
@@ -152,7 +151,7 @@ def measure_seed(seed: int, setting: SampleSetting, judge: Judge) -> dict:
     ).stdout.strip()
     return {
         "rows": rows,
-        "machine": f"{cpu_name()}, {os.cpu_count()} cores",
+        "machine": machine(),
         "commit": commit,
         "default_matches_models_unet2d": matches,
     }

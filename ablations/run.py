@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import subprocess
 import sys
@@ -34,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from scratch_diffusion import files
-from scratch_diffusion.hardware import cpu_name
+from scratch_diffusion.hardware import machine
 from scratch_diffusion.metrics import interval_verdict, seed_verdict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,10 +187,6 @@ def row_from(baseline: dict, rev: dict) -> dict:
             s.removeprefix("unet2d/"): {k: unet[s][k] for k in ("fid", "recognised", "coverage_kl")} for s in unet
         },
     }
-
-
-def machine() -> str:
-    return f"{cpu_name()}, {os.cpu_count()} cores"
 
 
 def results_commit() -> str:

@@ -34,7 +34,7 @@ import yaml
 from scratch_diffusion import files
 from scratch_diffusion.config import ParamsError, params_from_dict
 from scratch_diffusion.data import load_split
-from scratch_diffusion.hardware import cpu_class, cpu_flags, cpu_name, for_sampling
+from scratch_diffusion.hardware import for_sampling, machine
 from scratch_diffusion.metrics import Judge, seed_verdict
 from scratch_diffusion.model_files import load_unet2d, save_unet2d
 from scratch_diffusion.recipe import fit_unet2d, unet2d_parts
@@ -82,12 +82,6 @@ SETTINGS = [
     "unet2d.epochs=6 unet2d.lr=2e-3 unet2d.lr_schedule=cosine unet2d.lr_warmup_steps=100",
     "unet2d.epochs=12",
 ]
-
-
-def machine() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"{cpu_name()}, {os.cpu_count()} cores, {cpu_class(cpu_flags())}"
 
 
 def parse_setting(text: str) -> dict:

@@ -1,8 +1,10 @@
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
-from scratch_diffusion.hardware import Hardware, choose, cpu_class, cpu_flags, cpu_name, detect
+from scratch_diffusion.hardware import Hardware, choose, cpu_class, cpu_flags, cpu_name, detect, machine
 
 # /proc/cpuinfo flags of the machine classes handed out here (abridged to what matters).
 AVX2 = frozenset({"fpu", "sse4_2", "avx", "avx2", "fma"})
@@ -17,6 +19,13 @@ def test_cpu_name_is_the_model_name_of_this_machine():
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists() and "model name" in cpuinfo.read_text():
         assert f": {name}" in cpuinfo.read_text()
+
+
+def test_machine_names_the_cpu_class_without_a_gpu():
+    if torch.cuda.is_available():
+        assert machine() == torch.cuda.get_device_name()
+    else:
+        assert machine() == f"{cpu_name()}, {os.cpu_count()} cores, {cpu_class(cpu_flags())}"
 
 
 def test_cpu_flags_are_matched_whole():

@@ -114,6 +114,16 @@ class Choice:
         }
 
 
+def machine() -> str:
+    """The machine a measurement belongs to, as the ablation results name it: the GPU, else the CPU, its core count
+    and its class (speeds and bf16 numbers differ by class, see cpu_class)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"{cpu_name()}, {os.cpu_count()} cores, {cpu_class(cpu_flags())}"
+
+
 def choose(network: str, precision: str, channels_last: str | bool, hardware: Hardware) -> Choice:
     """Resolve `auto` for `network` on `hardware`; explicit values are honoured as given.
 
