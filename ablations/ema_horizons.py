@@ -173,9 +173,10 @@ def measure(setting: SampleSetting, seeds: list[int] | None, replace: bool) -> d
         sys.exit(f"error: {classifier_file.relative_to(ROOT)}: missing; run `dvc repro train-classifier` first")
     judge = Judge.from_files(classifier_file, DATA, params.sample.n)  # compare's own yardstick
     yardstick = {"n": judge.n, "floor_fid": judge.floor, "sampler": setting.name.removeprefix("unet2d/")}
-    results = {**yardstick, "runs": {}}
-    if RESULTS.is_file() and not replace:
-        results = json.loads(RESULTS.read_text())
+
+    def check(results: dict | None) -> dict:
+        if results is None:
+            return {**yardstick, "runs": {}}
         # Equal floors mean the same classifier and reference set; a run judged otherwise does not compare.
         same = results["n"] == yardstick["n"] and results["sampler"] == yardstick["sampler"]
         if not same or not math.isclose(results["floor_fid"], yardstick["floor_fid"], rel_tol=1e-6):
@@ -185,9 +186,21 @@ def measure(setting: SampleSetting, seeds: list[int] | None, replace: bool) -> d
                 f"n = {yardstick['n']} (floor {yardstick['floor_fid']:.2f}). Measure with the same sampler and "
                 "params.yaml's sample.n, or pass --replace to start the file anew"
             )
-    for seed in seeds:
-        results["runs"][str(seed)] = measure_seed(seed, setting, judge)
-        files.write_json(RESULTS, results)  # each seed kept as soon as it is measured
+        return results
+
+    if not replace:
+        check(json.loads(RESULTS.read_text()) if RESULTS.is_file() else None)  # refused before any sampling
+    results = None
+    for i, seed in enumerate(seeds):
+        run = measure_seed(seed, setting, judge)
+        start_anew = replace and i == 0
+
+        def add(old: dict | None, seed: str = str(seed), run: dict = run, start_anew: bool = start_anew) -> dict:
+            kept = check(None if start_anew else old)
+            return {**kept, "runs": {**kept["runs"], seed: run}}
+
+        # Re-read under the lock, so a measure of other seeds running beside this one keeps its seeds.
+        results = files.update_json(RESULTS, add)
     return results
 
 

@@ -220,9 +220,7 @@ def budget(text: str, every: int, out: Path) -> None:
         raise ParamsError(f"setting {text!r}: budget needs unet2d.lr_schedule=constant (a schedule depends on the end)")
     judge = judge_for(params)
     steps_per_epoch = -(-len(load_split(DATA, train=True, n=params.data.n_train)[1]) // params.unet2d.batch_size)
-    runs = json.loads(out.read_text())["runs"] if out.is_file() else []
     here = machine()
-    runs = [r for r in runs if (r["setting"], r["machine"]) != (text, here)]  # its earlier run on this machine kind
     rows = []
 
     scheduler = unet2d_parts(params)[1]  # the run's noise schedule (train() reseeds before it draws weights)
@@ -235,7 +233,12 @@ def budget(text: str, every: int, out: Path) -> None:
         ((name, m),) = metrics.items()
         rows.append({"epochs": step / steps_per_epoch, "steps": step, "sampler": name, **m})
         this = {"setting": text, "machine": here, "floor_fid": judge.floor, "rows": rows}
-        files.write_json(out, {"runs": [*runs, this]})
+
+        def replace_own(old: dict | None) -> dict:  # its earlier run on this machine kind; others' runs stay
+            runs = [r for r in (old or {"runs": []})["runs"] if (r["setting"], r["machine"]) != (text, here)]
+            return {"runs": [*runs, this]}
+
+        files.update_json(out, replace_own)  # re-read under a lock: budget runs beside this one keep theirs
         print(
             f"[{text or 'defaults'}] {step / steps_per_epoch:g} epochs: {name} FID {m['fid']:.2f} "
             f"({m['fid'] / judge.floor:.2f}x floor), recognised {m['recognised']:.3f}",
