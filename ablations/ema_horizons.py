@@ -259,8 +259,15 @@ def table(results: dict) -> None:
     runs = results["runs"]
     own = runs.get(str(params.seed))
     seeds = ", ".join(sorted(runs, key=int))
-    machines = sorted({r["machine"] for r in runs.values()})
-    commits = ", ".join(f"seed {k}: {r['commit']}" for k, r in sorted(runs.items(), key=lambda kv: int(kv[0])))
+    ordered = sorted(runs.items(), key=lambda kv: int(kv[0]))
+    by_machine: dict[str, list[str]] = {}
+    for k, r in ordered:
+        by_machine.setdefault(r["machine"], []).append(k)
+    machines = "; ".join(f"{m} (seed {', '.join(ks)})" for m, ks in by_machine.items())
+    commits = ", ".join(f"seed {k}: {r['commit']}" for k, r in ordered)
+    unbounded = [k for k, r in ordered if not all("fid_hi" in row for row in r["rows"])]
+    if unbounded:  # measured before the judge gave intervals
+        commits += f" (seed {', '.join(unbounded)} measured without sampling intervals: not in the ±95% column)"
     check = (
         f"The copy of params.yaml's own `ema_warmup` at its own seed ({params.seed}) "
         f"{matches[own['default_matches_models_unet2d']]}."
@@ -278,7 +285,7 @@ def table(results: dict) -> None:
             f"{results['floor_fid']:.2f}. *sd over seeds*: the training-seed spread. *FID sampling ±95%*: the mean "
             "bootstrap half-width over the sample set. Verdict: the 95% t interval of the per-seed differences from "
             f"`ema_warmup` {params.unet2d.ema_warmup} (params.yaml's) excludes 0, else within noise. {check} "
-            f"Machine: {'; '.join(machines)}. Code: {commits}. Made by `python ablations/ema_horizons.py measure`.",
+            f"Machine: {machines}. Code: {commits}. Made by `python ablations/ema_horizons.py measure`.",
             "",
         ]
     )
