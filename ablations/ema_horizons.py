@@ -161,8 +161,9 @@ def measure(setting: SampleSetting, seeds: list[int] | None, replace: bool) -> d
     """Measures the given seeds' copies (default: every trained seed) into ablations/ema_horizons.json, beside the
     seeds already there if they were measured with the same yardstick (sampler, n, classifier)."""
     params = load_params(ROOT / "params.yaml")
-    seeds = seeds or trained_seeds()
-    missing = [k for k in seeds if k not in trained_seeds()]
+    trained = trained_seeds()
+    seeds = seeds or trained
+    missing = [k for k in seeds if k not in trained]
     if not seeds or missing:
         sys.exit(
             f"error: {MODELS.relative_to(ROOT)}: no EMA copies for seed(s) {missing or 'any'}; run "
