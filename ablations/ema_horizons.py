@@ -36,13 +36,13 @@ from safetensors.torch import load_file
 from scratch_diffusion import files
 from scratch_diffusion.choices import DIFFUSERS_SAMPLERS
 from scratch_diffusion.config import ParamsError, SampleSetting, load_params
-from scratch_diffusion.data import load_split
 from scratch_diffusion.hardware import for_sampling, machine
+from scratch_diffusion.identity import what_changed
 from scratch_diffusion.metrics import Judge, seed_verdict
-from scratch_diffusion.model_files import load_unet2d, save_unet2d
-from scratch_diffusion.recipe import fit_unet2d, unet2d_parts
+from scratch_diffusion.model_files import META, load_unet2d, save_unet2d
+from scratch_diffusion.recipe import train_model, training_identity, unet2d_meta
 from scratch_diffusion.samplers import generate
-from scratch_diffusion.training import EMA, stage_accelerator
+from scratch_diffusion.training import EMA
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "checkpoints" / "ema-horizons"
@@ -57,10 +57,14 @@ class Horizons:
 
     def __init__(self, model: torch.nn.Module, decay: float, warmups: list[int]):
         self.emas = {w: EMA(model, decay, w) for w in warmups}
-        self.model = self.emas[warmups[0]].model  # what fit moves to the device first; the rest follow below
+        self.model = self.emas[warmups[0]].model  # what fit moves to the device; the rest follow at the first update
         self.updates = 0
 
     def update(self, model: torch.nn.Module) -> None:
+        if self.updates == 0:
+            device = next(model.parameters()).device
+            for ema in self.emas.values():
+                ema.model.to(device)
         self.updates += 1
         for ema in self.emas.values():
             ema.update(model)
@@ -70,34 +74,36 @@ def seed_dir(seed: int) -> Path:
     return MODELS / f"seed{seed}"
 
 
-def train(warmups: list[int], seed: int | None) -> None:
+def seed_params(seed: int | None):
     params = load_params(ROOT / "params.yaml")
-    if seed is not None:
-        params = dataclasses.replace(params, seed=seed)  # what `-S seed=k` trains
-    p = params.unet2d
-    images, labels = load_split(DATA, train=True, n=params.data.n_train)
-    # The stage's order of construction, so the trajectory is the stage's (see the module docstring).
-    accelerator, choice = stage_accelerator("ema-horizons", "unet2d", p.mixed_precision, p.channels_last)
-    parts = unet2d_parts(params)
-    model, scheduler, _, _ = parts
-    horizons = Horizons(model, CAP, warmups)
-    for ema in horizons.emas.values():
-        ema.model.to(accelerator.device)
-    fit_unet2d(params, parts, images, labels, accelerator, choice.channels_last, ema=horizons, desc="ema-horizons")
+    return params if seed is None else dataclasses.replace(params, seed=seed)  # what `-S seed=k` trains
+
+
+def train(warmups: list[int], seed: int | None) -> None:
+    params = seed_params(seed)
+    made: list[Horizons] = []
+    trained = train_model(
+        "unet2d",
+        params,
+        data_root=DATA,
+        ema=lambda model: made.append(Horizons(model, CAP, warmups)) or made[0],
+        desc="ema-horizons",
+    )
+    (horizons,) = made
     out = seed_dir(params.seed)
     shutil.rmtree(out, ignore_errors=True)  # copies of an earlier run would be measured as if of this one
+    # What the copies were trained on: `measure` refuses copies of other inputs (code, data, params).
+    trained_on = training_identity("unet2d", params, DATA)
     for w, ema in horizons.emas.items():
         meta = {
-            "objective": params.objective,
-            "corruption": p.corruption,
-            "conditioning": p.conditioning,
+            **unet2d_meta(params),
             "ema_decay": CAP,
             "ema_warmup": w,
-            "class_conditional": p.class_conditional,
             "steps": horizons.updates,
             "run_id": "",
+            "trained_on": trained_on,
         }
-        save_unet2d(out / f"w{w}", ema.model.cpu(), scheduler, meta)
+        save_unet2d(out / f"w{w}", ema.model.cpu(), trained.scheduler, meta)
     print(f"saved {len(warmups)} EMA copies after {horizons.updates} steps to {out.relative_to(ROOT)}")
 
 
@@ -108,6 +114,20 @@ def same_weights(a: Path, b: Path) -> bool:
 
 def trained_seeds() -> list[int]:
     return sorted(int(d.name[4:]) for d in MODELS.glob("seed*") if d.name[4:].isdigit() and any(d.glob("w*")))
+
+
+def refuse_stale(seed: int) -> None:
+    """Exit with one line when a seed's copies were trained on other params, data or code than today's: measured,
+    they would pass for what today's code trains."""
+    now = training_identity("unet2d", seed_params(seed), DATA)
+    for meta_file in sorted(seed_dir(seed).glob(f"w*/{META}")):
+        meta = json.loads(meta_file.read_text())
+        changed = what_changed(meta["trained_on"], now) if "trained_on" in meta else "made before inputs were recorded"
+        if changed:
+            sys.exit(
+                f"error: {meta_file.parent.relative_to(ROOT)}: trained on other inputs than today's ({changed}); "
+                f"retrain with `python ablations/ema_horizons.py train --seed {seed}`"
+            )
 
 
 def measure_seed(seed: int, setting: SampleSetting, judge: Judge) -> dict:
@@ -169,6 +189,8 @@ def measure(setting: SampleSetting, seeds: list[int] | None, replace: bool) -> d
             f"error: {MODELS.relative_to(ROOT)}: no EMA copies for seed(s) {missing or 'any'}; run "
             "`python ablations/ema_horizons.py train --seed K` first"
         )
+    for seed in seeds:  # every seed checked before any sampling
+        refuse_stale(seed)
     classifier_file = ROOT / "models" / "classifier" / "model.safetensors"
     if not classifier_file.is_file():
         sys.exit(f"error: {classifier_file.relative_to(ROOT)}: missing; run `dvc repro train-classifier` first")

@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 import yaml
 
 from scratch_diffusion import files
@@ -37,9 +36,8 @@ from scratch_diffusion.data import load_split
 from scratch_diffusion.hardware import for_sampling, machine
 from scratch_diffusion.metrics import Judge, seed_verdict
 from scratch_diffusion.model_files import load_unet2d, save_unet2d
-from scratch_diffusion.recipe import fit_unet2d, unet2d_parts
+from scratch_diffusion.recipe import noise_schedule, train_model, unet2d_meta
 from scratch_diffusion.samplers import generate
-from scratch_diffusion.training import stage_accelerator
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "dataset"
@@ -117,24 +115,15 @@ def setting_params(text: str):
     return params
 
 
-def measure_samplers(judge: Judge, params, net, scheduler, device, lead_only: bool = False) -> dict:
-    """{sampler name: compare's metrics} for params.yaml's unet2d sample settings (the first one only if lead_only).
+def measure_samplers(judge: Judge, params, folder: Path, device, lead_only: bool = False) -> dict:
+    """{sampler name: compare's metrics} for params.yaml's unet2d sample settings (the first one only if lead_only),
+    drawn from the model folder as the sample stage draws from models/unet2d.
 
-    The model goes through the stage's save and load first: a scheduler config read back from disk has no
-    `_use_default_values`, so samplers inherit all of DDPM's values (e.g. its timestep spacing) as the sample
-    stage's do, where the in-memory config would give them their own defaults (other Heun and DPM samples).
+    Read back from disk, a scheduler config has no `_use_default_values`, so samplers inherit all of DDPM's values
+    (e.g. its timestep spacing) as the sample stage's do; the in-memory config would give them their own defaults.
     """
     sp = params.sample
-    with tempfile.TemporaryDirectory() as tmp:
-        u = params.unet2d
-        meta = {
-            "objective": params.objective,
-            "corruption": u.corruption,
-            "conditioning": u.conditioning,
-            "class_conditional": u.class_conditional,
-        }
-        save_unet2d(Path(tmp) / "unet2d", copy.deepcopy(net).cpu(), scheduler, meta)
-        net, scheduler, _ = load_unet2d(Path(tmp) / "unet2d", device)
+    net, scheduler, _ = load_unet2d(folder, device)
     settings = [s for s in sp.settings if s.model == "unet2d"]
     out = {}
     for setting in settings[:1] if lead_only else settings:
@@ -161,35 +150,15 @@ def judge_for(params) -> Judge:
     return Judge.from_files(ROOT / "models" / "classifier" / "model.safetensors", DATA, params.sample.n)
 
 
-def train(params, on_sample=None, sample_every: int = 0, desc: str = "sweep"):
-    """The stage's training (its library entry and order of construction: on a CPU the trajectory is the stage's)."""
-    p = params.unet2d
-    images, labels = load_split(DATA, train=True, n=params.data.n_train)
-    accelerator, choice = stage_accelerator(desc, "unet2d", p.mixed_precision, p.channels_last)
-    parts = unet2d_parts(params)
-    model, scheduler, _, ema = parts
-    start = time.perf_counter()
-    result = fit_unet2d(
-        params,
-        parts,
-        images,
-        labels,
-        accelerator,
-        choice.channels_last,
-        desc=desc,
-        on_sample=on_sample,
-        sample_every=sample_every,
-    )
-    net = (ema.model if ema is not None else accelerator.unwrap_model(model)).eval()
-    return net, scheduler, accelerator.device, result, time.perf_counter() - start
-
-
 def one(text: str, out: Path | None) -> None:
     """Train, sample and measure one setting; its row goes to `out` (JSON) if given, and is printed."""
     params = setting_params(text)
-    net, scheduler, device, result, train_s = train(params, desc=text or "defaults")
     judge = judge_for(params)
-    samplers = measure_samplers(judge, params, net, scheduler, device)
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        trained = train_model("unet2d", params, data_root=DATA, out=Path(tmp) / "unet2d", desc=text or "defaults")
+        train_s, result = time.perf_counter() - start, trained.result
+        samplers = measure_samplers(judge, params, Path(tmp) / "unet2d", trained.device)
     best = min(samplers, key=lambda k: samplers[k]["fid"])
     row = {
         "setting": text,
@@ -223,13 +192,16 @@ def budget(text: str, every: int, out: Path) -> None:
     here = machine()
     rows = []
 
-    scheduler = unet2d_parts(params)[1]  # the run's noise schedule (train() reseeds before it draws weights)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where Accelerate will train
+    scheduler = noise_schedule(params)
 
     def measure(step: int, net) -> None:
         if step == 0:
             return
-        metrics = measure_samplers(judge, params, net, scheduler, device, lead_only=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            meta = {**unet2d_meta(params), "run_id": ""}
+            save_unet2d(Path(tmp) / "unet2d", copy.deepcopy(net).cpu(), scheduler, meta)
+            device = next(net.parameters()).device
+            metrics = measure_samplers(judge, params, Path(tmp) / "unet2d", device, lead_only=True)
         ((name, m),) = metrics.items()
         rows.append({"epochs": step / steps_per_epoch, "steps": step, "sampler": name, **m})
         this = {"setting": text, "machine": here, "floor_fid": judge.floor, "rows": rows}
@@ -245,8 +217,11 @@ def budget(text: str, every: int, out: Path) -> None:
             flush=True,
         )
 
-    net, _, _, result, _ = train(params, measure, every * steps_per_epoch, desc=text or "defaults")
-    measure(result.steps, net)
+    every_steps = every * steps_per_epoch
+    trained = train_model(
+        "unet2d", params, data_root=DATA, on_sample=measure, sample_every=every_steps, desc=text or "defaults"
+    )
+    measure(trained.result.steps, trained.model)
 
 
 def with_seeds(settings: list[str], seeds: list[int] | None) -> list[str]:

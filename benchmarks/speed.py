@@ -33,15 +33,13 @@ import torch.nn.functional as F
 from scratch_diffusion.choices import PREDICTION_TYPES
 from scratch_diffusion.config import load_params
 from scratch_diffusion.corruption import corrupt, ddpm_scheduler
-from scratch_diffusion.data import load_split
 from scratch_diffusion.files import write_text
 from scratch_diffusion.hardware import choose, cpu_class, cpu_flags, cpu_name, detect, for_sampling
 from scratch_diffusion.models import BasicUNet
 from scratch_diffusion.models.unet2d import UNet2DDenoiser, build_unet
-from scratch_diffusion.recipe import basic_parts, fit_basic, fit_unet2d, unet2d_parts
+from scratch_diffusion.recipe import train_model
 from scratch_diffusion.samplers import generate
 from scratch_diffusion.stage import peak_rss_kib
-from scratch_diffusion.training import make_accelerator
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data/dataset"
@@ -96,23 +94,13 @@ def lesson_loop(model_name: str, steps: int, seed: int = 0) -> tuple[float, list
 
 
 def stage_run(model_name: str, steps: int, seed: int = 0, **overrides) -> tuple[float, list[float]]:
-    """`steps` optimizer steps through the train stage's own entry (recipe.fit_basic / fit_unet2d) with params.yaml's
-    defaults, at batch BATCH, plus `overrides` of the stage's section (mixed_precision, channels_last, log_every)."""
+    """`steps` optimizer steps through the train stages' own entry (recipe.train_model) with params.yaml's defaults,
+    at batch BATCH, plus `overrides` of the stage's section (mixed_precision, channels_last, log_every)."""
     params = load_params(ROOT / "params.yaml")
     section = replace(getattr(params, model_name), batch_size=BATCH, epochs=1, max_steps=steps, **overrides)
     params = replace(params, seed=seed, **{model_name: section})
-    choice = choose(model_name, section.mixed_precision, section.channels_last, detect(DEVICE.type))  # as the stage
-    images, _ = load_split(DATA, train=True)
-    accelerator = make_accelerator(choice.precision)
-    with contextlib.redirect_stdout(io.StringIO()):  # fit's progress lines
-        if model_name == "basic":
-            result = fit_basic(
-                params, basic_parts(params), images, accelerator, choice.channels_last, desc="bench-basic"
-            )
-        else:
-            result = fit_unet2d(
-                params, unet2d_parts(params), images, None, accelerator, choice.channels_last, desc="bench-unet2d"
-            )
+    with contextlib.redirect_stdout(io.StringIO()):  # the choice and progress lines
+        result = train_model(model_name, params, data_root=DATA, desc=f"bench-{model_name}").result
     return result.images_per_s, [loss for _, loss in result.loss_curve]
 
 

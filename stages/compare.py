@@ -23,6 +23,7 @@ from scratch_diffusion.compare_report import (
     plot_guidance,
     plot_losses,
     plot_montage,
+    settings_metrics,
     summarise,
     write_report,
 )
@@ -145,29 +146,7 @@ def main() -> None:
             headline[f"best_{key}_{model}"] = best[key]
     if conditional:
         headline["best_cond_accuracy_unet2d"] = best_cond["cond_accuracy"]
-    keep = (
-        "fid",
-        "fid_lo",
-        "fid_hi",
-        "kid",
-        "kid_lo",
-        "kid_hi",
-        "recognised",
-        "recognised_lo",
-        "recognised_hi",
-        "coverage_kl",
-        "memorised",
-        "nfe",
-        "seconds_per_image",
-        "guidance_scale",
-        "cond_accuracy",
-        "cond_accuracy_lo",
-        "cond_accuracy_hi",
-        "fid_class_mean",
-        "verdict",
-    )
-    settings = {r["setting"]: {k: r[k] for k in keep if r.get(k) is not None} for r in rows}
-    files.write_json("metrics/compare.json", {**headline, "settings": settings})
+    files.write_json("metrics/compare.json", {**headline, "settings": settings_metrics(rows)})
     fid_columns = ["setting", "sampler", "nfe", "fid", "fid_lo", "fid_hi"]
     files.write_tsv("plots/compare/fid_vs_nfe.tsv", fid_columns, [[r[k] for k in fid_columns] for r in rows])
     # Always written (header only without class-conditional sets), so the DVC plot exists in every experiment.

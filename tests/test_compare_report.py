@@ -1,8 +1,21 @@
-"""The compare report's summary: the best setting, the verdict of every other against it, the cheapest near it."""
+"""The compare report's summary: the best setting, the verdict of every other against it, the cheapest near it; its
+columns and metrics/compare.json's settings, both from the metrics' declarations (metrics.METRICS)."""
+
+import json
 
 import numpy as np
 
-from scratch_diffusion.compare_report import markdown_table, summarise, summary_text
+from scratch_diffusion.compare_report import (
+    IDENTITY,
+    _cell,
+    columns,
+    markdown_table,
+    settings_metrics,
+    summarise,
+    summary_text,
+)
+from scratch_diffusion.metrics import BY_KEY, METRICS
+from tests.conftest import REPO
 
 
 def row(setting: str, fid: float, half: float, seconds: float) -> dict:
@@ -35,3 +48,82 @@ def test_summary_names_the_settings_within_noise_and_the_cheapest_of_them():
     text = summary_text(summary)
     assert "Within noise of it on FID" in text and "heun-15" in text and "ddpm-100" not in text
     assert "| 60.00 [57.00, 63.00] | best |" in markdown_table(rows)
+
+
+def conditional_row(setting: str) -> dict:
+    """A class-conditional set's row, every measured key present (as the compare stage builds it)."""
+    return {
+        **row(setting, 70.0, 3.0, 0.05),
+        "coverage_kl_lo": 0.0,
+        "coverage_kl_hi": 0.02,
+        "coverage_entropy": 2.29,
+        "memorised_lo": 0.0,
+        "memorised_hi": 0.0,
+        "recognised_lo": 0.78,
+        "recognised_hi": 0.82,
+        "verdict": "best",
+        "guidance_scale": 3.0,
+        "cond_accuracy": 0.9,
+        "cond_accuracy_lo": 0.85,
+        "cond_accuracy_hi": 0.95,
+        "fid_per_class": {"3": 70.0},
+        "fid_class_mean": 70.0,
+    }
+
+
+def test_the_table_and_the_json_carry_each_metric_as_declared():
+    plain, cond = row("ddim-50", 60.0, 3.0, 0.05), conditional_row("ddim-50-g3")
+    titled = [m.key for m in METRICS if m.title is not None]
+    assert [key for key, _, _ in columns([plain, cond])] == [*IDENTITY, *titled]
+    assert [key for key, _, _ in columns([plain])] == [*IDENTITY, *(k for k in titled if not BY_KEY[k].conditional)]
+    assert "| cond. accuracy [95%] |" in markdown_table([plain, cond]) and "cond." not in markdown_table([plain])
+    saved = settings_metrics([plain, cond])["ddim-50-g3"]
+    for metric in METRICS:
+        assert (metric.key in saved) == metric.to_json, metric.key
+        for side in ("lo", "hi"):
+            if f"{metric.key}_{side}" in cond:
+                assert (f"{metric.key}_{side}" in saved) == (metric.to_json and metric.json_interval), metric.key
+    # Pinned: what metrics/compare.json keeps per setting (`dvc exp show` lists it; a change here changes that file).
+    assert sorted(saved) == [
+        "cond_accuracy",
+        "cond_accuracy_hi",
+        "cond_accuracy_lo",
+        "coverage_kl",
+        "fid",
+        "fid_class_mean",
+        "fid_hi",
+        "fid_lo",
+        "guidance_scale",
+        "kid",
+        "kid_hi",
+        "kid_lo",
+        "memorised",
+        "nfe",
+        "recognised",
+        "recognised_hi",
+        "recognised_lo",
+        "seconds_per_image",
+        "verdict",
+    ]
+    assert "verdict" not in settings_metrics([plain])["ddim-50"]  # unset values stay out
+
+
+def test_the_committed_report_renders_the_committed_json():
+    """reports/compare.md and metrics/compare.json come from one compare run: the table's header is the declared
+    columns, and each setting's cells are its JSON values in the declared formats (where a metric's interval stays
+    out of the JSON, its value)."""
+    compare = json.loads((REPO / "metrics/compare.json").read_text())
+    lines = (REPO / "reports/compare.md").read_text().splitlines()
+    rows = [{"setting": setting, **values} for setting, values in compare["settings"].items()]
+    cols = columns(rows)
+    assert "| " + " | ".join(title for _, title, _ in cols) + " |" in lines
+    for r in rows:
+        line = next(line for line in lines if line.startswith(f"| {r['setting']} |"))
+        cells = dict(zip([key for key, _, _ in cols], line[2:-2].split(" | "), strict=True))
+        for key, _, fmt in cols:
+            if key not in r:
+                continue
+            if key in BY_KEY and not BY_KEY[key].json_interval:
+                assert cells[key].startswith(_cell(r, key, fmt)), (r["setting"], key)
+            else:
+                assert cells[key] == _cell(r, key, fmt), (r["setting"], key)

@@ -7,9 +7,11 @@ from accelerate import Accelerator
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
+from scratch_diffusion.compare_report import columns, settings_metrics
 from scratch_diffusion.data import load_split
 from scratch_diffusion.metrics import (
-    BOUNDS,
+    BY_KEY,
+    METRICS,
     Judge,
     _interval,
     accuracy,
@@ -102,11 +104,36 @@ def test_measure_gives_intervals_around_the_point_and_is_repeatable(mnist, judge
         assert m[f"{key}_lo"] <= m[key] <= m[f"{key}_hi"], key
         assert len(m["replicates"][key]) == 100
     assert m["fid_hi"] > m["fid_lo"] and m["kid_hi"] > m["kid_lo"]
-    for key, (lo, hi) in BOUNDS.items():
-        if key in m:
-            assert lo <= m[f"{key}_lo"] and m[f"{key}_hi"] <= hi, key
+    for metric in METRICS:
+        if f"{metric.key}_lo" in m:
+            lo, hi = metric.bounds
+            assert lo <= m[f"{metric.key}_lo"] and m[f"{metric.key}_hi"] <= hi, metric.key
     again = judge.measure(shifted)
     assert again["fid_lo"] == m["fid_lo"] and again["kid"] == m["kid"]
+
+
+def test_every_metric_the_judge_measures_is_declared_and_reaches_the_report_and_the_json(mnist, judge):
+    """What the judge measures reaches compare's table and metrics/compare.json through its declaration in
+    metrics.METRICS alone: a metric added to the judge without one fails here."""
+    _, _, test_x, test_y = mnist
+    images, labels = test_x[N : 2 * N], test_y[N : 2 * N].numpy()
+    measured = judge.measure(images) | judge.conditional(images, labels, test_x[2 * N :], test_y[2 * N :])
+    del measured["replicates"]
+    intervals = {f"{key}_{side}" for key in BY_KEY for side in ("lo", "hi")}
+    assert not set(measured) - set(BY_KEY) - intervals, "measured by the judge, not declared in metrics.METRICS"
+    row = {"setting": "unet2d/ddim-10-g3", **measured}  # as the compare stage builds it
+    shown = {key for key, _, _ in columns([row])}
+    saved = settings_metrics([row])["unet2d/ddim-10-g3"]
+    assert measured["fid_class_mean"] is not None  # every digit has real images to compare with: all keys present
+    for key in measured:
+        if key in BY_KEY:
+            metric = BY_KEY[key]
+            assert (key in shown) == (metric.title is not None), key
+            assert (key in saved) == metric.to_json, key
+        else:  # an interval: beside its value in the table; in the JSON where declared so
+            metric = BY_KEY[key.rsplit("_", 1)[0]]
+            assert metric.key in shown and (key in saved) == (metric.to_json and metric.json_interval), key
+    assert {"coverage_entropy", "fid_per_class"} <= set(measured) - set(saved)  # declared to_json=False
 
 
 def test_verdict_separates_real_differences_from_noise(mnist, judge):

@@ -135,10 +135,86 @@ def test_changed_params_do_not_resume(downloaded, tmp_path):
     _kill_after_checkpoint(project, tmp_path / "store.db", step=10)
     write_params(project, {"basic": {"lr": 5e-4}})
     out = run(STAGE, cwd=project, env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'store.db'}"}).stdout
-    assert "made with other params" in out and "resumed from checkpoints" not in out
+    assert "checkpoints of other inputs (basic.lr changed): starting fresh" in out and "resumed from" not in out
     assert [p.name for p in (project / "checkpoints/train-basic").glob("step-*")] != []  # the new run's own
     markers = [json.loads(m.read_text()) for m in (project / "checkpoints/train-basic").glob("step-*/complete.json")]
-    assert len({m["params_hash"] for m in markers}) == 1
+    assert len({json.dumps(m["identity"], sort_keys=True) for m in markers}) == 1
+
+
+# A completed training leaves its final checkpoint behind (a DVC output that persists). Whatever else changes, a
+# code edit or other data, the rerun must train anew, never hand back the old model.
+STAGES = {
+    "basic": ("stages/train_basic.py", "models/basic/model.safetensors", "train-basic"),
+    "unet2d": ("stages/train_unet2d.py", "models/unet2d/unet/diffusion_pytorch_model.safetensors", "train-unet2d"),
+}
+SHORT = {
+    "basic": {"max_steps": 6, "checkpoint_every": 3, "sample_every": 0, "log_every": 2},
+    "unet2d": {"max_steps": 4, "checkpoint_every": 2, "sample_every": 0},
+    "mlflow": {"log_model": False},
+}
+
+
+def _train(project, network, store, env=None):
+    script, _, _ = STAGES[network]
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{store}", **(env or {})}
+    return run([sys.executable, script], cwd=project, env=env).stdout
+
+
+def _markers(project, network):
+    folder = project / "checkpoints" / STAGES[network][2]
+    return [json.loads(m.read_text()) for m in sorted(folder.glob("step-*/complete.json"))]
+
+
+@pytest.mark.parametrize("network", ["basic", "unet2d"])
+def test_a_code_edit_that_changes_training_retrains(project, tmp_path, network):
+    """The issue's case: the loss multiplied by 0 after a completed run. The project's own src/ is imported (as in a
+    clone), the edit is seen, the run starts fresh and saves other weights, and no checkpoint of the old code stays."""
+    write_params(project, SHORT)
+    run([sys.executable, "stages/download.py"], cwd=project)
+    env = {"PYTHONPATH": str(project / "src")}
+    _train(project, network, tmp_path / "a.db", env)
+    before = load_file(project / STAGES[network][1])
+    old = {json.dumps(m["identity"], sort_keys=True) for m in _markers(project, network)}
+    assert len(old) == 1
+
+    objectives = project / "src/scratch_diffusion/objectives.py"
+    loss = "return F.mse_loss(model(x_t, amount)" if network == "basic" else "return per_img.mean()"
+    assert objectives.read_text().count(loss) == 1
+    objectives.write_text(objectives.read_text().replace(loss, loss.replace("return ", "return 0 * ")))
+    out = _train(project, network, tmp_path / "a.db", env)
+
+    assert "checkpoints of other inputs (objectives.py changed): starting fresh" in out, out
+    assert "resumed from" not in out
+    after = load_file(project / STAGES[network][1])
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    new = {json.dumps(m["identity"], sort_keys=True) for m in _markers(project, network)}
+    assert len(new) == 1 and new != old  # only the new run's checkpoints remain
+
+
+@pytest.mark.parametrize("network", ["basic", "unet2d"])
+def test_other_data_under_another_name_retrains(project, tmp_path, mnist_raw, network):
+    """`-S data.dataset=fashion_mnist` (here from a local folder of other images, as there is no network): the
+    download stage writes other bytes, the training stage sees them and starts fresh."""
+    from scratch_diffusion.data import FILES, read_idx, write_idx
+
+    write_params(project, SHORT)
+    run([sys.executable, "stages/download.py"], cwd=project)
+    _train(project, network, tmp_path / "a.db")
+    before = load_file(project / STAGES[network][1])
+
+    other = tmp_path / "other-images"
+    other.mkdir()
+    for key, name in FILES.items():
+        array = read_idx((mnist_raw / name).read_bytes(), name)
+        write_idx(other / name, 255 - array if key.endswith("images") else array)  # negatives, as other pictures
+    write_params(project, {"data": {"dataset": "fashion_mnist", "source": str(other)}})
+    run([sys.executable, "stages/download.py"], cwd=project)
+    out = _train(project, network, tmp_path / "a.db")
+
+    assert "checkpoints of other inputs (the data changed): starting fresh" in out, out
+    after = load_file(project / STAGES[network][1])
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert len({json.dumps(m["identity"], sort_keys=True) for m in _markers(project, network)}) == 1
 
 
 def test_same_params_same_numbers(downloaded, tmp_path):

@@ -38,9 +38,12 @@ def _train(images, ckpt_dir, crash_at=None):
         warmup_steps=2,
         log_every=1,
         on_log=on_log,
-        checkpointing=Checkpointing(ckpt_dir, every=3, params_hash="h"),
+        checkpointing=Checkpointing(ckpt_dir, every=3, identity=ID),
     )
     return model, ema
+
+
+ID = {"params": {"basic.lr": 0.001}, "data": "d1", "code": {"objectives.py": "a", "training.py": "c"}}
 
 
 def test_resume_restores_ema_and_lr_schedule(tmp_path):
@@ -59,13 +62,31 @@ def test_checkpoints_of_another_process_count_are_not_resumed(tmp_path):
     images = (torch.rand(96, 1, 28, 28) * 255).to(torch.uint8)
     with pytest.raises(Crash):
         _train(images, tmp_path / "run", crash_at=8)
-    one = Checkpointing(tmp_path / "run", every=3, params_hash="h")
+    one = Checkpointing(tmp_path / "run", every=3, identity=ID)
     assert one.num_processes == 1 and [p.name for p, _ in find_checkpoints(one)] == ["step-0000006", "step-0000003"]
     # The same checkpoints seen by a run of two processes (each has its own RNG state and data shard).
-    two = Checkpointing(tmp_path / "run", every=3, params_hash="h", num_processes=2)
+    two = Checkpointing(tmp_path / "run", every=3, identity=ID, num_processes=2)
     said = []
     assert find_checkpoints(two, log=said.append) == []
-    assert "made by 1 processes, this run has 2; not resumed from" in said[0]
+    assert said == [
+        f"{tmp_path / 'run'}: 2 checkpoints of other inputs (made by 1 processes, this run has 2: resume "
+        "with as many): starting fresh"
+    ]
+
+
+def test_checkpoints_of_other_inputs_are_not_resumed_and_say_what_changed(tmp_path):
+    images = (torch.rand(96, 1, 28, 28) * 255).to(torch.uint8)
+    with pytest.raises(Crash):
+        _train(images, tmp_path / "run", crash_at=8)
+    other = {"params": {"basic.lr": 0.001}, "data": "d1", "code": {"objectives.py": "b", "training.py": "c"}}
+    said = []
+    assert find_checkpoints(Checkpointing(tmp_path / "run", every=3, identity=other), log=said.append) == []
+    assert said == [f"{tmp_path / 'run'}: 2 checkpoints of other inputs (objectives.py changed): starting fresh"]
+    # An unreadable completion marker is skipped with a line, never a crash.
+    (tmp_path / "run/step-0000006/complete.json").write_text("{ not json")
+    said = []
+    found = find_checkpoints(Checkpointing(tmp_path / "run", every=3, identity=ID), log=said.append)
+    assert [p.name for p, _ in found] == ["step-0000003"] and "unreadable complete.json" in said[0]
 
 
 def test_a_run_resumed_from_its_final_checkpoint_reports_the_speed_of_the_run_that_made_it(tmp_path):
@@ -82,7 +103,7 @@ def test_a_run_resumed_from_its_final_checkpoint_reports_the_speed_of_the_run_th
             lr=1e-3,
             epochs=2,
             seed=3,
-            checkpointing=Checkpointing(tmp_path / "run", every=3, params_hash="h"),
+            checkpointing=Checkpointing(tmp_path / "run", every=3, identity=ID),
         )
 
     first = train()

@@ -17,37 +17,26 @@ import numpy as np  # noqa: E402
 
 from scratch_diffusion.files import atomic_path, write_text  # noqa: E402
 from scratch_diffusion.images import grid  # noqa: E402
-from scratch_diffusion.metrics import verdict  # noqa: E402
+from scratch_diffusion.metrics import METRICS, verdict  # noqa: E402
 
-COLUMNS = [
-    ("setting", "setting", "{}"),
-    ("model", "model", "{}"),
-    ("corruption", "corruption", "{}"),
-    ("objective", "objective", "{}"),
-    ("conditioning", "conditioning", "{}"),
-    ("sampler", "sampler", "{}"),
-    ("steps", "steps", "{}"),
-    ("nfe", "NFE", "{}"),
-    ("fid", "FID [95%]", "{:.2f}"),
-    ("verdict", "FID vs best", "{}"),
-    ("kid", "KID [95%]", "{:.3g}"),
-    ("recognised", "recognised [95%]", "{:.3f}"),
-    ("coverage_kl", "coverage KL", "{:.3f}"),
-    ("memorised", "memorised", "{:.3f}"),
-    ("seconds_per_image", "s / image", "{:.4f}"),
-]
-# Added when any sample set is class-conditional (blank for the others).
-CONDITIONAL_COLUMNS = [
-    ("guidance_scale", "guidance", "{:g}"),
-    ("cond_accuracy", "cond. accuracy [95%]", "{:.3f}"),
-    ("fid_class_mean", "FID per class (mean)", "{:.2f}"),
-]
+# What each row is, titled by its key; the numbers beside them are the declared metrics (metrics.METRICS).
+IDENTITY = ("setting", "model", "corruption", "objective", "conditioning", "sampler", "steps")
 
 
 def columns(rows: list[dict]) -> list[tuple[str, str, str]]:
-    if any("cond_accuracy" in r for r in rows):
-        return COLUMNS[:8] + CONDITIONAL_COLUMNS + COLUMNS[8:]
-    return COLUMNS
+    """(key, title, format) of the table's columns: the identity, then every metric that has a title, in declaration
+    order; the class-conditional ones only when some row has them (blank for the others)."""
+    conditional = any(m.key in r for r in rows for m in METRICS if m.conditional)
+    shown = [m for m in METRICS if m.title is not None and (conditional or not m.conditional)]
+    return [(key, key, "{}") for key in IDENTITY] + [(m.key, m.title, m.fmt) for m in shown]
+
+
+def settings_metrics(rows: list[dict]) -> dict[str, dict]:
+    """metrics/compare.json's `settings`: per setting, every metric declared to_json that the row has (with its
+    interval, where declared so)."""
+    keys = [m.key for m in METRICS if m.to_json]
+    keys += [f"{m.key}_{side}" for m in METRICS if m.to_json and m.json_interval for side in ("lo", "hi")]
+    return {r["setting"]: {k: r[k] for k in keys if r.get(k) is not None} for r in rows}
 
 
 def _cell(r: dict, key: str, fmt: str) -> str:

@@ -319,6 +319,17 @@ def verify(root: str | Path) -> dict:
     return manifest
 
 
+def dataset_digest(root: str | Path) -> str:
+    """The dataset's identity: its name and the md5 of every file its manifest lists (which `load_split` verifies),
+    not where it was fetched from. Other bytes, another digest."""
+    mpath = Path(root) / MANIFEST
+    if not mpath.is_file():
+        raise DataError(f"{mpath}: not found; run the download stage first (`dvc repro download`)")
+    manifest = json.loads(mpath.read_text())
+    blob = json.dumps({"dataset": manifest["dataset"], "files": manifest["files"]}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
 def load_split(root: str | Path, train: bool = True, n: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole split as tensors, read once: images uint8 (N, 1, 28, 28), labels int64 (N,).
 

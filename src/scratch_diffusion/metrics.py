@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,14 +37,50 @@ RECOGNISED_THRESHOLD = 0.9
 MEMORISATION_PERCENTILE = 1.0
 RESAMPLES = 200  # bootstrap resamples behind each interval (and KID subsets)
 CONFIDENCE = 0.95
-LOWER_IS_BETTER = {
-    "fid": True,
-    "kid": True,
-    "coverage_kl": True,
-    "memorised": True,
-    "recognised": False,
-    "cond_accuracy": False,
-}
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One number that compare reports per sample set, declared once: the judge's intervals and verdicts, the
+    report's table (compare_report) and metrics/compare.json (the compare stage) all read it from here."""
+
+    key: str  # its name in the judge's output and the report's rows; `{key}_lo`, `{key}_hi`: its 95% interval
+    title: str | None = None  # the report's column title; None: not in the table
+    fmt: str = "{}"  # the table's format, of the value and of its interval
+    lower_is_better: bool | None = None  # None: no direction (a verdict on it raises)
+    bounds: tuple[float, float] = (-math.inf, math.inf)  # the values it can take: a shifted interval is clipped to them
+    conditional: bool = False  # class-conditional sets only: its column appears when some set is one
+    to_json: bool = True  # in metrics/compare.json's `settings`, which `dvc exp show` lists
+    json_interval: bool = True  # its interval goes there too (else only the report shows it)
+
+
+# Every number compare reports per sample set, in the report's column order: the judge's metrics and, beside them,
+# the setting's own (NFE, guidance scale, seconds per image) and FID's verdict against the best setting.
+SHARE, NON_NEGATIVE = (0.0, 1.0), (0.0, math.inf)  # KID has neither: it is unbiased, its estimate can go below 0
+METRICS = (
+    Metric("nfe", "NFE"),
+    Metric("guidance_scale", "guidance", "{:g}", conditional=True),
+    Metric("cond_accuracy", "cond. accuracy [95%]", "{:.3f}", lower_is_better=False, bounds=SHARE, conditional=True),
+    Metric("fid_class_mean", "FID per class (mean)", "{:.2f}", lower_is_better=True, conditional=True),
+    Metric("fid_per_class", conditional=True, to_json=False),  # {digit: FID}; the table shows their mean
+    Metric("fid", "FID [95%]", "{:.2f}", lower_is_better=True, bounds=NON_NEGATIVE),
+    Metric("verdict", "FID vs best"),  # best / within noise / worse: set by compare_report.summarise
+    Metric("kid", "KID [95%]", "{:.3g}", lower_is_better=True),
+    Metric("recognised", "recognised [95%]", "{:.3f}", lower_is_better=False, bounds=SHARE),
+    Metric("coverage_kl", "coverage KL", "{:.3f}", lower_is_better=True, bounds=NON_NEGATIVE, json_interval=False),
+    Metric("coverage_entropy", to_json=False),  # nats: log 10 - coverage_kl, the same fact
+    Metric("memorised", "memorised", "{:.3f}", lower_is_better=True, bounds=SHARE, json_interval=False),
+    Metric("seconds_per_image", "s / image", "{:.4f}", lower_is_better=True),
+)
+BY_KEY = {m.key: m for m in METRICS}
+
+
+def lower_is_better(key: str) -> bool:
+    direction = BY_KEY[key].lower_is_better if key in BY_KEY else None
+    if direction is None:
+        allowed = [m.key for m in METRICS if m.lower_is_better is not None]
+        raise ValueError(f"no verdict on {key!r}: it has no better direction (allowed: {allowed})")
+    return direction
 
 
 def classifier_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -98,26 +135,17 @@ def memorised_share(images, train_images, threshold: float) -> float:
     return float((nearest_distances(images, train_images) < threshold).float().mean())
 
 
-# The values each metric can take: a shifted interval is clipped to them (a share stays in [0, 1]). KID is
-# unbiased, so its estimate can go below 0.
-BOUNDS = {
-    "fid": (0.0, np.inf),
-    "coverage_kl": (0.0, np.inf),
-    "recognised": (0.0, 1.0),
-    "memorised": (0.0, 1.0),
-    "cond_accuracy": (0.0, 1.0),
-}
-
-
 def _interval(replicates: np.ndarray, point: float | None = None, key: str = "") -> tuple[float, float]:
     """The central 95% of the replicates; with `point`, first shifted so that their mean is the point. FID's
     bootstrap needs that: a resample repeats images, fewer distinct ones raise FID's small-sample bias, and the plain
-    percentiles would sit above the measured value. The shift can cross a bound of metric `key`; it is clipped."""
+    percentiles would sit above the measured value. The shift can cross a bound of metric `key`; it is clipped (no
+    key, as for a difference: unbounded)."""
     replicates = np.asarray(replicates, float)
     if point is not None:
         replicates = replicates - (replicates.mean() - point)
     tail = 100 * (1 - CONFIDENCE) / 2
-    lo, hi = np.clip(np.percentile(replicates, [tail, 100 - tail]), *BOUNDS.get(key, (-np.inf, np.inf)))
+    bounds = BY_KEY[key].bounds if key else (-math.inf, math.inf)
+    lo, hi = np.clip(np.percentile(replicates, [tail, 100 - tail]), *bounds)
     return float(lo), float(hi)
 
 
@@ -251,7 +279,7 @@ def verdict(a: dict, b: dict, key: str) -> str:
     if lo <= 0 <= hi:
         return "within noise"
     a_lower = hi < 0
-    return "better" if a_lower == LOWER_IS_BETTER[key] else "worse"
+    return "better" if a_lower == lower_is_better(key) else "worse"
 
 
 # Two-sided 95% quantiles of Student's t by degrees of freedom: seed-level intervals rest on a few runs.
@@ -283,7 +311,7 @@ def seed_verdict(a, b, key: str, paired: bool = False) -> str:
     lo, hi = seed_interval(a, b, paired)
     if lo <= 0 <= hi:
         return "within noise"
-    return "better" if (hi < 0) == LOWER_IS_BETTER[key] else "worse"
+    return "better" if (hi < 0) == lower_is_better(key) else "worse"
 
 
 def interval_verdict(a: float, a_ci: tuple[float, float], b: float, b_ci: tuple[float, float], key: str) -> str:
@@ -292,4 +320,4 @@ def interval_verdict(a: float, a_ci: tuple[float, float], b: float, b_ci: tuple[
     half = math.hypot((a_ci[1] - a_ci[0]) / 2, (b_ci[1] - b_ci[0]) / 2)
     if abs(a - b) <= half:
         return "within noise"
-    return "better" if (a < b) == LOWER_IS_BETTER[key] else "worse"
+    return "better" if (a < b) == lower_is_better(key) else "worse"

@@ -1,67 +1,115 @@
-"""From params to a training run, in one place: the training stages, the ablation scripts and the speed benchmark
-build the same network (and, for the UNet2DModel, noise schedule, loss and EMA) from the same keys
-(`basic_parts`, `unet2d_parts`) and train it with the same call (`fit_basic`, `fit_unet2d`), so a script that
-retraces a stage cannot drift from it."""
+"""One owner of a training run: from params to a trained model.
+
+`train_model(network, params, stage=...)` is everything a training stage does: it loads the training split,
+builds the network (and, for the UNet2DModel, its noise schedule, loss and EMA) from the params, derives the run's
+identity (params, data, code: identity.py) so that a checkpoint is resumed only by the run that made it, opens the
+MLflow run (or continues the one its checkpoint belongs to), trains through `training.fit`, and saves the model
+folder, the DVC metrics and plots and the MLflow model. The stages are a few lines around it; the ablation scripts
+and the speed benchmark call it without a stage (no MLflow run, no checkpoints, no reports), so none of them can
+retrace a stage and drift from it.
+"""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from diffusers import DDPMScheduler
+from safetensors.torch import save_file
 
+from scratch_diffusion import files, tracking
 from scratch_diffusion.choices import PREDICTION_TYPES
-from scratch_diffusion.config import Params
+from scratch_diffusion.config import Params, flatten, params_hash
 from scratch_diffusion.corruption import ddpm_scheduler
-from scratch_diffusion.data import NUM_CLASSES
-from scratch_diffusion.models import BasicUNet, UNet2DDenoiser, build_unet
+from scratch_diffusion.data import NUM_CLASSES, dataset_digest, load_split
+from scratch_diffusion.hardware import Choice
+from scratch_diffusion.identity import digest, run_identity
+from scratch_diffusion.images import grid, to_uint8
+from scratch_diffusion.model_files import META, save_unet2d
+from scratch_diffusion.models import BasicUNet, Guided, UNet2DDenoiser, build_unet
 from scratch_diffusion.objectives import ddpm_loss, toy_loss
-from scratch_diffusion.training import EMA, TrainResult, fit
+from scratch_diffusion.samplers import fixed_noise, sample_images
+from scratch_diffusion.training import EMA, Checkpointing, TrainResult, fit, resumable_run_id, stage_accelerator
+from scratch_diffusion.training_report import report_training
 
-Parts = tuple[UNet2DDenoiser, DDPMScheduler, Callable, EMA | None]
-
-
-def basic_parts(params: Params) -> BasicUNet:
-    """The lesson's BasicUNet, its initial weights drawn from `params.seed` (its loss is the toy `toy_loss`)."""
-    torch.manual_seed(params.seed)
-    return BasicUNet()
+NETWORKS = ("basic", "unet2d")
+DATA_ROOT = "data/dataset"
 
 
-def fit_basic(
-    params: Params, model: BasicUNet, images: torch.Tensor, accelerator: Accelerator, channels_last: bool, **hooks
-) -> TrainResult:
-    """Train the BasicUNet as the train-basic stage does (the lesson's loop: toy corruption, x0 target, Adam)."""
-    p = params.basic
-    return fit(
-        model,
-        toy_loss,
-        images,
-        accelerator,
-        batch_size=p.batch_size,
-        lr=p.lr,
-        epochs=p.epochs,
-        seed=params.seed,
-        max_steps=p.max_steps,
-        log_every=p.log_every,
-        channels_last=channels_last,
-        **hooks,
+@dataclass
+class Trained:
+    """What a training run gives back. `model` is what gets saved and sampled: the EMA weights where the run keeps
+    an EMA, else the trained weights, in eval mode on `device`."""
+
+    model: torch.nn.Module
+    scheduler: DDPMScheduler | None  # the noise schedule (UNet2DModel only)
+    result: TrainResult
+    device: torch.device
+    choice: Choice  # the precision and layout it trained with
+    run_id: str | None  # the MLflow run (with a stage, on the main process)
+
+
+def used_params(network: str, params: Params) -> dict:
+    """The params a training of `network` reads: what its stage lists in dvc.yaml, its MLflow params and the params
+    part of its identity."""
+    if network not in NETWORKS:
+        raise ValueError(f"unknown network {network!r}; allowed: {', '.join(NETWORKS)}")
+    used = {"seed": params.seed}
+    if network == "unet2d":
+        used["objective"] = params.objective
+    return {
+        **used,
+        "data.n_train": params.data.n_train,
+        network: params.section(network),
+        "mlflow": params.section("mlflow"),
+    }
+
+
+def training_identity(
+    network: str, params: Params, data_root: str | Path, scripts: tuple[str | Path, ...] = ()
+) -> dict:
+    """What a training of `network` depends on (identity.run_identity): its params, the dataset's bytes, and every
+    source file that this module reaches, plus `scripts` (a stage's own file)."""
+    return run_identity(flatten(used_params(network, params)), dataset_digest(data_root), [__file__, *scripts])
+
+
+def noise_schedule(params: Params) -> DDPMScheduler:
+    """The UNet2DModel's DDPM noise schedule, with the objective as diffusers' prediction_type."""
+    u = params.unet2d
+    return ddpm_scheduler(
+        u.num_train_timesteps, u.beta_schedule, u.beta_start, u.beta_end, PREDICTION_TYPES[params.objective]
     )
 
 
-def unet2d_parts(params: Params) -> Parts:
-    """(denoiser, DDPM scheduler, loss_fn, EMA or None) for `params.unet2d` and `params.objective`, the initial
-    weights drawn from `params.seed`."""
-    p = params.unet2d
+def unet2d_meta(params: Params) -> dict:
+    """What models/unet2d/scratch_diffusion.json records beside diffusers' files (model_files.save_unet2d)."""
+    u = params.unet2d
+    return {
+        "objective": params.objective,
+        "corruption": u.corruption,
+        "conditioning": u.conditioning,
+        "ema_decay": u.ema_decay,
+        "class_conditional": u.class_conditional,
+    }
+
+
+def _parts(network: str, params: Params):
+    """(model, noise schedule or None, loss_fn, EMA or None, fit's per-network arguments), the initial weights drawn
+    from `params.seed`."""
     torch.manual_seed(params.seed)
+    if network == "basic":
+        return BasicUNet(), None, toy_loss, None, {}
+    p = params.unet2d
     num_classes = NUM_CLASSES if p.class_conditional else 0
     unet = build_unet(
         p.block_out_channels, p.layers_per_block, p.down_block_types, p.up_block_types, num_classes=num_classes
     )
     model = UNet2DDenoiser(unet, p.conditioning)
-    scheduler = ddpm_scheduler(
-        p.num_train_timesteps, p.beta_schedule, p.beta_start, p.beta_end, PREDICTION_TYPES[params.objective]
-    )
+    scheduler = noise_schedule(params)
     if p.corruption == "toy":
         loss_fn = toy_loss
     else:
@@ -74,39 +122,173 @@ def unet2d_parts(params: Params) -> Parts:
             null_label=model.null_label,
         )
     ema = EMA(model, p.ema_decay, p.ema_warmup) if p.ema_decay > 0 else None
-    return model, scheduler, loss_fn, ema
+    extra = {
+        "grad_clip": p.grad_clip,
+        "lr_schedule": p.lr_schedule,
+        "warmup_steps": p.lr_warmup_steps,
+        "conditional": p.class_conditional,
+    }
+    return model, scheduler, loss_fn, ema, extra
 
 
-def fit_unet2d(
+def _grid_maker(network: str, params: Params, scheduler, device) -> Callable[[torch.nn.Module], object]:
+    """A function net -> sample grid (uint8) from a fixed start noise, so grids of different steps and runs show the
+    same "seeds" of digits. The lesson's sampler for toy-corruption models, DDIM for DDPM ones."""
+    p = getattr(params, network)
+    corruption = "toy" if network == "basic" else p.corruption
+    sampler = "toy" if corruption == "toy" else "ddim"
+    noise = fixed_noise(p.sample_n, corruption, params.seed)
+    conditional = network == "unet2d" and p.class_conditional
+    config = scheduler.config if scheduler is not None else None
+
+    def make(net: torch.nn.Module):
+        net.eval()
+        if conditional:  # classes 0..9 along each row, plain conditional
+            net = Guided(net, torch.arange(p.sample_n) % NUM_CLASSES, scale=1.0)
+        x01, _ = sample_images(net, sampler, p.sample_steps, noise.to(device), config, seed=params.seed)
+        return grid(to_uint8(x01))
+
+    return make
+
+
+def train_model(
+    network: str,
     params: Params,
-    parts: Parts,
-    images: torch.Tensor,
-    labels: torch.Tensor | None,
-    accelerator: Accelerator,
-    channels_last: bool,
-    ema=None,
-    **hooks,
-) -> TrainResult:
-    """Train `parts` (from `unet2d_parts(params)`) as the train-unet2d stage does. `ema` replaces the parts' own EMA
-    (the EMA-horizon ablation's several averages); `hooks` are fit's callbacks, checkpointing and progress label."""
-    p = params.unet2d
-    model, _, loss_fn, own_ema = parts
-    return fit(
-        model,
-        loss_fn,
-        images,
-        accelerator,
-        batch_size=p.batch_size,
-        lr=p.lr,
-        epochs=p.epochs,
-        seed=params.seed,
-        max_steps=p.max_steps,
-        grad_clip=p.grad_clip,
-        lr_schedule=p.lr_schedule,
-        warmup_steps=p.lr_warmup_steps,
-        ema=own_ema if ema is None else ema,
-        log_every=p.log_every,
-        channels_last=channels_last,
-        labels=labels if p.class_conditional else None,
-        **hooks,
+    *,
+    stage: str | None = None,
+    out: str | Path | None = None,
+    data_root: str | Path = DATA_ROOT,
+    ema: Callable[[torch.nn.Module], object] | None = None,
+    on_sample: Callable[[int, torch.nn.Module], None] | None = None,
+    sample_every: int = 0,
+    desc: str | None = None,
+) -> Trained:
+    """Train `network` ('basic' or 'unet2d') as params say.
+
+    With `stage` (e.g. 'train-unet2d'), the run is that stage's: an MLflow run of that name with the params, loss
+    and sample grids; checkpoints in checkpoints/<stage>/ resumed only by a run of the same identity (others are
+    cleared); model files in `out`, metrics/<stage>.json, plots/<stage>/ and the logged (for the UNet2DModel,
+    registered) MLflow model. Without a stage, only training, and the model files in `out` if given.
+    `ema(model)` replaces the run's own EMA (several averages of one run); `on_sample(step, model)` is called every
+    `sample_every` steps with the averaged weights.
+    """
+    if stage is not None and out is None:
+        raise ValueError(f"stage {stage!r}: `out`, the model folder, is needed")
+    desc = desc or stage or network
+    section = getattr(params, network) if network in NETWORKS else None
+    used = used_params(network, params)  # refuses an unknown network
+    images, labels = load_split(data_root, train=True, n=params.data.n_train)
+    accelerator, choice = stage_accelerator(desc, network, section.mixed_precision, section.channels_last)
+    model, scheduler, loss_fn, own_ema, extra = _parts(network, params)
+    averaging = ema(model) if ema is not None else own_ema
+    conditional = extra.pop("conditional", False)
+    main = accelerator.is_main_process
+
+    def averaged(m: torch.nn.Module) -> torch.nn.Module:
+        return averaging.model if averaging is not None else accelerator.unwrap_model(m, keep_fp32_wrapper=False)
+
+    ckpt, run, resume_id, sample_grid = None, None, None, None
+    if stage is not None:
+        sample_grid = _grid_maker(network, params, scheduler, accelerator.device)
+        script = sys.argv[0]  # the stage's own file, as Python was asked to run it
+        identity = training_identity(
+            network, params, data_root, (script,) if script.endswith(".py") and Path(script).is_file() else ()
+        )
+        checkpoints = Path("checkpoints") / stage
+        checkpoints.mkdir(parents=True, exist_ok=True)  # a DVC output even when checkpointing is off (empty)
+        if section.checkpoint_every:
+            ckpt = Checkpointing(checkpoints, section.checkpoint_every, section.checkpoints_keep, identity)
+        resume_id = resumable_run_id(ckpt)
+        tags = {"params_hash": params_hash(used), "inputs": digest(identity), "model": _MODEL_TAG[network]}
+        if network == "unet2d":
+            tags["objective"] = params.objective
+        logged_params = {**flatten(used), **choice.as_params()}
+        if main:
+            run = tracking.start_run(params.mlflow.experiment, stage, logged_params, tags, resume_run_id=resume_id)
+
+    with run or nullcontext() as active:
+        hooks = {"on_sample": on_sample, "sample_every": sample_every} if on_sample is not None else {}
+        if stage is not None:
+            # A resumed run continues its MLflow run: log only the steps it has not logged yet. The hooks are the
+            # same on every process (fit synchronises the processes around a grid); only the main one calls them.
+            logged = tracking.last_logged_step(active.info.run_id) if active is not None and resume_id else -1
+            if ckpt is not None and active is not None:
+                ckpt.run_id = active.info.run_id
+
+            def log_grid(step: int, net: torch.nn.Module) -> None:
+                if step > logged:
+                    tracking.log_image(sample_grid(net), key="samples", step=step)
+                if on_sample is not None:
+                    on_sample(step, net)
+
+            hooks = {
+                "on_log": lambda s, v: s > logged and tracking.log_metrics({"loss": v}, step=s),
+                "on_sample": log_grid,
+                "sample_every": section.sample_every,
+            }
+        result = fit(
+            model,
+            loss_fn,
+            images,
+            accelerator,
+            batch_size=section.batch_size,
+            lr=section.lr,
+            epochs=section.epochs,
+            seed=params.seed,
+            max_steps=section.max_steps,
+            ema=averaging,
+            log_every=section.log_every,
+            labels=labels if conditional else None,
+            checkpointing=ckpt,
+            channels_last=choice.channels_last,
+            desc=desc,
+            **extra,
+            **hooks,
+        )
+        final = averaged(model).eval()
+        trained = Trained(final, scheduler, result, accelerator.device, choice, active.info.run_id if active else None)
+        if out is not None and main:
+            _save(network, params, trained, Path(out), run=active, sample_grid=sample_grid, stage=stage, used=used)
+    return trained
+
+
+_MODEL_TAG = {"basic": "basic_unet", "unet2d": "unet2d"}
+
+
+def _save(network: str, params: Params, trained: Trained, out: Path, *, run, sample_grid, stage, used) -> None:
+    """The model folder; with a stage's run, also its DVC metrics and plots, the MLflow model and run.json."""
+    net = trained.model
+    if network == "basic":
+        with files.atomic_path(out / "model.safetensors") as tmp:
+            save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
+        model_files = [out / "model.safetensors"]
+    else:
+        meta = {**unet2d_meta(params), "run_id": run.info.run_id if run else ""}
+        save_unet2d(out, net, trained.scheduler, meta)
+        model_files = [out / "unet/config.json", out / "unet/diffusion_pytorch_model.safetensors"]
+        model_files += [out / "scheduler/scheduler_config.json", out / META]
+    if run is None:
+        return
+    name = stage.replace("-", "_")
+    report_training(trained.result, sample_grid(net), f"metrics/{name}.json", f"plots/{name}")
+    registered = params.unet2d.registered_model if network == "unet2d" else None
+    # The weights beside the pickle: `generate` loads a registry model from them, without unpickling it.
+    info = (
+        tracking.log_torch_model(
+            net.cpu(),  # a plain forward (no mixed-precision wrapper): picklable for MLflow
+            registered_name=registered,
+            tags=flatten(used) if registered else None,
+            extra_files=model_files,
+        )
+        if params.mlflow.log_model
+        else None
     )
+    record = {
+        "run_id": run.info.run_id,
+        "experiment_id": run.info.experiment_id,
+        "model_uri": info.model_uri if info else None,
+    }
+    if registered:
+        record["registered_model"] = registered if info else None
+        record["registered_version"] = info.registered_model_version if info else None
+    files.write_json(out / "run.json", record)

@@ -29,7 +29,9 @@ from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 from tqdm.auto import tqdm
 
 from scratch_diffusion.choices import LR_SCHEDULES, MIXED_PRECISIONS
+from scratch_diffusion.files import write_json
 from scratch_diffusion.hardware import Choice, choose, detect
+from scratch_diffusion.identity import what_changed
 from scratch_diffusion.stage import duration
 
 
@@ -103,14 +105,14 @@ class EMA:
 @dataclass
 class Checkpointing:
     """Where and how often `fit` saves its full state (Accelerate's save_state: model, optimizer, lr schedule,
-    EMA, RNG states, plus the step, data position and loss history), and the params hash that a checkpoint must
-    carry to be resumed from: checkpoints of other params, or of another number of processes (each process has
-    its own RNG state and data shard), are ignored."""
+    EMA, RNG states, plus the step, data position and loss history), and the identity a checkpoint must carry to
+    be resumed from (identity.run_identity: params, data, code). A checkpoint of other inputs, or of another
+    number of processes (each process has its own RNG state and data shard), is never resumed: it is cleared."""
 
     dir: Path
     every: int
     keep: int = 2
-    params_hash: str = ""
+    identity: dict = field(default_factory=dict)
     run_id: str = ""  # the MLflow run a resumed training continues
     # As set by the launcher (torchrun, accelerate launch); 1 for a plain `python stages/...`.
     num_processes: int = field(default_factory=lambda: int(os.environ.get("WORLD_SIZE", "1")))
@@ -139,28 +141,39 @@ class _Progress:
 COMPLETE = "complete.json"  # written last: a checkpoint folder without it was interrupted mid-save
 
 
+def _mismatch(info: dict, ckpt: Checkpointing) -> str:
+    """Why a checkpoint's marker does not belong to this run ('' if it does)."""
+    made_by = info.get("num_processes", 1)
+    if made_by != ckpt.num_processes:
+        return f"made by {made_by} processes, this run has {ckpt.num_processes}: resume with as many"
+    if "identity" not in info:
+        return "made before inputs were recorded"
+    return what_changed(info["identity"], ckpt.identity)
+
+
 def find_checkpoints(ckpt: Checkpointing, log=print) -> list[tuple[Path, dict]]:
-    """Complete checkpoints for these params, newest first. Others (different params) are reported and skipped."""
-    found = []
+    """Complete checkpoints of exactly this run's inputs, newest first. The others (interrupted mid-save, an
+    unreadable marker, other inputs) are reported, one line per reason, and skipped."""
+    found, other = [], {}
     for path in sorted(Path(ckpt.dir).glob("step-*"), reverse=True):
         marker = path / COMPLETE
         if not marker.is_file():
             log(f"checkpoint {path}: incomplete (no {COMPLETE}), skipped")
             continue
-        info = json.loads(marker.read_text())
-        if info.get("params_hash") != ckpt.params_hash:
-            log(
-                f"checkpoint {path}: made with other params ({info.get('params_hash')} != {ckpt.params_hash}), "
-                "not resumed from"
-            )
+        try:
+            info = json.loads(marker.read_text())
+        except (OSError, ValueError) as e:
+            log(f"checkpoint {path}: unreadable {COMPLETE} ({type(e).__name__}), skipped")
             continue
-        if info.get("num_processes", 1) != ckpt.num_processes:
-            log(
-                f"checkpoint {path}: made by {info.get('num_processes', 1)} processes, this run has "
-                f"{ckpt.num_processes}; not resumed from (resume with the same number of processes)"
-            )
-            continue
-        found.append((path, info))
+        reason = _mismatch(info, ckpt) if isinstance(info, dict) else f"{COMPLETE} is no mapping"
+        if reason:
+            other.setdefault(reason, []).append(path)
+        else:
+            found.append((path, info))
+    for reason, paths in other.items():
+        what = f"{len(paths)} checkpoints" if len(paths) > 1 else "a checkpoint"
+        then = "not resumed from" if found else "starting fresh"
+        log(f"{ckpt.dir}: {what} of other inputs ({reason}): {then}")
     return found
 
 
@@ -325,7 +338,8 @@ def fit(
     weights when `ema` is given. `batch_size` is per process: with N processes the global batch is
     N * batch_size, and `lr` applies to that global batch (no automatic scaling).
     With `checkpointing`, the full state is saved every `checkpointing.every` steps and training resumes from the
-    newest complete checkpoint of the same params, ending with the same weights as an uninterrupted run.
+    newest complete checkpoint of the same inputs (`checkpointing.identity`), ending with the same weights as an
+    uninterrupted run.
     `channels_last` trains in the NHWC memory layout (weights and batches), which oneDNN's convolutions prefer.
     """
     if lr_schedule not in LR_SCHEDULES:
@@ -456,11 +470,11 @@ def _save(accelerator: Accelerator, ckpt: Checkpointing, extras: dict, main: boo
         (path / "train_state.json").write_text(json.dumps(state))
         marker = {
             "step": progress.step,
-            "params_hash": ckpt.params_hash,
+            "identity": ckpt.identity,
             "run_id": progress.run_id,
             "num_processes": accelerator.num_processes,
         }
-        (path / COMPLETE).write_text(json.dumps(marker) + "\n")
+        write_json(path / COMPLETE, marker)  # atomic: a marker is whole or absent
         complete = sorted(p for p in Path(ckpt.dir).glob("step-*") if (p / COMPLETE).is_file())
         for old in complete[: -ckpt.keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -474,7 +488,7 @@ def _resume(accelerator: Accelerator, ckpt: Checkpointing, extras: dict, main: b
     progress, ema = extras["progress"], extras["ema"]
     log = print if main else (lambda *a: None)
     usable = find_checkpoints(ckpt, log=log)
-    if main:  # incomplete ones and those of other params can never be resumed: clear them out of the way
+    if main:  # incomplete ones and those of other inputs can never be resumed: clear them out of the way
         keep = {p for p, _ in usable}
         for stale in Path(ckpt.dir).glob("step-*"):
             if stale not in keep:

@@ -1,0 +1,69 @@
+"""One owner of a training run: every script that trains reaches training through recipe.train_model."""
+
+import ast
+import dataclasses
+import sys
+
+import pytest
+import torch
+
+from scratch_diffusion.config import load_params
+from scratch_diffusion.model_files import load_unet2d
+from scratch_diffusion.recipe import train_model, unet2d_meta, used_params
+from tests.conftest import REPO, run
+
+TRAINERS = [
+    "stages/train_basic.py",
+    "stages/train_unet2d.py",
+    "ablations/sweep.py",
+    "ablations/ema_horizons.py",
+    "benchmarks/speed.py",
+]
+# What only the one entry may touch: building the parts, the loop, checkpoints and the stage's accelerator.
+INSIDE = {"fit", "stage_accelerator", "make_accelerator", "Checkpointing", "resumable_run_id", "_parts", "save_file"}
+
+
+@pytest.mark.parametrize("path", TRAINERS)
+def test_every_trainer_calls_the_one_entry_and_none_of_its_steps(path):
+    tree = ast.parse((REPO / path).read_text())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+    called = {
+        n.func.id if isinstance(n.func, ast.Name) else getattr(n.func, "attr", "")
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Call)
+    }
+    assert "train_model" in called, f"{path} does not train through recipe.train_model"
+    assert not (imported | called) & INSIDE, f"{path} retraces the entry: {sorted((imported | called) & INSIDE)}"
+
+
+def test_an_unknown_network_is_refused():
+    with pytest.raises(ValueError, match="unknown network 'classifier'; allowed: basic, unet2d"):
+        used_params("classifier", load_params(REPO / "params.yaml"))
+
+
+@pytest.fixture
+def downloaded(project):
+    run([sys.executable, str(REPO / "stages/download.py")], cwd=project)
+    return project
+
+
+def test_without_a_stage_it_trains_and_saves_the_stages_model_folder(downloaded, tmp_path, monkeypatch):
+    """The ablation scripts' use: no MLflow run, no checkpoints, no reports; the folder is the stage's format."""
+    monkeypatch.chdir(downloaded)
+    params = load_params()
+    params = dataclasses.replace(params, unet2d=dataclasses.replace(params.unet2d, max_steps=2))
+    seen = []
+    trained = train_model(
+        "unet2d",
+        params,
+        out=tmp_path / "unet2d",
+        on_sample=lambda step, net: seen.append(step),
+        sample_every=1,
+        desc="test",
+    )
+    assert trained.result.steps == 2 and trained.run_id is None and seen == [0, 1]
+    assert not (downloaded / "mlflow.db").exists() and not (downloaded / "checkpoints").exists()
+    model, _, meta = load_unet2d(tmp_path / "unet2d")
+    assert meta == {**unet2d_meta(params), "run_id": ""}
+    saved, held = model.state_dict(), trained.model.state_dict()
+    assert all(torch.equal(saved[k], held[k].cpu()) for k in saved)
