@@ -7,9 +7,8 @@ as compare does (FID, recognised share, coverage at sample.n against the same re
     python ablations/sweep.py budget --every 3 --setting "unet2d.epochs=60"   # one long run; ablations/budget.json
     python ablations/sweep.py table                           # docs/ablation/sweep.md from both files
 
-Why it exists: on this project's 2-core CPU one full-budget setting costs ~45 min, so the DVC-experiment ablation
-(ablations/run.py) can afford a handful; an H100 trains the same 1407 steps in 1.5 minutes (about 2000 images/s;
-12 settings at once took 5.5 minutes each, about 6600 images/s together). The numbers are not
+Why it exists: on a 2-core CPU one full-budget setting costs most of an hour, so the DVC-experiment ablation
+(ablations/run.py) can afford a handful; a GPU trains one in minutes, and several at once. The GPU's numbers are not
 the CPU's (other arithmetic, other kernels): they rank settings, and the chosen one is then confirmed on the CPU as
 a DVC experiment, which is what docs/ablation/table.md reports. A setting is written as `dvc exp run -S` would
 take it (dotted keys of params.yaml, YAML values), so any row can be rerun with `dvc exp run -S ...`.
@@ -52,8 +51,7 @@ BUDGET_FIGURE = ROOT / "docs" / "ablation" / "budget.png"
 SEED_SETTINGS = ["", "unet2d.beta_schedule=linear", "objective=eps"]
 
 # The screen: the defaults first (the calibration against the CPU's numbers), then learning rate and its schedule,
-# batch size, EMA, and the budget itself. With --jobs 12 on an H100, the first 12 started together and all but the
-# three batch-64 ones finished within the 8 minutes this project's device time allowed; the rest never started.
+# batch size, EMA, and the budget itself. Settings start in list order, so a run cut short has the earlier ones.
 SETTINGS = [
     "",
     "unet2d.lr=2e-3",

@@ -1,6 +1,6 @@
 """How fast the pipeline trains and samples, against the lesson's own loop on the same machine. Prints ratios.
 
-    python benchmarks/speed.py                      # everything (~15 min on a 2-core CPU); needs data/dataset
+    python benchmarks/speed.py                      # everything; needs data/dataset
     python benchmarks/speed.py --only train --models basic --repeats 5
     python benchmarks/speed.py --only loss          # loss curve: stage defaults vs fp32, equal seed, 500 steps
 

@@ -36,14 +36,14 @@ def run_row(label: str, fid: float, seed: int | None = None, half: float | None 
 def test_dvc_ablation_rows_get_verdicts_from_both_spreads():
     run = script("run")
     rows = [run_row("default", f, s) for s, f in enumerate([60.0, 62.0, 61.0])]
-    rows += [run_row("cosine betas", f, s) for s, f in enumerate([80.0, 79.0, 82.0])]  # beyond the seed spread
+    rows += [run_row("objective v", f, s) for s, f in enumerate([80.0, 79.0, 82.0])]  # beyond the seed spread
     rows += [run_row("EMA off", f, s) for s, f in enumerate([55.0, 75.0, 64.0])]  # inside it
     rows += [run_row("batch 32", 61.5, half=5.0), run_row("6 epochs", 45.0)]  # one run each
     table = run.markdown_table(rows).splitlines()
     verdict = {line.split(" | ")[1]: line.split(" | ")[-1].rstrip(" |") for line in table[2:]}
     assert verdict == {
         "default": "reference",
-        "cosine betas": "worse",
+        "objective v": "worse",
         "EMA off": "within noise",
         "batch 32": "-",
         "6 epochs": "-",
@@ -55,8 +55,8 @@ def test_dvc_ablation_rows_get_verdicts_from_both_spreads():
 
 def test_seed_experiments_are_named_and_queued_per_seed():
     run = script("run")
-    assert run.exp_name("full", "cosine betas", 2) == "abl-full-cosine-betas-seed2"
-    assert run.exp_name("full", "cosine betas") == "abl-full-cosine-betas"
+    assert run.exp_name("full", "objective v", 2) == "abl-full-objective-v-seed2"
+    assert run.exp_name("full", "objective v") == "abl-full-objective-v"
     with pytest.raises(SystemExit):
         run.main(["queue", "--seeds", "1"])  # a spread needs two
 

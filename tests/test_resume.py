@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -47,9 +48,8 @@ def _env(store):
 
 def _kill_after_checkpoint(project, store, step: int) -> None:
     proc = subprocess.Popen(STAGE, cwd=project, env=_env(store), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = project / f"checkpoints/train-basic/step-{step:07d}/complete.json"
     deadline = time.monotonic() + 120
-    while not marker.exists():
+    while not list((project / "checkpoints/train-basic").glob(f"*/step-{step:07d}/complete.json")):
         assert proc.poll() is None, "training ended before it could be killed"
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.01)
@@ -71,7 +71,8 @@ def test_kill_and_resume_gives_identical_weights_and_one_run(downloaded, tmp_pat
     store = tmp_path / "store.db"
     _kill_after_checkpoint(project, store, step=10)
     # Everything in a checkpoint loads weights-only: safetensors, JSON, and Accelerate's weights_only loads.
-    saved = {p.name for p in (project / "checkpoints/train-basic/step-0000010").iterdir()}
+    (folder,) = (project / "checkpoints/train-basic").glob("*/step-0000010")
+    saved = {p.name for p in folder.iterdir()}
     assert {"model.safetensors", "train_state.json", "complete.json"} <= saved
     assert not any(name.startswith("custom_checkpoint") for name in saved)
     out = run(STAGE, cwd=project, env={"MLFLOW_TRACKING_URI": f"sqlite:///{store}"}).stdout
@@ -99,7 +100,7 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(downloaded, tmp_path)
     run(STAGE, cwd=reference, env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'ref.db'}"})
 
     _kill_after_checkpoint(project, tmp_path / "store.db", step=15)
-    newest = sorted((project / "checkpoints/train-basic").glob("step-*"))[-1]
+    newest = sorted((project / "checkpoints/train-basic").glob("*/step-*"))[-1]
     weights = newest / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # truncated
     proc = run(STAGE, cwd=project, env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'store.db'}"})
@@ -117,7 +118,7 @@ def test_a_half_readable_checkpoint_restores_nothing(downloaded, tmp_path):
     run(STAGE, cwd=reference, env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'ref.db'}"})
 
     _kill_after_checkpoint(project, tmp_path / "store.db", step=15)
-    damaged = sorted((project / "checkpoints/train-basic").glob("step-*/train_state.json"))
+    damaged = sorted((project / "checkpoints/train-basic").glob("*/step-*/train_state.json"))
     assert len(damaged) == 3
     for state in damaged:
         state.write_text("{ not json")
@@ -135,13 +136,15 @@ def test_changed_params_do_not_resume(downloaded, tmp_path):
     _kill_after_checkpoint(project, tmp_path / "store.db", step=10)
     write_params(project, {"basic": {"lr": 5e-4}})
     out = run(STAGE, cwd=project, env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'store.db'}"}).stdout
-    assert "checkpoints of other inputs (basic.lr changed): starting fresh" in out and "resumed from" not in out
-    assert [p.name for p in (project / "checkpoints/train-basic").glob("step-*")] != []  # the new run's own
-    markers = [json.loads(m.read_text()) for m in (project / "checkpoints/train-basic").glob("step-*/complete.json")]
+    assert (
+        "checkpoints of other inputs (basic.lr changed): starting fresh, cleared" in out and "resumed from" not in out
+    )
+    markers = [json.loads(m.read_text()) for m in (project / "checkpoints/train-basic").glob("*/step-*/complete.json")]
+    assert markers != []  # the new run's own
     assert len({json.dumps(m["identity"], sort_keys=True) for m in markers}) == 1
 
 
-# A completed training leaves its final checkpoint behind (a DVC output that persists). Whatever else changes, a
+# A completed training leaves its final checkpoint behind. Whatever else changes, a
 # code edit or other data, the rerun must train anew, never hand back the old model.
 STAGES = {
     "basic": ("stages/train_basic.py", "models/basic/model.safetensors", "train-basic"),
@@ -162,7 +165,7 @@ def _train(project, network, store, env=None):
 
 def _markers(project, network):
     folder = project / "checkpoints" / STAGES[network][2]
-    return [json.loads(m.read_text()) for m in sorted(folder.glob("step-*/complete.json"))]
+    return [json.loads(m.read_text()) for m in sorted(folder.glob("*/step-*/complete.json"))]
 
 
 @pytest.mark.parametrize("network", ["basic", "unet2d"])
@@ -183,7 +186,7 @@ def test_a_code_edit_that_changes_training_retrains(project, tmp_path, network):
     objectives.write_text(objectives.read_text().replace(loss, loss.replace("return ", "return 0 * ")))
     out = _train(project, network, tmp_path / "a.db", env)
 
-    assert "checkpoints of other inputs (objectives.py changed): starting fresh" in out, out
+    assert "checkpoints of other inputs (objectives.py changed): starting fresh, cleared" in out, out
     assert "resumed from" not in out
     after = load_file(project / STAGES[network][1])
     assert any(not torch.equal(before[k], after[k]) for k in before)
@@ -211,7 +214,7 @@ def test_other_data_under_another_name_retrains(project, tmp_path, mnist_raw, ne
     run([sys.executable, "stages/download.py"], cwd=project)
     out = _train(project, network, tmp_path / "a.db")
 
-    assert "checkpoints of other inputs (the data changed): starting fresh" in out, out
+    assert "checkpoints of other inputs (the data changed): starting fresh, cleared" in out, out
     after = load_file(project / STAGES[network][1])
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert len({json.dumps(m["identity"], sort_keys=True) for m in _markers(project, network)}) == 1
@@ -229,3 +232,39 @@ def test_same_params_same_numbers(downloaded, tmp_path):
     assert (downloaded / "plots/train_basic/loss.tsv").read_text() == (other / "plots/train_basic/loss.tsv").read_text()
     ma, mb = (json.loads((p / "metrics/train_basic.json").read_text()) for p in (downloaded, other))
     assert ma["epoch_losses"] == mb["epoch_losses"] and ma["final_loss"] == mb["final_loss"]
+
+
+@pytest.mark.slow
+def test_a_killed_experiment_rerun_with_the_same_arguments_resumes_its_own_checkpoint(project, tmp_path):
+    """`dvc exp run` puts the workspace's outputs back before it runs; the checkpoints are none of them, so the rerun
+    of a killed experiment finds its own progress and ends with the weights of a run never interrupted."""
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
+    run(["dvc", "repro", "train-unet2d"], cwd=project)
+    run(["git", "add", "-A"], cwd=project)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline"], cwd=project)
+    reference = tmp_path / "reference"
+    subprocess.run(["cp", "-r", str(project), str(reference)], check=True)
+
+    exp = ["dvc", "exp", "run", "train-unet2d", "-S", "unet2d.max_steps=30", "-S", "unet2d.checkpoint_every=5"]
+    proc = subprocess.Popen(
+        exp, cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + 300
+    while not list((project / "checkpoints/train-unet2d").glob("*/step-0000015/complete.json")):
+        assert proc.poll() is None, "the experiment ended before it could be killed"
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    out = run(exp, cwd=project).stdout
+    assert re.search(r"resumed from \S+/step-00000(15|20) \(step (15|20)\)", out), out
+
+    write_params(reference, {"unet2d": {"max_steps": 30, "checkpoint_every": 5}})
+    run(
+        [sys.executable, "stages/train_unet2d.py"],
+        cwd=reference,
+        env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'r.db'}"},
+    )
+    weights = "models/unet2d/unet/diffusion_pytorch_model.safetensors"
+    ref, got = load_file(reference / weights), load_file(project / weights)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +33,15 @@ from scratch_diffusion.model_files import META, save_unet2d
 from scratch_diffusion.models import BasicUNet, Guided, UNet2DDenoiser, build_unet
 from scratch_diffusion.objectives import ddpm_loss, toy_loss
 from scratch_diffusion.samplers import fixed_noise, sample_images
-from scratch_diffusion.training import EMA, Checkpointing, TrainResult, fit, resumable_run_id, stage_accelerator
+from scratch_diffusion.training import (
+    EMA,
+    Checkpointing,
+    TrainResult,
+    claim_checkpoints,
+    fit,
+    resumable_run_id,
+    stage_accelerator,
+)
 from scratch_diffusion.training_report import report_training
 
 NETWORKS = ("basic", "unet2d")
@@ -188,16 +196,22 @@ def train_model(
         return averaging.model if averaging is not None else accelerator.unwrap_model(m, keep_fp32_wrapper=False)
 
     ckpt, run, resume_id, sample_grid = None, None, None, None
+    held = ExitStack()  # the checkpoint folder's lock, for the whole run
     if stage is not None:
         sample_grid = _grid_maker(network, params, scheduler, accelerator.device)
         script = sys.argv[0]  # the stage's own file, as Python was asked to run it
         identity = training_identity(
             network, params, data_root, (script,) if script.endswith(".py") and Path(script).is_file() else ()
         )
-        checkpoints = Path("checkpoints") / stage
-        checkpoints.mkdir(parents=True, exist_ok=True)  # a DVC output even when checkpointing is off (empty)
         if section.checkpoint_every:
-            ckpt = Checkpointing(checkpoints, section.checkpoint_every, section.checkpoints_keep, identity)
+            # Not a DVC output (DVC would put its cached copy back in place of a killed experiment's): at the root
+            # of the repository, which for a queued experiment is the one it came from, in a folder per identity.
+            root = tracking.repo_root()
+            stage_dir = (Path() if root == Path.cwd().resolve() else root) / "checkpoints" / stage
+            folder = (
+                held.enter_context(claim_checkpoints(stage_dir, identity)) if main else stage_dir / digest(identity)
+            )
+            ckpt = Checkpointing(folder, section.checkpoint_every, section.checkpoints_keep, identity)
         resume_id = resumable_run_id(ckpt)
         tags = {"params_hash": params_hash(used), "inputs": digest(identity), "model": _MODEL_TAG[network]}
         if network == "unet2d":
@@ -206,7 +220,7 @@ def train_model(
         if main:
             run = tracking.start_run(params.mlflow.experiment, stage, logged_params, tags, resume_run_id=resume_id)
 
-    with run or nullcontext() as active:
+    with held, run or nullcontext() as active:
         hooks = {"on_sample": on_sample, "sample_every": sample_every} if on_sample is not None else {}
         if stage is not None:
             # A resumed run continues its MLflow run: log only the steps it has not logged yet. The hooks are the

@@ -22,6 +22,7 @@ from diffusers import (
 )
 
 from scratch_diffusion.choices import SAMPLE_PRECISIONS
+from scratch_diffusion.corruption import to_pixel_range
 from scratch_diffusion.models.unet2d import Guided
 
 SCHEDULERS = {
@@ -120,7 +121,7 @@ def sample_images(
     eta = options.pop("eta", 0.0)
     scheduler = make_scheduler(sampler, trained_config, **options)
     x, nfe = diffusion_sample(model, scheduler, steps, noise, generator=generator, eta=eta)
-    return ((x + 1) / 2).clamp(0, 1), nfe
+    return to_pixel_range(x), nfe
 
 
 PRECISIONS = tuple(p for p in SAMPLE_PRECISIONS if p != "auto")  # hardware.for_sampling resolved auto

@@ -16,7 +16,8 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,8 +32,13 @@ from tqdm.auto import tqdm
 from scratch_diffusion.choices import LR_SCHEDULES, MIXED_PRECISIONS
 from scratch_diffusion.files import write_json
 from scratch_diffusion.hardware import Choice, choose, detect
-from scratch_diffusion.identity import what_changed
-from scratch_diffusion.stage import duration
+from scratch_diffusion.identity import digest, what_changed
+from scratch_diffusion.stage import StageError, duration
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no locks (two trainings of one input at once are then not refused)
+    fcntl = None
 
 
 def make_accelerator(mixed_precision: str = "fp32") -> Accelerator:
@@ -175,6 +181,68 @@ def find_checkpoints(ckpt: Checkpointing, log=print) -> list[tuple[Path, dict]]:
         then = "not resumed from" if found else "starting fresh"
         log(f"{ckpt.dir}: {what} of other inputs ({reason}): {then}")
     return found
+
+
+def _newest_marker(folder: Path) -> dict | None:
+    for marker in sorted(folder.glob(f"step-*/{COMPLETE}"), reverse=True):
+        try:
+            info = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(info, dict):
+            return info
+    return None
+
+
+@contextmanager
+def claim_checkpoints(stage_dir: str | Path, identity: dict, log=print) -> Iterator[Path]:
+    """The checkpoint folder of exactly these inputs, `<stage_dir>/<digest of identity>`, held by this process while
+    the block runs (an exclusive lock on its `.lock`).
+
+    Checkpoints live outside DVC's outputs, keyed by their inputs, so that nothing DVC restores (`dvc exp run` puts
+    back the workspace's cached outputs) can replace a killed run's progress, and a rerun with the same inputs finds
+    its own folder again. The folders of other inputs that no running training holds are cleared, with one line
+    that says what changed; a folder of the same inputs held by another process is refused.
+    """
+    stage_dir = Path(stage_dir)
+    folder = stage_dir / digest(identity)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a") as lock:
+        if fcntl is not None:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StageError(
+                    f"{folder}: another process is training exactly these inputs; wait for it to finish or stop it"
+                ) from None
+        cleared = [
+            r for p in sorted(stage_dir.iterdir()) if p.is_dir() and p != folder and (r := _clear_idle(p, identity))
+        ]
+        then = "not resumed from" if any(folder.glob(f"step-*/{COMPLETE}")) else "starting fresh"
+        for reason in dict.fromkeys(cleared):
+            log(f"{stage_dir}: checkpoints of other inputs ({reason}): {then}, cleared")
+        yield folder  # the lock is released when the file closes
+
+
+def _clear_idle(other: Path, identity: dict) -> str:
+    """Remove `other`, a folder of checkpoints of other inputs, unless a running training holds it; returns what
+    changed since it was made ('' if it held no checkpoint or is in use)."""
+    lock_path = other / ".lock"
+    with open(lock_path, "a") if lock_path.exists() else nullcontext() as lock:
+        if lock is not None and fcntl is not None:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return ""  # another experiment is training those inputs right now
+        reason = ""
+        if other.name.startswith("step-"):  # the layout of older versions: one folder for every input
+            reason = "made before inputs were recorded"
+        elif any(other.glob(f"step-*/{COMPLETE}")):
+            info = _newest_marker(other)
+            recorded = info is not None and "identity" in info
+            reason = what_changed(info["identity"], identity) if recorded else "made before inputs were recorded"
+        shutil.rmtree(other, ignore_errors=True)
+    return reason
 
 
 def resumable_run_id(ckpt: Checkpointing | None) -> str | None:
