@@ -35,7 +35,7 @@ from safetensors.torch import load_file
 
 from scratch_diffusion import files
 from scratch_diffusion.choices import DIFFUSERS_SAMPLERS
-from scratch_diffusion.config import ParamsError, SampleSetting, load_params
+from scratch_diffusion.config import MAX_SEED, ParamsError, SampleSetting, Unet2dParams, load_params, sample_setting
 from scratch_diffusion.hardware import for_sampling, machine
 from scratch_diffusion.identity import what_changed
 from scratch_diffusion.metrics import Judge, seed_verdict
@@ -341,26 +341,38 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--eta", type=float, default=None, help="DDIM only (default 1)")
     args = parser.parse_args(argv)
-    bad = [w for w in args.warmups if w < 2]
-    if bad:
-        parser.error(f"--warmups: got {bad}; allowed: integers >= 2")
-    bad = [k for k in args.seed or [] if not 0 <= k < 2**32]
-    if bad:
-        parser.error(f"--seed: got {bad}; allowed: integers 0..{2**32 - 1} (as params.yaml's seed)")
-    if args.command == "train":
-        if args.seed is not None and len(args.seed) != 1:
-            parser.error(f"--seed: got {args.seed}; train takes one seed (run it once per seed)")
-        train(args.warmups, args.seed[0] if args.seed else None)
-    elif args.command == "measure":
-        eta = args.eta if args.eta is not None else 1.0 if args.sampler == "ddim" else 0.0
-        setting = SampleSetting("unet2d", args.sampler, args.steps, eta)
-        try:
-            setting.validate("--")
-        except ParamsError as e:
-            parser.error(str(e))
-        table(measure(setting, args.seed, args.replace))
-    else:
-        table(json.loads(RESULTS.read_text()))
+    # Every argument is checked before any training or sampling, and before a committed file is touched.
+    lo, hi, *_ = Unet2dParams.__dataclass_fields__["ema_warmup"].metadata["range"]
+    bad = [w for w in args.warmups if not lo <= w <= hi]
+    if bad or len(set(args.warmups)) != len(args.warmups):
+        parser.error(
+            f"--warmups: got {args.warmups}; allowed: different integers {lo}..{hi} (unet2d.ema_warmup's range)"
+        )
+    bad = [k for k in args.seed or [] if not 0 <= k <= MAX_SEED]
+    if bad or (args.seed and len(set(args.seed)) != len(args.seed)):
+        parser.error(f"--seed: got {args.seed}; allowed: different integers 0..{MAX_SEED} (as params.yaml's seed)")
+    try:
+        if args.command == "train":
+            if args.seed is not None and len(args.seed) != 1:
+                parser.error(f"--seed: got {args.seed}; train takes one seed (run it once per seed)")
+            train(args.warmups, args.seed[0] if args.seed else None)
+        elif args.command == "measure":
+            eta = args.eta if args.eta is not None else 1.0 if args.sampler == "ddim" else 0.0
+            # Checked as params.yaml's sample settings are: steps and eta in range, eta for ddim only, and no more
+            # steps than the trained schedule (params.yaml's: `measure` refuses copies trained on other params).
+            schedule = load_params(ROOT / "params.yaml").unet2d.num_train_timesteps
+            raw = {"model": "unet2d", "sampler": args.sampler, "steps": args.steps, "eta": eta}
+            try:
+                setting = sample_setting(raw, "--", schedule)
+            except ParamsError as e:
+                parser.error(str(e))
+            table(measure(setting, args.seed, args.replace))
+        else:
+            if not RESULTS.is_file():
+                sys.exit(f"error: {RESULTS.relative_to(ROOT)}: missing; run `python ablations/ema_horizons.py measure`")
+            table(json.loads(RESULTS.read_text()))
+    except ParamsError as e:  # params.yaml itself
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from scratch_diffusion import files
+from scratch_diffusion.config import MAX_SEED
 from scratch_diffusion.hardware import machine
 from scratch_diffusion.metrics import interval_verdict, seed_verdict
 
@@ -375,8 +376,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", nargs="+", metavar="LABEL", help="experiments to queue (labels of AXES)")
     parser.add_argument("--seeds", type=int, nargs="+", help="queue each experiment once per training seed")
     args = parser.parse_args(argv)
-    if args.seeds is not None and len(args.seeds) < 2:
-        parser.error(f"--seeds: got {args.seeds}; allowed: 2 or more seeds (a spread needs two)")
+    if args.seeds is not None:  # checked before anything is queued or a committed file is touched
+        if len(args.seeds) < 2 or len(set(args.seeds)) != len(args.seeds):
+            parser.error(f"--seeds: got {args.seeds}; allowed: 2 or more different seeds (a spread needs two)")
+        bad = [k for k in args.seeds if not 0 <= k <= MAX_SEED]
+        if bad:
+            parser.error(f"--seeds: got {bad[0]}; allowed: 0..{MAX_SEED} (as params.yaml's seed)")
+    if args.command == "table" and not RESULTS.is_file():
+        sys.exit(f"error: {RESULTS.relative_to(ROOT)}: missing; run `python ablations/run.py collect` first")
     if args.command in ("run", "queue"):
         names = queue(args.budget, args.only, args.seeds)
         print(f"queued {len(names)}: {' '.join(names)}")

@@ -30,7 +30,7 @@ import numpy as np
 import yaml
 
 from scratch_diffusion import files
-from scratch_diffusion.config import ParamsError, params_from_dict
+from scratch_diffusion.config import MAX_SEED, ParamsError, params_from_dict
 from scratch_diffusion.data import load_split
 from scratch_diffusion.hardware import for_sampling, machine
 from scratch_diffusion.metrics import Judge, seed_verdict
@@ -474,6 +474,27 @@ def table(results: dict | None, budget: dict | None, seeds: dict | None) -> None
     print("\n\n".join(shown))
 
 
+MAX_JOBS = 64  # processes at once; more than any machine here trains side by side
+
+
+def refuse_out(parser: argparse.ArgumentParser, out: Path, key: str, command: str) -> None:
+    """`out` is rewritten whole (run) or added to (budget): refuse a folder, and a file of another kind (a budget
+    file given to run would lose its runs) or one that is not JSON, before any work."""
+    if out.is_dir():
+        parser.error(f"--out: {out} is a folder; allowed: a JSON file (created if missing)")
+    if not out.exists():
+        return
+    try:
+        held = json.loads(out.read_text())
+    except (OSError, ValueError) as e:
+        parser.error(f"--out: {out} is not a readable JSON file ({e}); allowed: a results file of `{command}`")
+    if not isinstance(held, dict) or not isinstance(held.get(key), list | dict):
+        parser.error(
+            f"--out: {out} holds no {key!r} (not a results file of `{command}`); allowed: a results file "
+            f"of `{command}`, or a new path"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["run", "one", "budget", "table"])
@@ -487,22 +508,40 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--every", type=int, default=3, help="budget: measure every k epochs")
     args = parser.parse_args(argv)
+    # Every argument is checked before any training and before a committed file is touched.
     try:
         if args.command == "one":
             one((args.setting or [""])[0], args.out)
         elif args.command == "budget":
-            if args.every < 1:
-                parser.error(f"--every: got {args.every}; allowed: integers >= 1")
-            budget((args.setting or [""])[0], args.every, args.out or BUDGET)
+            text = (args.setting or [""])[0]
+            epochs = setting_params(text).unet2d.epochs
+            if not 1 <= args.every <= epochs:
+                parser.error(f"--every: got {args.every}; allowed: 1..{epochs} (the setting's unet2d.epochs)")
+            out = args.out or BUDGET
+            refuse_out(parser, out, "runs", "budget")
+            budget(text, args.every, out)
         elif args.command == "run":
-            if args.jobs < 1:
-                parser.error(f"--jobs: got {args.jobs}; allowed: integers >= 1")
-            if args.seeds is not None and len(args.seeds) < 2:
-                parser.error(f"--seeds: got {args.seeds}; allowed: 2 or more seeds (a spread needs two)")
+            if not 1 <= args.jobs <= MAX_JOBS:
+                parser.error(f"--jobs: got {args.jobs}; allowed: 1..{MAX_JOBS}")
+            if args.seeds is not None:
+                if len(args.seeds) < 2 or len(set(args.seeds)) != len(args.seeds):
+                    parser.error(f"--seeds: got {args.seeds}; allowed: 2 or more different seeds (a spread needs two)")
+                bad = [k for k in args.seeds if not 0 <= k <= MAX_SEED]
+                if bad:
+                    parser.error(f"--seeds: got {bad[0]}; allowed: 0..{MAX_SEED} (as params.yaml's seed)")
+            out = args.out or (SEEDS if args.seeds else RESULTS)
+            refuse_out(parser, out, "rows", "run")
             default = SEED_SETTINGS if args.seeds else SETTINGS
             settings = with_seeds(args.setting if args.setting is not None else default, args.seeds)
-            run(settings, args.jobs, args.out or (SEEDS if args.seeds else RESULTS))
+            run(settings, args.jobs, out)
         else:
+            # A mistyped --out would read as "no sweep results" and rewrite the table without its rows.
+            if args.out is not None and not args.out.is_file():
+                parser.error(
+                    f"--out: {args.out} does not exist; allowed: a results file of `run` (default: "
+                    f"{RESULTS.relative_to(ROOT)})"
+                )
+            refuse_out(parser, args.out or RESULTS, "rows", "run")
             read = lambda p: json.loads(p.read_text()) if p.is_file() else None  # noqa: E731
             results, budget_, seeds = read(args.out or RESULTS), read(BUDGET), read(SEEDS)
             if not (results or budget_ or seeds):

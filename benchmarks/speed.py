@@ -263,6 +263,9 @@ def main() -> None:
         "--report", action="store_true", help="also write what it prints to docs/performance/<machine class>.md"
     )
     args = parser.parse_args()
+    for name, lo, hi in (("steps", 0, 100_000), ("repeats", 1, 100), ("loss_steps", 1, 100_000)):
+        if not lo <= getattr(args, name) <= hi:
+            parser.error(f"--{name.replace('_', '-')}: got {getattr(args, name)}; allowed: {lo}..{hi}")
     if not (DATA / "MNIST/raw").is_dir():
         sys.exit(f"error: {DATA}/MNIST/raw not found: run `dvc repro download` first")
     parts = args.only or ["train", "sample", "end-to-end"]

@@ -8,9 +8,11 @@ models/*/ metadata, models/classifier and data/dataset. Every number comes with 
 each setting with its verdict against the best (better / within noise / worse). Writes reports/compare.md,
 reports/compare.html (images inline), reports/figures/*.png, metrics/compare.json (headline FID and KID with
 intervals, for `dvc exp show` / `dvc metrics diff`) and plots/compare/fid_vs_nfe.tsv (for `dvc plots diff`). Logs
-an MLflow run named `compare`.
+an MLflow run named `compare`, and records the best UNet2DModel FID on its registered version, with the judge that
+measured it, moving the alias `champion` only among versions measured by that judge (tracking.promote_champion).
 """
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -28,7 +30,7 @@ from scratch_diffusion.compare_report import (
     write_report,
 )
 from scratch_diffusion.config import load_params
-from scratch_diffusion.data import load_split
+from scratch_diffusion.data import dataset_digest, load_split
 from scratch_diffusion.metrics import Judge
 from scratch_diffusion.stage import StageError, run_stage
 
@@ -51,6 +53,7 @@ def _loss_curve(path: str) -> list[tuple[int, float]]:
 
 def main() -> None:
     params = load_params()
+    tracking.check_experiment(params.mlflow.experiment)  # a deleted experiment stops here, not after the measuring
     timings = _read_json("metrics/sample.json", "sample")
     sizes = {t["n"] for t in timings.values()}
     if len(sizes) != 1:
@@ -68,6 +71,12 @@ def main() -> None:
             f"sample.n: got {n}; compare needs 2 * n real test images (allowed: n <= {len(test_images) // 2})"
         )
     judge = Judge.from_files(classifier_file, "data/dataset", n)
+    # The scale its FIDs are on: FIDs by another classifier, other reference images or another n never compare.
+    judge_id = {
+        "classifier": hashlib.sha256(classifier_file.read_bytes()).hexdigest()[:16],
+        "reference": dataset_digest("data/dataset"),  # the reference set is the first n test images of this dataset
+        "n": n,
+    }
     floor = judge.floor
 
     metas = {"basic": BASIC_META}
@@ -170,8 +179,11 @@ def main() -> None:
         registered = _read_json("models/unet2d/run.json", "train-unet2d") if "unet2d" in metas else {}
         if registered.get("registered_version"):
             name, version = registered["registered_model"], registered["registered_version"]
-            if tracking.promote_champion(name, version, headline["best_fid_unet2d"], n):
-                print(f"compare: models:/{name}@{tracking.CHAMPION} is now version {version}", flush=True)
+            interval = (headline["best_fid_lo_unet2d"], headline["best_fid_hi_unet2d"])
+            said = tracking.promote_champion(
+                name, version, headline["best_fid_unet2d"], interval, judge_id, classifier_accuracy
+            )
+            print(f"compare: {said}", flush=True)
         tracking.log_metrics({k: v for k, v in headline.items() if k != "n"})
         for r in conditional:  # the accuracy/FID trade-off, one step per guidance scale x 10 (MLflow steps are ints)
             key = f"{r['sampler']}-{r['steps']}".replace("+", "p")

@@ -2,6 +2,7 @@
 themselves are exercised end to end in test_pipeline.py)."""
 
 import importlib.util
+import shutil
 
 import pytest
 
@@ -120,3 +121,107 @@ def test_budget_rows_are_judged_against_the_long_experiments_targets():
     budget = {"runs": [{"setting": "unet2d.epochs=12", "machine": "cpu", "floor_fid": 12.5, "rows": rows}]}
     lines = sweep.budget_table(budget).splitlines()
     assert lines[4].startswith("| `unet2d.epochs=12` | cpu | 12 | 5628 |") and lines[4].endswith("| none |")
+
+
+# The scripts rewrite committed files (ablations/*.json, docs/ablation/*.md): each runs here from a copy of the
+# repository's files, so that ROOT (derived from the script's own path) is the copy and nothing committed is at risk.
+LAB_FILES = [
+    "params.yaml",
+    "ablations/run.py",
+    "ablations/sweep.py",
+    "ablations/ema_horizons.py",
+    "ablations/results.json",
+    "ablations/sweep.json",
+    "ablations/budget.json",
+    "ablations/seeds.json",
+    "ablations/ema_horizons.json",
+    "docs/ablation/sweep.md",
+    "docs/ablation/seeds.md",
+    "docs/ablation/ema.md",
+    "docs/ablation/table.md",
+    "benchmarks/speed.py",
+]
+
+
+@pytest.fixture
+def lab(tmp_path, monkeypatch):
+    for name in LAB_FILES:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def snapshot(root) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def script_in(root, path: str):
+    spec = importlib.util.spec_from_file_location(path.replace("/", "_")[:-3], root / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+BAD_ARGUMENTS = [
+    # The issue's cases: a mistyped --out removed the sweep's rows from docs/ablation/sweep.md; --steps 0 divided by
+    # zero; --eta 5 went into the results.
+    ("ablations/sweep.py", ["table", "--out", "ablations/sweep.jsn"], "--out: ablations/sweep.jsn does not exist"),
+    ("ablations/ema_horizons.py", ["measure", "--steps", "0"], "--steps: got 0, allowed range [1, 10000]"),
+    ("ablations/ema_horizons.py", ["measure", "--eta", "5"], "--eta: got 5.0, allowed range [0.0, 1.0]"),
+    # More of the class: arguments that were trusted until hours of training had passed, or that wrote nonsense.
+    (
+        "ablations/ema_horizons.py",
+        ["measure", "--sampler", "euler", "--eta", "0.5"],
+        "--eta: got 0.5 for sampler 'euler'; eta is for ddim only",
+    ),
+    (
+        "ablations/ema_horizons.py",
+        ["measure", "--sampler", "dpmsolver++", "--steps", "1000"],
+        "--steps: unet2d/dpmsolver++-1000 has 1000 steps, all of the schedule's num_train_timesteps (1000)",
+    ),
+    ("ablations/ema_horizons.py", ["measure", "--steps", "2000"], "more than the schedule's num_train_timesteps"),
+    ("ablations/ema_horizons.py", ["train", "--warmups", "3", "3"], "--warmups: got [3, 3]; allowed: different"),
+    ("ablations/ema_horizons.py", ["train", "--warmups", "5000"], "allowed: different integers 2..1000"),
+    ("ablations/ema_horizons.py", ["measure", "--seed", "1", "1"], "--seed: got [1, 1]; allowed: different"),
+    ("ablations/sweep.py", ["run", "--out", "ablations/budget.json"], "--out: ablations/budget.json holds no 'rows'"),
+    ("ablations/sweep.py", ["budget", "--out", "ablations/sweep.json"], "--out: ablations/sweep.json holds no 'runs'"),
+    ("ablations/sweep.py", ["run", "--out", "docs"], "--out: docs is a folder"),
+    ("ablations/sweep.py", ["run", "--jobs", "0"], "--jobs: got 0; allowed: 1..64"),
+    ("ablations/sweep.py", ["run", "--seeds", "0", "0"], "--seeds: got [0, 0]; allowed: 2 or more different seeds"),
+    ("ablations/sweep.py", ["run", "--seeds", "0", "-1"], "--seeds: got -1; allowed: 0..4294967295"),
+    ("ablations/sweep.py", ["budget", "--every", "4"], "--every: got 4; allowed: 1..3 (the setting's unet2d.epochs)"),
+    ("ablations/run.py", ["queue", "--seeds", "0", "0"], "--seeds: got [0, 0]; allowed: 2 or more different seeds"),
+    ("ablations/run.py", ["queue", "--seeds", "1", "4294967296"], "--seeds: got 4294967296; allowed: 0..4294967295"),
+    ("benchmarks/speed.py", ["--repeats", "0"], "--repeats: got 0; allowed: 1..100"),
+    ("benchmarks/speed.py", ["--steps", "-5"], "--steps: got -5; allowed: 0..100000"),
+]
+
+
+@pytest.mark.parametrize(("path", "argv", "message"), BAD_ARGUMENTS, ids=[" ".join(c[1]) for c in BAD_ARGUMENTS])
+def test_bad_arguments_are_one_line_before_any_file_is_touched(lab, monkeypatch, capsys, path, argv, message):
+    before = snapshot(lab)
+    module = script_in(lab, path)
+    monkeypatch.setattr("sys.argv", [path, *argv])  # benchmarks/speed.py reads sys.argv itself
+    with pytest.raises(SystemExit) as exit_info:
+        module.main() if path == "benchmarks/speed.py" else module.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, (exit_info.value.code, err)
+    assert message in err.splitlines()[-1] and "Traceback" not in err, err
+    assert snapshot(lab) == before
+
+
+@pytest.mark.parametrize(
+    ("path", "missing", "message"),
+    [
+        ("ablations/ema_horizons.py", "ablations/ema_horizons.json", "ablations/ema_horizons.json: missing; run"),
+        ("ablations/run.py", "ablations/results.json", "ablations/results.json: missing; run"),
+    ],
+)
+def test_a_table_without_results_is_one_line(lab, path, missing, message):
+    (lab / missing).unlink(missing_ok=True)
+    before = snapshot(lab)
+    with pytest.raises(SystemExit) as exit_info:
+        script_in(lab, path).main(["table"])
+    assert str(exit_info.value.code).startswith(f"error: {message}")
+    assert snapshot(lab) == before

@@ -5,7 +5,7 @@ import runpy
 
 import pytest
 
-from tests.conftest import REPO, write_params
+from tests.conftest import REPO, run, write_params
 
 CASES = [
     ("train_basic", {"basic": {"lr": -1}}, "basic.lr: got -1.0, allowed range (0.0, 1.0]"),
@@ -106,6 +106,49 @@ CASES = [
         "launch: got 'python && rm -rf data', which holds the shell character '&'",
     ),
     ("train_basic", {"launch": "torchrun --nproc_per_node $(nproc)"}, "which holds the shell character '$'"),
+    # Accepted by check-params once, then a diffusers traceback or black samples after DVC had removed the outputs
+    # (issue 32): check-params now builds what the stages build and refuses a degenerate noise schedule.
+    (
+        "check_params",
+        {"unet2d": {"down_block_types": ["DownBlock2D", "AttnUpBlock2D"]}},
+        "unet2d.down_block_types[1]: got 'AttnUpBlock2D', allowed: 'DownBlock2D', 'AttnDownBlock2D'",
+    ),
+    ("check_params", {"unet2d": {"beta_schedule": "linear", "beta_end": 1.0}}, "unet2d.beta_end: got 1.0, allowed"),
+    (
+        "check_params",
+        {"unet2d": {"beta_schedule": "linear", "beta_end": 0.999}},
+        "unet2d.beta_end: got 0.999 (beta_schedule=linear, num_train_timesteps=1000, beta_start=0.0001, beta_end="
+        "0.999): alpha_bar reaches 0 at t = 420 (x_t holds no image from there on); allowed: beta_end up to 0.19",
+    ),
+    (
+        "check_params",
+        {"unet2d": {"beta_schedule": "scaled_linear", "beta_start": 1e-9}},
+        "unet2d.beta_start: got 1e-09 (beta_schedule=scaled_linear, num_train_timesteps=1000, beta_start=1e-09, "
+        "beta_end=0.02): alpha_bar is 1 at t = 0 (1 - beta_start rounds to 1 in float32); allowed: beta_start of "
+        "at least 2.98e-08",
+    ),
+    (
+        "check_params",
+        {"unet2d": {"beta_schedule": "linear", "num_train_timesteps": 10000}},
+        "unet2d.beta_end: got 0.02 (beta_schedule=linear, num_train_timesteps=10000, beta_start=0.0001, beta_end="
+        "0.02): alpha_bar stops falling at t = 9917",
+    ),
+    (
+        "check_params",
+        {"unet2d": {"corruption": "toy", "conditioning": "amount"}},
+        "sample.settings[1].sampler: got 'ddim' for model 'unet2d' with unet2d.corruption=toy; allowed: 'toy'",
+    ),
+    (
+        "check_params",
+        {"sample": {"settings": [{"model": "unet2d", "sampler": "unipc", "steps": 1000}]}},
+        "unet2d/unipc-1000 has 1000 steps, all of unet2d.num_train_timesteps (1000), which unipc cannot take",
+    ),
+    (
+        "check_params",
+        {"unet2d": {"num_train_timesteps": 3, "sample_steps": 3}},  # the tiny params sample with dpmsolver++-3
+        "sample.settings[3].steps: unet2d/dpmsolver++-3 has 3 steps, all of unet2d.num_train_timesteps (3)",
+    ),
+    ("check_params", {"classifier": {"batch_size": 60001}}, "classifier.batch_size: got 60001, more than the 60000"),
 ]
 
 
@@ -157,3 +200,18 @@ def test_unreachable_tracking_server_fails_fast(project, monkeypatch, capsys, mn
     assert code == 2 and time.monotonic() - start < 30
     assert "MLFLOW_TRACKING_URI=http://127.0.0.1:9/: the tracking server does not answer" in err
     assert "s3cret" not in err
+
+
+def test_dvc_repro_stops_at_check_params_and_keeps_the_last_model(project):
+    """The issue's example through real DVC: a down block in up_block_types passed check-params, then train-unet2d
+    removed models/unet2d and diffusers raised. Now check-params builds the UNet2DModel first and stops the repro."""
+    last_good = project / "models/unet2d/model_index.json"
+    last_good.parent.mkdir(parents=True)
+    last_good.write_text("the last good model\n")
+    write_params(project, {"unet2d": {"up_block_types": ["AttnUpBlock2D", "DownBlock2D"]}})
+    proc = run(["dvc", "repro", "train-unet2d"], cwd=project, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "error: unet2d.up_block_types[1]: got 'DownBlock2D', allowed: 'UpBlock2D', 'AttnUpBlock2D'" in out, out
+    assert "Traceback" not in out and "Running stage 'train-unet2d'" not in out
+    assert last_good.read_text() == "the last good model\n"

@@ -73,7 +73,9 @@ s.serve_forever()
         from scratch_diffusion.tracking import check_reachable
 
         check_reachable(f"http://user:s3cret@127.0.0.1:{port}")  # answers 200 with the header, 401 without
-        check_reachable(f"http://127.0.0.1:{port}/")  # 401: it answered, so it is there
+        # A 401 is a server that is there but refuses: one line saying what to set, not MLflow's traceback later.
+        with pytest.raises(ConnectionError, match="refused a request without credentials.*MLFLOW_TRACKING_USERNAME"):
+            check_reachable(f"http://127.0.0.1:{port}/")
     finally:
         server.kill()
     with pytest.raises(ConnectionError, match="does not answer"):
@@ -106,3 +108,71 @@ def test_a_registry_model_is_never_unpickled(workdir):
     proc = run([*GENERATE, "--model", "models:/booby/1"], cwd=workdir, check=False, env={"MLFLOW_TRACKING_URI": store})
     assert proc.returncode == 2 and "refused (unpickling a registry model runs its code)" in proc.stderr, proc.stderr
     assert not (workdir / "ran-foreign-code").exists()
+
+
+def basic_model(workdir: pathlib.Path) -> None:
+    """An untrained BasicUNet in the folder layout train-basic writes: enough for generate to run."""
+    from safetensors.torch import save_file
+
+    from scratch_diffusion.models import BasicUNet
+
+    folder = workdir / "models/basic"
+    folder.mkdir(parents=True)
+    torch.manual_seed(0)
+    save_file(BasicUNet().state_dict(), str(folder / "model.safetensors"))
+
+
+def test_a_seed_out_of_range_is_one_line(workdir, monkeypatch, capsys):
+    """A seed torch cannot take (2**70) was a traceback after the model had loaded; a negative one was used."""
+    from scratch_diffusion.cli import main as cli_main
+
+    basic_model(workdir)
+    monkeypatch.chdir(workdir)
+    for seed in (2**70, -1):
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(["generate", "--model", "models/basic", "--sampler", "toy", "--steps", "2", "--seed", str(seed)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "Traceback" not in err, err
+        assert err.splitlines()[-1].endswith(
+            f"--seed: got {seed}, allowed: 0..4294967295 (as params.yaml's sample.seed)"
+        )
+    assert not (workdir / "generated").exists()
+
+
+def test_all_timesteps_with_a_multistep_solver_is_refused_for_the_model(workdir):
+    """DPM-Solver++ asked for every timestep of the model's schedule crashed (IndexError) after loading."""
+    from scratch_diffusion.corruption import ddpm_scheduler
+    from scratch_diffusion.model_files import save_unet2d
+    from scratch_diffusion.models import UNet2DDenoiser, build_unet
+
+    net = UNet2DDenoiser(build_unet((32,), 1, ("DownBlock2D",), ("UpBlock2D",)))
+    meta = {"corruption": "ddpm", "conditioning": "timestep", "objective": "x0"}
+    save_unet2d(workdir / "models/unet2d", net, ddpm_scheduler(10, prediction_type="sample"), meta)
+    proc = run([*GENERATE[:-4], "--sampler", "dpmsolver++", "--steps", "10", "--n", "2"], cwd=workdir, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert (
+        "--steps: got 10, allowed: 1..9 for this model (dpmsolver++ fails or draws NaN at all of them)" in proc.stderr
+    )
+
+
+def test_a_disk_that_fills_while_generating_is_one_line_and_the_last_file_stays(workdir):
+    """RLIMIT_FSIZE makes every file write past 1 byte fail (EFBIG), as a full disk fails with ENOSPC."""
+    import resource
+    import signal
+
+    basic_model(workdir)
+    last = workdir / "generated/toy-2-seed0.npz"
+    last.parent.mkdir()
+    last.write_bytes(b"last good")
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process instead of failing the write
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1, 1))
+
+    cmd = [*GENERATE, "--model", "models/basic", "--sampler", "toy"]
+    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, preexec_fn=limit_file_size)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(
+        f"error: {pathlib.Path('generated/toy-2-seed0.npz')}: cannot write it, the disk is full"
+    )
+    assert last.read_bytes() == b"last good" and sorted(p.name for p in last.parent.iterdir()) == [last.name]

@@ -1,6 +1,14 @@
 import pytest
 
-from scratch_diffusion.config import Params, ParamsError, flatten, load_params, params_from_dict, params_hash
+from scratch_diffusion.config import (
+    Params,
+    ParamsError,
+    flatten,
+    load_params,
+    params_from_dict,
+    params_hash,
+    sample_setting,
+)
 from tests.conftest import REPO
 
 
@@ -29,6 +37,35 @@ def test_repo_params_are_valid_and_match_the_defaults():
         ({"unet2d": {"channels_last": "yes"}}, "unet2d.channels_last: got 'yes', allowed: auto, true or false"),
         ({"basic": {"channels_last": 1}}, "basic.channels_last: got 1, allowed: auto, true or false"),
         ({"sample": {"precision": "fp16"}}, "sample.precision: got 'fp16', allowed: 'auto', 'fp32', 'bf16'"),
+        # Accepted once, then refused by diffusers or silently wrong after DVC had removed outputs (issue 32).
+        (
+            {"unet2d": {"down_block_types": ["DownBlock2D", "AttnUpBlock2D", "AttnDownBlock2D"]}},
+            "unet2d.down_block_types[1]: got 'AttnUpBlock2D', allowed: 'DownBlock2D', 'AttnDownBlock2D'",
+        ),
+        (
+            {"unet2d": {"up_block_types": ["AttnDownBlock2D", "AttnUpBlock2D", "UpBlock2D"]}},
+            "unet2d.up_block_types[0]: got 'AttnDownBlock2D', allowed: 'UpBlock2D', 'AttnUpBlock2D'",
+        ),
+        ({"unet2d": {"beta_end": 1.0}}, "unet2d.beta_end: got 1.0, allowed range (0.0, 1.0)"),
+        ({"data": {"n_train": 70000}}, "data.n_train: got 70000, allowed range [0, 60000]"),
+        (
+            {"data": {"n_train": 256}, "basic": {"batch_size": 512}},
+            "basic.batch_size: got 512, more than the 256 training images (data.n_train); allowed: 1..256",
+        ),
+        ({"classifier": {"batch_size": 100000}}, "classifier.batch_size: got 100000, more than the 60000 training"),
+        (
+            {"unet2d": {"corruption": "toy", "conditioning": "amount", "loss_weighting": "min_snr"}},
+            "unet2d.loss_weighting: got 'min_snr' with unet2d.corruption=toy",
+        ),
+        (
+            {"unet2d": {"num_train_timesteps": 20}},
+            "unet2d.sample_steps: got 25, more than unet2d.num_train_timesteps (20); allowed: 1..20",
+        ),
+        (
+            {"sample": {"settings": [{"model": "unet2d", "sampler": "dpmsolver++", "steps": 1000}]}},
+            "sample.settings[0].steps: unet2d/dpmsolver++-1000 has 1000 steps, all of unet2d.num_train_timesteps "
+            "(1000), which dpmsolver++ cannot take (diffusers fails or draws NaN); allowed: 1..999",
+        ),
     ],
 )
 def test_bad_params_name_key_value_and_allowed(raw, message):
@@ -58,3 +95,21 @@ def test_flatten_and_hash():
     assert flat == {"a": 1, "b.c": 2, "b.d.e": 3}
     assert params_hash({"a": 1}) == params_hash({"a": 1})
     assert params_hash({"a": 1}) != params_hash({"a": 2})
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"sampler": "ddim", "steps": 0}, "--steps: got 0, allowed range [1, 10000]"),
+        ({"sampler": "ddim", "steps": 50, "eta": 5.0}, "--eta: got 5.0, allowed range [0.0, 1.0]"),
+        ({"sampler": "euler", "steps": 50, "eta": 0.5}, "--eta: got 0.5 for sampler 'euler'; eta is for ddim only"),
+        ({"sampler": "plms", "steps": 50}, "--sampler: got 'plms', allowed: 'toy', 'ddpm'"),
+        ({"sampler": "ddim", "steps": 2000}, "unet2d/ddim-2000 has 2000 steps, more than the schedule's"),
+        ({"sampler": "unipc", "steps": 1000}, "which unipc cannot take (diffusers fails or draws NaN); allowed: 1..9"),
+    ],
+)
+def test_a_scripts_sampler_arguments_are_checked_as_params_are(raw, message):
+    with pytest.raises(ParamsError) as err:
+        sample_setting({"model": "unet2d", **raw}, "--", num_train_timesteps=1000)
+    assert message in str(err.value)
+    assert sample_setting({"model": "unet2d", "sampler": "unipc", "steps": 999}, "--", 1000).steps == 999

@@ -61,8 +61,9 @@ def wait_until_up(url: str, proc: subprocess.Popen, timeout: float = 90) -> None
 
 
 @contextlib.contextmanager
-def mlflow_server(backend_uri: str, *args: str, cwd=None, timeout: float = 90):
-    """`mlflow server` on a free loopback port (plus `args`); yields its URL once /health answers, then stops it."""
+def mlflow_server(backend_uri: str, *args: str, cwd=None, timeout: float = 90, env: dict | None = None):
+    """`mlflow server` on a free loopback port (plus `args`, and `env` over this process's environment); yields its URL
+    once /health answers, then stops it."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
@@ -85,7 +86,7 @@ def mlflow_server(backend_uri: str, *args: str, cwd=None, timeout: float = 90):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, "MLFLOW_TRACKING_URI": backend_uri},
+        env={**os.environ, "MLFLOW_TRACKING_URI": backend_uri, **(env or {})},
     )
     try:
         wait_until_up(url, proc, timeout)

@@ -3,6 +3,7 @@
 One project is reproduced once for the module; each test then checks one thing about it, in file order (the later
 ones run experiments on top of what the earlier ones left), so the first failure does not hide the rest."""
 
+import hashlib
 import json
 import re
 import sys
@@ -138,8 +139,13 @@ def test_the_champion_alias_serves_generate(project, client):
     champion = client.get_model_version_by_alias(registered["registered_model"], "champion")
     assert str(champion.version) == str(registered["registered_version"])
     assert float(champion.tags["compare.fid"]) == pytest.approx(compare["best_fid_unet2d"], abs=1e-3)
+    judge = hashlib.sha256((project / "models/classifier/model.safetensors").read_bytes()).hexdigest()[:16]
+    assert champion.tags["compare.judge.classifier"] == judge and champion.tags["compare.n"] == str(compare["n"])
     model = f"models:/{registered['registered_model']}@champion"
-    run(["scratch-diffusion", "generate", "--model", model, "--steps", "2", "--n", "2", "--out", "out"], cwd=project)
+    said = run(
+        ["scratch-diffusion", "generate", "--model", model, "--steps", "2", "--n", "2", "--out", "out"], cwd=project
+    )
+    assert f"generate: {model} is version {champion.version} (FID " in said.stdout
     assert (project / "out/ddim-2-seed0.npz").is_file()
 
 

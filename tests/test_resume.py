@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -268,3 +269,26 @@ def test_a_killed_experiment_rerun_with_the_same_arguments_resumes_its_own_check
     weights = "models/unet2d/unet/diffusion_pytorch_model.safetensors"
     ref, got = load_file(reference / weights), load_file(project / weights)
     assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_a_disk_that_fills_while_checkpointing_is_one_line_and_leaves_no_partial_checkpoint(downloaded, tmp_path):
+    """A file-size limit (EFBIG, as a full disk gives ENOSPC) that a checkpoint does not fit under: one line, no
+    traceback, and no incomplete checkpoint left to take space (a complete one would stay to resume from)."""
+    import resource
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process instead of failing the write
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    store = tmp_path / "store.db"
+    run(STAGE, cwd=downloaded, env={"MLFLOW_TRACKING_URI": f"sqlite:///{store}"})  # the store's schema, unlimited
+    shutil.rmtree(downloaded / "checkpoints")
+    # The BasicUNet's optimizer state (about 2.4 MB) outgrows the limit at the first checkpoint.
+    proc = subprocess.run(
+        STAGE, cwd=downloaded, env=_env(store), capture_output=True, text=True, preexec_fn=limit_file_size
+    )
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "cannot write it, the disk is full" in proc.stderr and "Traceback" not in proc.stderr
+    assert not [
+        p for p in (downloaded / "checkpoints/train-basic").glob("*/step-*") if not (p / "complete.json").exists()
+    ]

@@ -1,5 +1,4 @@
-"""The store under concurrency (racing processes, the real DVC queue) and the registry alias `champion`, which
-compare moves only to a version that measured better at the same n."""
+"""The store under concurrency: racing processes and the real DVC queue (the alias `champion`: test_champion.py)."""
 
 import os
 import subprocess
@@ -9,30 +8,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from scratch_diffusion.tracking import CHAMPION, promote_champion
 from tests.conftest import run, run_queue
-
-
-@pytest.fixture
-def registry(tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'store.db'}")
-    client = mlflow.MlflowClient()
-    client.create_registered_model("m")
-    for _ in range(4):
-        client.create_model_version("m", source=str(tmp_path))
-    return client
-
-
-def test_champion_moves_only_to_a_better_fid_at_the_same_n(registry):
-    champion = lambda: str(registry.get_model_version_by_alias("m", CHAMPION).version)  # noqa: E731
-    assert promote_champion("m", "1", fid=60.0, n=1000) and champion() == "1"  # nothing to beat
-    assert not promote_champion("m", "2", fid=70.0, n=1000) and champion() == "1"  # worse
-    assert not promote_champion("m", "3", fid=20.0, n=500) and champion() == "1"  # FID at another n: no comparison
-    assert promote_champion("m", "4", fid=50.0, n=1000) and champion() == "4"  # better
-    assert registry.get_model_version("m", "2").tags == {"compare.fid": "70.0000", "compare.n": "1000"}
-    assert promote_champion("m", "4", fid=55.0, n=1000) and champion() == "4"  # re-measured: keeps its own alias
-
 
 RACER = """
 from scratch_diffusion import tracking

@@ -22,8 +22,11 @@ PREDICTION_TYPES = {"x0": "sample", "eps": "epsilon", "v": "v_prediction"}
 LOSS_WEIGHTINGS = ("none", "min_snr")
 # corruption.ddpm_scheduler: diffusers' DDPMScheduler beta schedules.
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-# models/unet2d.py (build_unet): diffusers' UNet2DModel blocks.
-UNET_BLOCKS = ("DownBlock2D", "AttnDownBlock2D", "UpBlock2D", "AttnUpBlock2D")
+# models/unet2d.py (build_unet): diffusers' UNet2DModel blocks, each list of its own kind (diffusers refuses a down
+# block among the up blocks, and the reverse).
+UNET_DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D")
+UNET_UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D")
+UNET_BLOCKS = (*UNET_DOWN_BLOCKS, *UNET_UP_BLOCKS)
 
 # training.py: the lr schedule -> diffusers.optimization.get_scheduler's name for it.
 LR_SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine"}

@@ -29,13 +29,14 @@ def _load_any(model: str, device: str):
 
         from scratch_diffusion import tracking
 
-        tracking.check_reachable(tracking.tracking_uri())  # in seconds, where MLflow would retry for minutes
-        tracking.ensure_store(tracking.tracking_uri())
-        mlflow.set_tracking_uri(tracking.tracking_uri())
+        uri = tracking.connect()  # in seconds, where MLflow would retry for minutes; credentials out of the URI
         try:
-            path = Path(mlflow.artifacts.download_artifacts(artifact_uri=model)) / "extra_files"
+            pinned, resolved = tracking.resolve_alias(model)  # an alias names one version, said in one line
+            if resolved:
+                print(f"generate: {resolved}", flush=True)
+            path = Path(mlflow.artifacts.download_artifacts(artifact_uri=pinned)) / "extra_files"
         except Exception as e:  # MlflowException / RestException: unknown name, version or alias
-            raise StageError(f"--model: cannot load {model!r} from {tracking.tracking_uri()}: {e}") from None
+            raise StageError(f"--model: cannot load {model!r} from {tracking.shown_uri(uri)}: {e}") from None
         if not ((path / "model.safetensors").is_file() or (path / META).is_file()):
             raise StageError(
                 f"--model: {model!r} carries no safetensors weights and metadata beside its pickle; "
@@ -62,6 +63,7 @@ def generate_main(argv: list[str] | None = None) -> None:
     import torch
 
     from scratch_diffusion.choices import DIFFUSERS_SAMPLERS, SAMPLE_PRECISIONS, SAMPLERS
+    from scratch_diffusion.config import MAX_SEED, max_sample_steps
     from scratch_diffusion.hardware import for_sampling
     from scratch_diffusion.images import grid, save_png
     from scratch_diffusion.samplers import generate
@@ -118,6 +120,8 @@ def generate_main(argv: list[str] | None = None) -> None:
     for name in ("steps", "n", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}: got {getattr(args, name)}, allowed: 1 or more")
+    if not 0 <= args.seed <= MAX_SEED:  # torch's generator takes 64 bits, and each batch seeds with seed + i
+        parser.error(f"--seed: got {args.seed}, allowed: 0..{MAX_SEED} (as params.yaml's sample.seed)")
     if not 0 <= args.eta <= 1 or (args.eta and args.sampler != "ddim"):
         parser.error(f"--eta: got {args.eta}, allowed: 0..1 with --sampler ddim only")
 
@@ -140,8 +144,9 @@ def generate_main(argv: list[str] | None = None) -> None:
         parser.error(
             f"--sampler: got {args.sampler!r} for a model trained with the {corruption} corruption; allowed: {allowed}"
         )
-    if config is not None and args.steps > config.num_train_timesteps:
-        parser.error(f"--steps: got {args.steps}, allowed: 1..{config.num_train_timesteps} for this model")
+    if config is not None and args.steps > (most := max_sample_steps(args.sampler, config.num_train_timesteps)):
+        why = "" if most == config.num_train_timesteps else f" ({args.sampler} fails or draws NaN at all of them)"
+        parser.error(f"--steps: got {args.steps}, allowed: 1..{most} for this model{why}")
 
     conditional = getattr(net, "null_label", None) is not None
     if not conditional and (args.digit or args.guidance_scale is not None):

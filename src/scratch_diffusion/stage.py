@@ -12,6 +12,7 @@ from pathlib import Path
 
 from scratch_diffusion.config import ParamsError
 from scratch_diffusion.data import DataError
+from scratch_diffusion.files import DiskFullError, write_json
 
 
 class StageError(RuntimeError):
@@ -25,22 +26,20 @@ def run_stage(main: Callable[[], dict | None], record_cost: bool = True) -> None
     start = time.perf_counter()
     try:
         ran_with = main() or {}
-    except (ParamsError, DataError, StageError, ConnectionError) as e:
+        if record_cost and int(os.environ.get("RANK", "0")) == 0:  # under a launcher, the main process speaks
+            stage = Path(sys.argv[0]).stem.replace("_", "-")
+            peak_kib = max(peak_rss_kib(), resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+            write_json(
+                f"metrics/cost/{stage}.json",
+                {
+                    "wall_s": round(time.perf_counter() - start, 2),
+                    "peak_rss_mib": round(peak_kib / 1024, 1),
+                    **ran_with,
+                },
+            )
+    except (ParamsError, DataError, StageError, ConnectionError, DiskFullError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    if record_cost and int(os.environ.get("RANK", "0")) == 0:  # under a launcher, the main process speaks
-        from scratch_diffusion.files import write_json
-
-        stage = Path(sys.argv[0]).stem.replace("_", "-")
-        peak_kib = max(peak_rss_kib(), resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-        write_json(
-            f"metrics/cost/{stage}.json",
-            {
-                "wall_s": round(time.perf_counter() - start, 2),
-                "peak_rss_mib": round(peak_kib / 1024, 1),
-                **ran_with,
-            },
-        )
 
 
 def peak_rss_kib() -> int:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import time
+import urllib.parse
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +24,10 @@ import numpy as np
 _EXPS_TMP = os.sep + os.path.join(".dvc", "tmp", "exps") + os.sep
 # Never let a credential reach a tag or a param, whatever the caller passes in.
 _SECRET = re.compile(r"(PASSWORD|SECRET|TOKEN|AWS_|CREDENTIAL|API_KEY)", re.IGNORECASE)
+# The user:password@ (or token@) of a URL inside any text.
+_USERINFO = re.compile(r"(?<=://)[^\s/?#@]+@")
+# Database stores MLflow can use directly, and their servers' default ports: probed like a tracking server.
+_DATABASE_PORTS = {"postgresql": 5432, "postgres": 5432, "mysql": 3306, "mssql": 1433}
 
 
 def repo_root(start: str | Path | None = None) -> Path:
@@ -37,7 +43,65 @@ def repo_root(start: str | Path | None = None) -> Path:
 
 
 def tracking_uri(start: str | Path | None = None) -> str:
+    """The store's URI as given, credentials included: print it only through shown_uri()."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root(start) / 'mlflow.db'}"
+
+
+def _without_userinfo(uri: str) -> str:
+    netloc = urllib.parse.urlsplit(uri).netloc
+    # String edits, not urlunsplit: that would rewrite sqlite:////abs/path.
+    return uri.replace(f"//{netloc}", f"//{netloc.rpartition('@')[2]}", 1) if "@" in netloc else uri
+
+
+def shown_uri(uri: str) -> str:
+    """`uri` as a message, a log line or a tag may show it: without user:password@ (or a token in its place) and with
+    every query value masked (`?token=***`). A string that is not a URL comes back as it is."""
+    query = urllib.parse.urlsplit(uri).query
+    uri = _without_userinfo(uri)
+    if query:
+        masked = "&".join(f"{k}=***" for k, _ in urllib.parse.parse_qsl(query, keep_blank_values=True))
+        uri = uri.replace(f"?{query}", f"?{masked}", 1)
+    return uri
+
+
+def scrubbed(text: str) -> str:
+    """`text` with the user:password@ of every URL in it removed."""
+    return _USERINFO.sub("", text)
+
+
+def _credentials(uri: str) -> tuple[str, str | None, str | None]:
+    """For a tracking server's URI: (the URI without user:password@, the Basic-auth user and password MLflow sends to
+    it), the URI's own (they win, as `requests` lets them) or else MLFLOW_TRACKING_USERNAME / _PASSWORD."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+        return uri, os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    user, password = (urllib.parse.unquote(v or "") for v in (parts.username, parts.password))
+    return _without_userinfo(uri), user, password
+
+
+def _move_credentials(uri: str) -> str:
+    """Credentials in a tracking server's URI moved to MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, which
+    MLflow sends as the same Basic Authorization header; returns the URI without them. Given that URI, MLflow never
+    holds them in a URL, so none of its own messages (the '🏃 View run ... at: <url>' line on every end_run, 'API
+    request to <url> failed') can print them; child processes inherit them the same way. A database URI keeps its
+    password: its driver masks it."""
+    bare, user, password = _credentials(uri)
+    if bare != uri:
+        os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = user or "", password or ""
+    return bare
+
+
+def connect() -> str:
+    """Point MLflow at the tracking store once it answers and takes our credentials; returns the URI MLflow now holds
+    (credentials moved out of it: see _move_credentials)."""
+    import mlflow
+
+    uri = tracking_uri()
+    check_reachable(uri)
+    bare = _move_credentials(uri)
+    ensure_store(bare)
+    mlflow.set_tracking_uri(bare)
+    return bare
 
 
 def _set_experiment(name: str, local_store: bool) -> None:
@@ -45,13 +109,47 @@ def _set_experiment(name: str, local_store: bool) -> None:
     MLflow's own default is relative to the working directory, which for a temp experiment is deleted."""
     import mlflow
 
-    if local_store and mlflow.get_experiment_by_name(name) is None:
+    found = mlflow.get_experiment_by_name(name)
+    _refuse_deleted(found, local_store)
+    if local_store and found is None:
         try:
             mlflow.create_experiment(name, artifact_location=(repo_root() / "mlartifacts").as_uri())
         except Exception as e:  # another process created it first
             if "already exists" not in str(e).lower() and "unique" not in str(e).lower():
                 raise
     mlflow.set_experiment(name)
+
+
+def _refuse_deleted(experiment, local_store: bool) -> None:
+    """An experiment deleted in the MLflow UI keeps its name (until `mlflow gc`), and MLflow refuses to log into it
+    with a traceback; say so in one line, with the way back."""
+    if experiment is None or experiment.lifecycle_stage != "deleted":
+        return
+    from scratch_diffusion.stage import StageError
+
+    # The CLI's own default store is ./mlflow.db in the working directory: name ours (a path, no secret in it).
+    # A remote store is the one MLFLOW_TRACKING_URI already names.
+    env = f"MLFLOW_TRACKING_URI={tracking_uri()} " if local_store else ""
+    raise StageError(
+        f"mlflow.experiment {experiment.name!r} is deleted in the MLflow store (experiment id "
+        f"{experiment.experiment_id}): restore it (MLflow UI, or `{env}mlflow experiments restore --experiment-id "
+        f"{experiment.experiment_id}`), or set another `mlflow.experiment` in params.yaml"
+    )
+
+
+def check_experiment(name: str) -> None:
+    """Fail before any work, in one line, when the store cannot take this experiment's runs: a remote store that
+    does not answer, or the experiment deleted in the UI. Creates nothing: a local store not made yet is fine."""
+    import mlflow
+
+    uri = tracking_uri()
+    check_reachable(uri)
+    uri = _move_credentials(uri)  # MLflow never holds a password in a URL it may print
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return
+    ensure_store(uri)
+    found = _with_retry(mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name, name)
+    _refuse_deleted(found, "MLFLOW_TRACKING_URI" not in os.environ)
 
 
 def ensure_store(uri: str) -> None:
@@ -94,32 +192,65 @@ def _with_retry(fn, *args, attempts: int = 8, **kwargs):
 
 
 def _clean(d: Mapping[str, Any]) -> dict[str, str]:
-    return {k: str(v) for k, v in d.items() if not _SECRET.search(k)}
+    return {k: scrubbed(str(v)) for k, v in d.items() if not _SECRET.search(k)}
+
+
+def _connects(host: str, port: int, shown: str, what: str = "tracking server") -> None:
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as e:
+        raise ConnectionError(
+            f"MLFLOW_TRACKING_URI={shown}: the {what} does not answer ({e}); "
+            "start it, fix the URI, or unset it to use ./mlflow.db"
+        ) from None
 
 
 def check_reachable(uri: str) -> None:
-    """Fail in seconds, before any work, when a remote store does not answer (MLflow itself retries for minutes).
-    Credentials in the URI (user:password@) go in an Authorization header, as MLflow sends them; the message shows
-    the URI without them."""
-    if not uri.startswith(("http://", "https://")):
-        return
+    """Fail in seconds, before any work, in one line without the password, when a remote store does not answer (MLflow
+    itself retries for minutes) or refuses our credentials (MLflow would end in a traceback).
+
+    A tracking server is asked what any stage asks first, to search experiments, with the credentials MLflow will
+    send: the API, unlike /health, wants them where the server has auth (`mlflow server --app-name basic-auth`).
+    Any answer but 401/403 counts as there: a 404 or 5xx is MLflow's to report. A database store is probed with a
+    TCP connection to its server."""
     import base64
     import urllib.error
-    import urllib.parse
     import urllib.request
 
     parts = urllib.parse.urlsplit(uri)
-    netloc = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
-    shown = parts._replace(netloc=netloc).geturl()
-    health = parts._replace(netloc=netloc, path=parts.path.rstrip("/") + "/health", query="", fragment="")
-    request = urllib.request.Request(health.geturl())
-    if parts.username is not None:
-        user = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
-        request.add_header("Authorization", "Basic " + base64.b64encode(user.encode()).decode())
+    shown = shown_uri(uri)
+    scheme = parts.scheme.split("+")[0]  # postgresql+psycopg://
+    if scheme in _DATABASE_PORTS and parts.hostname:
+        _connects(parts.hostname, parts.port or _DATABASE_PORTS[scheme], shown, "database server")
+    if scheme not in ("http", "https"):
+        return
+    if parts.query:
+        raise ConnectionError(
+            f"MLFLOW_TRACKING_URI={shown}: MLflow appends its API paths to the URI, so a query string breaks every "
+            "call; give a token as MLFLOW_TRACKING_TOKEN, or user and password as MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD"
+        )
+    if parts.hostname:
+        _connects(parts.hostname, parts.port or (443 if scheme == "https" else 80), shown)
+    bare, user, password = _credentials(uri)
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    request = urllib.request.Request(bare.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1")
+    if user and password:  # as MLflow: Basic with both, else a bearer token, else nothing
+        request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+    elif token:
+        request.add_header("Authorization", f"Bearer {token}")
     try:
-        urllib.request.urlopen(request, timeout=5).close()
-    except urllib.error.HTTPError:
-        return  # it answered: a server that lacks /health or wants other credentials is still there
+        # It took the connection: a server that hashes passwords on 2 busy cores may take seconds to answer.
+        urllib.request.urlopen(request, timeout=30).close()
+    except urllib.error.HTTPError as e:
+        if e.code not in (401, 403):
+            return
+        sent = f"user {user!r}" if user and password else "the token" if token else "a request without credentials"
+        permission = " or ask its admin for permission," if e.code == 403 else ""
+        raise ConnectionError(
+            f"MLFLOW_TRACKING_URI={shown}: the tracking server refused {sent} ({e.code} {e.reason});{permission} set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or put user:password@ in the URI"
+        ) from None
     except (urllib.error.URLError, OSError, ValueError) as e:
         raise ConnectionError(
             f"MLFLOW_TRACKING_URI={shown}: the tracking server does not answer ({e}); "
@@ -142,15 +273,13 @@ def start_run(
     """Open one MLflow run with the flattened params and the standard tags; yields the active run.
 
     With `resume_run_id` (training resumed from a checkpoint), that run is continued if the store has it;
-    otherwise a new run is tagged `resumed_from_run`.
+    otherwise a new run is tagged `resumed_from_run`. An experiment deleted in the UI is a StageError, one line.
     """
     import mlflow
 
     # Decide before set_tracking_uri: MLflow exports the URI it is given to MLFLOW_TRACKING_URI.
     local_store = "MLFLOW_TRACKING_URI" not in os.environ
-    check_reachable(tracking_uri())
-    ensure_store(tracking_uri())
-    mlflow.set_tracking_uri(tracking_uri())
+    connect()
     _with_retry(_set_experiment, experiment, local_store)
     all_tags = {
         "git_commit": git_commit(),
@@ -241,24 +370,160 @@ def log_torch_model(
 
 
 CHAMPION = "champion"
+# A judge is the classifier whose features FID uses. One whose own test accuracy is below this has not learned what
+# sets the digits apart, so its features barely tell any two image sets apart: a 2-step classifier (accuracy 0.11)
+# gave a 2-step diffusion model an FID of 0.02. The pipeline's classifier reaches 0.99 on MNIST (0.81 after only 20
+# steps, 0.95 after 60). Small CNNs reach about 0.9 on Fashion-MNIST: there, more `classifier.epochs` may be needed.
+MIN_JUDGE_ACCURACY = 0.9
+# What makes one FID scale: the classifier's weights, the reference images (the first n test images of the dataset,
+# named by its digest) and n. FIDs measured with different values of any of them never compare.
+JUDGE_TAGS = {"classifier": "compare.judge.classifier", "reference": "compare.judge.reference", "n": "compare.n"}
 
 
-def promote_champion(name: str, version: str, fid: float, n: int) -> bool:
-    """Point the registry alias `champion` at this version when its FID beats the champion's, measured at the same
-    sample count n (FID depends on n, so other counts never compare); records both as version tags. True if moved.
-    `models:/<name>@champion` then always names the best model compare has seen, without looking up a version."""
+@contextmanager
+def _champion_lock() -> Iterator[None]:
+    """An exclusive file lock beside a local SQLite store (`<db>-champion-lock`), over the whole read-decide-move of
+    the alias: two compares finishing at once (two queue workers) would otherwise each move it on what they read.
+    A remote store has no lock to take; promote_champion re-reads after each move instead."""
     import mlflow
 
-    client = mlflow.MlflowClient()
-    _with_retry(client.set_model_version_tag, name, version, "compare.fid", f"{fid:.4f}")
-    _with_retry(client.set_model_version_tag, name, version, "compare.n", str(n))
+    uri = mlflow.get_tracking_uri()
     try:
-        current = client.get_model_version_by_alias(name, CHAMPION)
-    except mlflow.exceptions.MlflowException:  # no champion yet
-        current = None
-    if current is not None and str(current.version) != str(version):
-        held_n, held_fid = current.tags.get("compare.n"), current.tags.get("compare.fid")
-        if held_fid is not None and (held_n != str(n) or float(held_fid) <= fid):
-            return False  # the champion measured as good or better, or at another n (FIDs across n never compare)
-    _with_retry(client.set_registered_model_alias, name, CHAMPION, version)
-    return True
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        fcntl = None
+    if not uri.startswith("sqlite:///") or fcntl is None:
+        yield
+        return
+    with open(f"{uri.removeprefix('sqlite:///')}-champion-lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
+def _judge_of(version) -> tuple[str, ...] | None:
+    """The judge a version was measured by, or None (unmeasured, or measured before judges were recorded)."""
+    judge = tuple(version.tags.get(tag) for tag in JUDGE_TAGS.values())
+    return None if None in judge or "compare.fid" not in version.tags else judge
+
+
+def _fid_line(version) -> str:
+    t = version.tags
+    if "compare.fid_lo" in t and "compare.fid_hi" in t:
+        return f"FID {float(t['compare.fid']):.2f} [{float(t['compare.fid_lo']):.2f}, {float(t['compare.fid_hi']):.2f}]"
+    return f"FID {float(t['compare.fid']):.2f}" if "compare.fid" in t else "no FID recorded"
+
+
+def promote_champion(
+    name: str,
+    version: str | int,
+    fid: float,
+    fid_interval: tuple[float, float],
+    judge: Mapping[str, str | int],
+    judge_accuracy: float,
+) -> str:
+    """Record compare's measurement of a registered version and move the alias `champion` to the best version
+    measured by the same judge; returns one line saying what happened.
+
+    `judge` names the scale: {"classifier": weights digest, "reference": dataset digest, "n": sample count}
+    (JUDGE_TAGS). The version gets the judge, its accuracy and the FID with its 95% interval as tags (the registry
+    shows version tags). Then, under a lock:
+    - a judge below MIN_JUDGE_ACCURACY records and promotes nothing: its FIDs rank nothing;
+    - the champion measured by another judge stays: FIDs on two scales never compare (move the alias by hand to
+      adopt the new judge, or re-measure the champion with it: the version then carries the new judge);
+    - a champion with no judge recorded (promoted before judges were) is replaced by the best version of this judge;
+    - otherwise the alias goes to the lowest FID among the versions measured by this judge (a tie keeps it).
+    """
+    import mlflow
+
+    if set(judge) != set(JUDGE_TAGS):
+        raise ValueError(f"judge: got keys {sorted(judge)}, allowed: exactly {sorted(JUDGE_TAGS)}")
+    if judge_accuracy < MIN_JUDGE_ACCURACY:
+        return (
+            f"version {version} not promoted, nothing recorded: the judge's test accuracy {judge_accuracy:.3f} is "
+            f"below {MIN_JUDGE_ACCURACY} (its FIDs rank nothing); train the classifier longer (classifier.max_steps)"
+        )
+    version, key = str(version), tuple(str(judge[k]) for k in JUDGE_TAGS)
+    tags = {
+        **{tag: str(judge[k]) for k, tag in JUDGE_TAGS.items()},
+        "compare.judge.accuracy": f"{judge_accuracy:.4f}",
+        "compare.fid_lo": f"{fid_interval[0]:.4f}",
+        "compare.fid_hi": f"{fid_interval[1]:.4f}",
+        "compare.fid": f"{fid:.4f}",  # last: a version counts as measured once it has it (see _judge_of)
+    }
+    client = mlflow.MlflowClient()
+    with _champion_lock():
+        # Tags are set one by one; without a lock (remote store) another compare may read between them. Dropping the
+        # old FID first makes a half-written version read as unmeasured, never as one judge's FID under another's.
+        if "compare.fid" in _with_retry(client.get_model_version, name, version).tags:
+            _with_retry(client.delete_model_version_tag, name, version, "compare.fid")
+        for tag, value in tags.items():
+            _with_retry(client.set_model_version_tag, name, version, tag, value)
+        first = _champion(client, name)
+        if first is not None and _judge_of(first) not in (None, key):
+            differs = ", ".join(
+                f"{k} {held} vs {here}"
+                for k, held, here in zip(JUDGE_TAGS, _judge_of(first), key, strict=True)
+                if held != here
+            )
+            return (
+                f"models:/{name}@{CHAMPION} stays version {first.version}: it was measured by another judge (its vs "
+                f"this one: {differs}), so version {version}'s FID {fid:.2f} does not compare with its "
+                f"{_fid_line(first)}; to adopt this judge, move the alias by hand (MLflow UI: Models > {name} > "
+                f"version {version})"
+            )
+        held = first
+        # With the lock this loop moves the alias at most once. On a remote server (no lock, and MLflow has no
+        # compare-and-set for aliases) another compare may move it between our read and our move: re-reading after
+        # each move lets the last compare to finish put it right.
+        for _ in range(5):  # then give up: the alias names a version this judge measured, if not the best
+            held_id = None if held is None else str(held.version)
+            peers = [v for v in _with_retry(client.search_model_versions, f"name='{name}'") if _judge_of(v) == key]
+            # the lowest FID; on a tie the current champion, then the older version
+            best = min(peers, key=lambda v: (float(v.tags["compare.fid"]), str(v.version) != held_id, int(v.version)))
+            if str(best.version) == held_id:
+                break
+            try:
+                _with_retry(client.set_registered_model_alias, name, CHAMPION, str(best.version))
+            except mlflow.exceptions.MlflowException as e:  # two first moves at once: one insert loses; read again
+                if "unique" not in str(e).lower():
+                    raise
+            held = _champion(client, name)
+    measured = f"FID {fid:.2f} [{fid_interval[0]:.2f}, {fid_interval[1]:.2f}]"
+    first_id = None if first is None else str(first.version)
+    if str(best.version) == first_id:
+        if first_id == version:
+            return f"models:/{name}@{CHAMPION} stays version {version}, re-measured: {measured}"
+        return (
+            f"models:/{name}@{CHAMPION} stays version {first_id} ({_fid_line(best)}); version {version} measured "
+            f"{measured} by the same judge"
+        )
+    replaced = "" if first is None else f", replacing version {first_id} ({_fid_line(first)})"
+    if first is not None and _judge_of(first) is None:
+        replaced += ", whose judge was never recorded"
+    return f"models:/{name}@{CHAMPION} is now version {best.version} ({_fid_line(best)}){replaced}"
+
+
+def _champion(client, name: str):
+    """The version the alias names, or None (no champion yet, or its version was deleted)."""
+    import mlflow
+
+    try:
+        return _with_retry(client.get_model_version_by_alias, name, CHAMPION)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def resolve_alias(model_uri: str) -> tuple[str, str | None]:
+    """`models:/<name>@<alias>` pinned to the version the alias names now, with one line saying which (and compare's
+    FID, if recorded), so what is loaded is what is said even if a compare moves the alias meanwhile. Other URIs
+    come back unchanged, with no line."""
+    import mlflow
+
+    if not model_uri.startswith("models:/") or "@" not in model_uri:
+        return model_uri, None
+    name, alias = model_uri.removeprefix("models:/").rstrip("/").rsplit("@", 1)
+    held = _with_retry(mlflow.MlflowClient().get_model_version_by_alias, name, alias)
+    measured = _fid_line(held)
+    if "compare.n" in held.tags:
+        measured += f" at n {held.tags['compare.n']}"
+    return f"models:/{name}/{held.version}", f"{model_uri} is version {held.version} ({measured})"

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 from tqdm.auto import tqdm
 
 from scratch_diffusion.choices import LR_SCHEDULES, MIXED_PRECISIONS
-from scratch_diffusion.files import write_json
+from scratch_diffusion.files import DiskFullError, disk_full_reported, write_json
 from scratch_diffusion.hardware import Choice, choose, detect
 from scratch_diffusion.identity import digest, what_changed
 from scratch_diffusion.stage import StageError, duration
@@ -526,27 +526,39 @@ def weights_digest(model: torch.nn.Module) -> str:
 def _save(accelerator: Accelerator, ckpt: Checkpointing, extras: dict, main: bool) -> None:
     """save_state on every process (it synchronises: model as safetensors, optimizer, RNG states), then our own
     state, the completion marker and pruning on the main one."""
-    progress, ema = extras["progress"], extras["ema"]
+    progress = extras["progress"]
     path = Path(ckpt.dir) / f"step-{progress.step:07d}"
-    accelerator.save_state(str(path))
+    try:
+        with disk_full_reported(path, folder=ckpt.dir):
+            accelerator.save_state(str(path))
+            accelerator.wait_for_everyone()
+            if main:
+                _save_ours(path, ckpt, extras, accelerator.num_processes)
+    except DiskFullError:
+        shutil.rmtree(path, ignore_errors=True)  # incomplete: the older checkpoints stay the ones to resume
+        raise
     accelerator.wait_for_everyone()
-    if main:
-        state = {"progress": progress.state_dict(), "scheduler": extras["scheduler"].state_dict()}
-        if ema is not None:
-            state["ema_updates"] = ema.updates
-            save_file({k: v.contiguous() for k, v in ema.model.state_dict().items()}, str(path / "ema.safetensors"))
-        (path / "train_state.json").write_text(json.dumps(state))
-        marker = {
-            "step": progress.step,
-            "identity": ckpt.identity,
-            "run_id": progress.run_id,
-            "num_processes": accelerator.num_processes,
-        }
-        write_json(path / COMPLETE, marker)  # atomic: a marker is whole or absent
-        complete = sorted(p for p in Path(ckpt.dir).glob("step-*") if (p / COMPLETE).is_file())
-        for old in complete[: -ckpt.keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+
+
+def _save_ours(path: Path, ckpt: Checkpointing, extras: dict, num_processes: int) -> None:
+    """The main process's part of a checkpoint: EMA weights, lr schedule and progress, the completion marker (last),
+    then pruning to the newest `keep`."""
+    progress, ema = extras["progress"], extras["ema"]
+    state = {"progress": progress.state_dict(), "scheduler": extras["scheduler"].state_dict()}
+    if ema is not None:
+        state["ema_updates"] = ema.updates
+        save_file({k: v.contiguous() for k, v in ema.model.state_dict().items()}, str(path / "ema.safetensors"))
+    (path / "train_state.json").write_text(json.dumps(state))
+    marker = {
+        "step": progress.step,
+        "identity": ckpt.identity,
+        "run_id": progress.run_id,
+        "num_processes": num_processes,
+    }
+    write_json(path / COMPLETE, marker)  # atomic: a marker is whole or absent
+    complete = sorted(p for p in Path(ckpt.dir).glob("step-*") if (p / COMPLETE).is_file())
+    for old in complete[: -ckpt.keep]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _resume(accelerator: Accelerator, ckpt: Checkpointing, extras: dict, main: bool) -> None:
