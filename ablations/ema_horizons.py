@@ -93,7 +93,7 @@ def train(warmups: list[int], seed: int | None) -> None:
     out = seed_dir(params.seed)
     shutil.rmtree(out, ignore_errors=True)  # copies of an earlier run would be measured as if of this one
     # What the copies were trained on: `measure` refuses copies of other inputs (code, data, params).
-    trained_on = training_identity("unet2d", params, DATA)
+    trained_on = training_identity("unet2d", params, DATA, (__file__,))
     for w, ema in horizons.emas.items():
         meta = {
             **unet2d_meta(params),
@@ -119,7 +119,7 @@ def trained_seeds() -> list[int]:
 def refuse_stale(seed: int) -> None:
     """Exit with one line when a seed's copies were trained on other params, data or code than today's: measured,
     they would pass for what today's code trains."""
-    now = training_identity("unet2d", seed_params(seed), DATA)
+    now = training_identity("unet2d", seed_params(seed), DATA, (__file__,))
     for meta_file in sorted(seed_dir(seed).glob(f"w*/{META}")):
         meta = json.loads(meta_file.read_text())
         changed = what_changed(meta["trained_on"], now) if "trained_on" in meta else "made before inputs were recorded"

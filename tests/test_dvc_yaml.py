@@ -1,51 +1,20 @@
 """dvc.yaml lists, for every stage, each project file the stage's script imports, directly or through the library:
 a change to an unlisted file would leave stale outputs that `dvc status` calls up to date."""
 
-import ast
 from pathlib import Path
 
 import pytest
 import yaml
 
+from scratch_diffusion.identity import source_files
 from tests.conftest import REPO
 
 STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 
 
-def project_modules(path: Path) -> set[str]:
-    """The scratch_diffusion modules `path` imports anywhere in it (function-level imports too: they run when the
-    function does), with their parent packages."""
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
-        elif isinstance(node, ast.Import):
-            names |= {a.name for a in node.names}
-    out = set()
-    for name in names:
-        parts = name.split(".")
-        if parts[0] == "scratch_diffusion":
-            out |= {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
-    return out
-
-
-def module_file(module: str) -> Path | None:
-    base = REPO / "src" / Path(*module.split("."))
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None  # a name imported from a module (a function or class), not a module itself
-
-
 def imported_files(script: Path) -> set[str]:
-    seen, todo = set(), [script]
-    while todo:
-        path = todo.pop()
-        if path in seen:
-            continue
-        seen.add(path)
-        todo += [f for m in project_modules(path) if (f := module_file(m)) is not None]
-    return {str(p.relative_to(REPO)) for p in seen}
+    """The script and every project source file it reaches by imports (the walk that a run's identity uses)."""
+    return {str(p.relative_to(REPO)) for p in source_files([script])}
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))

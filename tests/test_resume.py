@@ -289,6 +289,7 @@ def test_a_disk_that_fills_while_checkpointing_is_one_line_and_leaves_no_partial
     )
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "cannot write it, the disk is full" in proc.stderr and "Traceback" not in proc.stderr
+    assert re.search(r"checkpoints/train-basic/[0-9a-f]{12}/step-\d{7}", proc.stderr), proc.stderr
     assert not [
         p for p in (downloaded / "checkpoints/train-basic").glob("*/step-*") if not (p / "complete.json").exists()
     ]

@@ -6,6 +6,7 @@ what `dvc queue logs` and CI logs hold."""
 
 import base64
 import json
+import os
 import subprocess
 import sys
 import time
@@ -223,5 +224,8 @@ def test_credentials_in_param_and_tag_values_are_not_logged(tmp_path, monkeypatc
             run_id = active.info.run_id
     finally:
         mlflow.set_tracking_uri(None)
+        # start_run selected the experiment of this store for the whole process (a global and an env var).
+        mlflow.tracking.fluent._active_experiment_id = None
+        os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
     r = MlflowClient(tracking_uri=uri).get_run(run_id)
     assert r.data.params["data.source"] == r.data.tags["origin"] == "https://git.example.invalid/sd.git"

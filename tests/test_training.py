@@ -69,8 +69,8 @@ def test_checkpoints_of_another_process_count_are_not_resumed(tmp_path):
     said = []
     assert find_checkpoints(two, log=said.append) == []
     assert said == [
-        f"{tmp_path / 'run'}: 2 checkpoints of other inputs (made by 1 processes, this run has 2: resume "
-        "with as many): starting fresh"
+        f"{tmp_path / 'run'}: 2 checkpoints of other inputs (made by 1 processes, this run has 2): "
+        "starting fresh, cleared"
     ]
 
 
@@ -81,7 +81,9 @@ def test_checkpoints_of_other_inputs_are_not_resumed_and_say_what_changed(tmp_pa
     other = {"params": {"basic.lr": 0.001}, "data": "d1", "code": {"objectives.py": "b", "training.py": "c"}}
     said = []
     assert find_checkpoints(Checkpointing(tmp_path / "run", every=3, identity=other), log=said.append) == []
-    assert said == [f"{tmp_path / 'run'}: 2 checkpoints of other inputs (objectives.py changed): starting fresh"]
+    assert said == [
+        f"{tmp_path / 'run'}: 2 checkpoints of other inputs (objectives.py changed): starting fresh, cleared"
+    ]
     # An unreadable completion marker is skipped with a line, never a crash.
     (tmp_path / "run/step-0000006/complete.json").write_text("{ not json")
     said = []

@@ -115,4 +115,10 @@ def what_changed(old: Mapping, new: Mapping) -> str:
     ):
         if names:
             said.append(_some(names, what))
+    for key in sorted((old.keys() | new.keys()) - {"params", "data", "code"}):  # e.g. what the run ran with
+        a, b = old.get(key, {}), new.get(key, {})
+        if isinstance(a, dict) and isinstance(b, dict):
+            said += [f"{key}.{k} {a.get(k)} -> {b.get(k)}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+        elif a != b:
+            said.append(f"{key} {a} -> {b}")
     return "; ".join(said) or "made before inputs were recorded"

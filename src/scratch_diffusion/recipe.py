@@ -202,6 +202,13 @@ def train_model(
         identity = training_identity(
             network, params, data_root, (script,) if script.endswith(".py") and Path(script).is_file() else ()
         )
+        # What `auto` resolved to and where: the same params give other arithmetic elsewhere.
+        identity["ran_with"] = {
+            "processes": accelerator.num_processes,
+            "device": accelerator.device.type,
+            "precision": choice.precision,
+            "channels_last": choice.channels_last,
+        }
         if section.checkpoint_every:
             # Not a DVC output (DVC would put its cached copy back in place of a killed experiment's): at the root
             # of the repository, which for a queued experiment is the one it came from, in a folder per identity.

@@ -87,7 +87,9 @@ def _move_credentials(uri: str) -> str:
     password: its driver masks it."""
     bare, user, password = _credentials(uri)
     if bare != uri:
-        os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = user or "", password or ""
+        os.environ["MLFLOW_TRACKING_USERNAME"] = user or ""
+        if password or "MLFLOW_TRACKING_PASSWORD" not in os.environ:  # a user alone keeps the password already set
+            os.environ["MLFLOW_TRACKING_PASSWORD"] = password or ""
     return bare
 
 

@@ -151,7 +151,7 @@ def _mismatch(info: dict, ckpt: Checkpointing) -> str:
     """Why a checkpoint's marker does not belong to this run ('' if it does)."""
     made_by = info.get("num_processes", 1)
     if made_by != ckpt.num_processes:
-        return f"made by {made_by} processes, this run has {ckpt.num_processes}: resume with as many"
+        return f"made by {made_by} processes, this run has {ckpt.num_processes}"
     if "identity" not in info:
         return "made before inputs were recorded"
     return what_changed(info["identity"], ckpt.identity)
@@ -179,7 +179,7 @@ def find_checkpoints(ckpt: Checkpointing, log=print) -> list[tuple[Path, dict]]:
     for reason, paths in other.items():
         what = f"{len(paths)} checkpoints" if len(paths) > 1 else "a checkpoint"
         then = "not resumed from" if found else "starting fresh"
-        log(f"{ckpt.dir}: {what} of other inputs ({reason}): {then}")
+        log(f"{ckpt.dir}: {what} of other inputs ({reason}): {then}, cleared")
     return found
 
 
@@ -206,22 +206,32 @@ def claim_checkpoints(stage_dir: str | Path, identity: dict, log=print) -> Itera
     """
     stage_dir = Path(stage_dir)
     folder = stage_dir / digest(identity)
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "a") as lock:
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    # Claims and clearings of one stage's folders one at a time: a folder is never cleared between its creation and
+    # its owner's lock.
+    with open(stage_dir / ".lock", "a") as stage_lock:
+        if fcntl is not None:
+            fcntl.flock(stage_lock, fcntl.LOCK_EX)
+        folder.mkdir(exist_ok=True)
+        lock = open(folder / ".lock", "a")  # noqa: SIM115 (held beyond this block, closed below)
         if fcntl is not None:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                lock.close()
                 raise StageError(
                     f"{folder}: another process is training exactly these inputs; wait for it to finish or stop it"
                 ) from None
         cleared = [
             r for p in sorted(stage_dir.iterdir()) if p.is_dir() and p != folder and (r := _clear_idle(p, identity))
         ]
+    try:
         then = "not resumed from" if any(folder.glob(f"step-*/{COMPLETE}")) else "starting fresh"
         for reason in dict.fromkeys(cleared):
             log(f"{stage_dir}: checkpoints of other inputs ({reason}): {then}, cleared")
-        yield folder  # the lock is released when the file closes
+        yield folder
+    finally:
+        lock.close()  # releases the lock
 
 
 def _clear_idle(other: Path, identity: dict) -> str:
