@@ -195,6 +195,8 @@ def measure(setting: SampleSetting, seeds: list[int] | None, replace: bool) -> d
     if not classifier_file.is_file():
         sys.exit(f"error: {classifier_file.relative_to(ROOT)}: missing; run `dvc repro train-classifier` first")
     judge = Judge.from_files(classifier_file, DATA, params.sample.n)  # compare's own yardstick
+    if judge.classifier is None:  # every verdict here is on FID
+        sys.exit(f"error: the EMA ablation ranks horizons by FID, which needs a classifier: {judge.no_classifier}")
     yardstick = {"n": judge.n, "floor_fid": judge.floor, "sampler": setting.name.removeprefix("unet2d/")}
 
     def check(results: dict | None) -> dict:

@@ -145,7 +145,10 @@ def measure_samplers(judge: Judge, params, folder: Path, device, lead_only: bool
 
 
 def judge_for(params) -> Judge:
-    return Judge.from_files(ROOT / "models" / "classifier" / "model.safetensors", DATA, params.sample.n)
+    judge = Judge.from_files(ROOT / "models" / "classifier" / "model.safetensors", DATA, params.sample.n)
+    if judge.classifier is None:  # every verdict here is on FID
+        sys.exit(f"error: the sweep ranks settings by FID, which needs a classifier: {judge.no_classifier}")
+    return judge
 
 
 def one(text: str, out: Path | None) -> None:

@@ -1,33 +1,47 @@
-"""check-params: prove that params.yaml can run before any other stage does.
+"""check-params: prove that params.yaml can run, on the data it names, before any other stage does.
 
     dvc repro check-params
     python stages/check_params.py
 
 DVC deletes a stage's outputs just before it runs the stage's command, so a value that a stage refuses (after
 `dvc exp run -S key=bad`, say) would already have cost that stage its last good outputs. This stage reads every
-param and comes first (download depends on its output, everything else on download), so a bad value stops the
+param and comes first (download depends on its outputs, everything else on download), so a bad value stops the
 pipeline here, with the workspace as it was. It validates the values (config.py: types, ranges, the rules between
-keys) and then builds what the stages will build (preflight.py: the networks on the meta device, the noise
-schedule, every sampler of sample.settings run on a stand-in model), so a value that only a constructor or the
-mathematics refuses stops here too. Writes checks/params.ok, whose content never changes: downstream stages rerun
-for their own params, never because this one ran.
+keys), lists the data source (data.source_listing: for an image folder, every image decoded and checksummed, so an
+unreadable file is named now), and builds what the stages will build on data of that shape (preflight.py: the
+networks on the meta device, the noise schedule, every sampler of sample.settings run on a stand-in model).
+
+Writes checks/params.ok, whose content never changes (downstream stages rerun for their own params, never because
+this one ran), and checks/source.json, the source's listing with checksums: DVC cannot see a folder that params
+name, so the stage runs every time (always_changed) and download reruns exactly when the listing changed.
 """
 
 from scratch_diffusion.config import ParamsError, load_params
-from scratch_diffusion.files import write_text
-from scratch_diffusion.preflight import check_runnable
+from scratch_diffusion.data import DataError, source_listing
+from scratch_diffusion.files import write_json, write_text
+from scratch_diffusion.preflight import DataFacts, check_runnable
 from scratch_diffusion.stage import run_stage
 
 OUT = "checks/params.ok"
+SOURCE = "checks/source.json"
 
 
 def main() -> None:
+    back = "nothing else ran; back to the last good state: git checkout params.yaml && dvc checkout"
     try:
-        check_runnable(load_params())
+        params = load_params()
+        d = params.data
+        try:
+            listing = source_listing(d.dataset, d.source, d.channels, d.held_out)
+        except DataError as e:
+            raise ParamsError(str(e)) from None
+        facts = DataFacts.listed(params, listing) if d.dataset == "folder" else None
+        notes = check_runnable(params, facts)
     except ParamsError as e:
-        raise ParamsError(
-            f"{e} (nothing else ran; back to the last good state: git checkout params.yaml && dvc checkout)"
-        ) from None
+        raise ParamsError(f"{e} ({back})") from None
+    for note in notes:
+        print(f"check-params: {note}", flush=True)
+    write_json(SOURCE, listing)
     write_text(OUT, "params.yaml is valid\n")
 
 

@@ -10,6 +10,10 @@ reports/compare.html (images inline), reports/figures/*.png, metrics/compare.jso
 intervals, for `dvc exp show` / `dvc metrics diff`) and plots/compare/fid_vs_nfe.tsv (for `dvc plots diff`). Logs
 an MLflow run named `compare`, and records the best UNet2DModel FID on its registered version, with the judge that
 measured it, moving the alias `champion` only among versions measured by that judge (tracking.promote_champion).
+
+An unlabelled dataset has no classifier (models/classifier/config.json says so): compare then reports memorisation
+(pixel distances need no classifier), cost and the pictures; FID, KID, recognised and coverage are null in
+metrics/compare.json and n/a in the report, one line says why, and no champion is promoted.
 """
 
 import hashlib
@@ -20,7 +24,7 @@ import numpy as np
 
 from scratch_diffusion import files, tracking
 from scratch_diffusion.compare_report import (
-    plot_digit_grid,
+    plot_class_grid,
     plot_fid_vs_nfe,
     plot_guidance,
     plot_losses,
@@ -62,21 +66,16 @@ def main() -> None:
         )
     n = sizes.pop()
     classifier_file = Path("models/classifier/model.safetensors")
-    if not classifier_file.is_file():
-        raise StageError(f"{classifier_file}: missing; run `dvc repro train-classifier` first")
-    classifier_accuracy = _read_json("metrics/classifier.json", "train-classifier")["test_accuracy"]
+    classifier_accuracy = _read_json("metrics/classifier.json", "train-classifier")["test_accuracy"]  # None: none
     test_images, test_labels = load_split("data/dataset", train=False)
     if 2 * n > len(test_images):
         raise StageError(
             f"sample.n: got {n}; compare needs 2 * n real test images (allowed: n <= {len(test_images) // 2})"
         )
-    judge = Judge.from_files(classifier_file, "data/dataset", n)
-    # The scale its FIDs are on: FIDs by another classifier, other reference images or another n never compare.
-    judge_id = {
-        "classifier": hashlib.sha256(classifier_file.read_bytes()).hexdigest()[:16],
-        "reference": dataset_digest("data/dataset"),  # the reference set is the first n test images of this dataset
-        "n": n,
-    }
+    judge = Judge.from_files(classifier_file, "data/dataset", n)  # refuses a classifier trained on other data
+    judged = judge.classifier is not None
+    if not judged:
+        print(f"compare: FID, KID, recognised and coverage not measured: {judge.no_classifier}", flush=True)
     floor = judge.floor
 
     metas = {"basic": BASIC_META}
@@ -112,12 +111,16 @@ def main() -> None:
             }
         )
         shown = f", conditional accuracy {quality['cond_accuracy']:.3f}" if name in labels else ""
-        print(
-            f"compare: {name}: FID {quality['fid']:.2f} [{quality['fid_lo']:.2f}, {quality['fid_hi']:.2f}], "
-            f"KID {quality['kid']:.3g}, recognised {quality['recognised']:.3f}{shown}",
-            flush=True,
-        )
-    rows.sort(key=lambda r: (r["model"], r["fid"]))
+        if judged:
+            measured = (
+                f"FID {quality['fid']:.2f} [{quality['fid_lo']:.2f}, {quality['fid_hi']:.2f}], "
+                f"KID {quality['kid']:.3g}, recognised {quality['recognised']:.3f}{shown}"
+            )
+        else:
+            measured = f"memorised {quality['memorised']:.3f}, {t['seconds_per_image'] * 1000:.1f} ms per image"
+        print(f"compare: {name}: {measured}", flush=True)
+    if judged:
+        rows.sort(key=lambda r: (r["model"], r["fid"]))  # else in setting order: nothing to rank them by
     summary = summarise(rows, replicates, floor)
 
     figures = {
@@ -125,7 +128,10 @@ def main() -> None:
         "Training loss": REPORTS / "figures/loss_curves.png",
         "Samples, in table order": REPORTS / "figures/montage.png",
     }
-    plot_fid_vs_nfe(rows, floor, figures["FID against NFE"])
+    if judged:
+        plot_fid_vs_nfe(rows, floor, figures["FID against NFE"])
+    else:
+        del figures["FID against NFE"]
     curves = {}
     for name in ("basic", "unet2d"):
         if name in metas and Path(f"plots/train_{name}/loss.tsv").is_file():
@@ -136,28 +142,41 @@ def main() -> None:
     if conditional:
         best_cond = max(conditional, key=lambda r: (r["cond_accuracy"], -r["fid"]))
         figures["Conditional accuracy and FID against guidance scale"] = REPORTS / "figures/guidance.png"
-        figures["Ten of each digit"] = REPORTS / "figures/digits.png"
-        plot_guidance(conditional, figures["Conditional accuracy and FID against guidance scale"])
-        plot_digit_grid(
+        figures["Ten of each class"] = REPORTS / "figures/digits.png"
+        plot_guidance(
+            conditional,
+            figures["Conditional accuracy and FID against guidance scale"],
+            chance=1 / judge.classifier.num_classes,
+        )
+        plot_class_grid(
             images[best_cond["setting"]],
             labels[best_cond["setting"]],
-            figures["Ten of each digit"],
-            f"{best_cond['setting']}: one row per digit asked for "
+            figures["Ten of each class"],
+            f"{best_cond['setting']}: one row per class asked for "
             f"(conditional accuracy {best_cond['cond_accuracy']:.3f})",
         )
-    context = {"n": n, "classifier_accuracy": classifier_accuracy, "real_recognised": judge.real_recognised}
+    context = {
+        "n": n,
+        "classifier_accuracy": classifier_accuracy,
+        "num_classes": judge.classifier.num_classes if judged else 0,
+        "real_recognised": judge.real_recognised,
+        "no_classifier": judge.no_classifier,
+    }
     write_report(rows, summary, context, figures, REPORTS / "compare.md", REPORTS / "compare.html")
 
     headline = {"real_floor_fid": floor, "real_recognised": judge.real_recognised, "n": n}
     for model in sorted({r["model"] for r in rows}):
-        best = min((r for r in rows if r["model"] == model), key=lambda r: r["fid"])
+        # Without a classifier there is no FID to pick the best by: the headline's numbers are null.
+        best = min((r for r in rows if r["model"] == model), key=lambda r: r["fid"]) if judged else {}
         for key in ("fid", "fid_lo", "fid_hi", "kid", "kid_lo", "kid_hi", "recognised"):
-            headline[f"best_{key}_{model}"] = best[key]
+            headline[f"best_{key}_{model}"] = best.get(key)
     if conditional:
         headline["best_cond_accuracy_unet2d"] = best_cond["cond_accuracy"]
     files.write_json("metrics/compare.json", {**headline, "settings": settings_metrics(rows)})
     fid_columns = ["setting", "sampler", "nfe", "fid", "fid_lo", "fid_hi"]
-    files.write_tsv("plots/compare/fid_vs_nfe.tsv", fid_columns, [[r[k] for k in fid_columns] for r in rows])
+    # Header only without a classifier, so that the DVC plot exists in every experiment.
+    fid_rows = [[r[k] for k in fid_columns] for r in rows if judged]
+    files.write_tsv("plots/compare/fid_vs_nfe.tsv", fid_columns, fid_rows)
     # Always written (header only without class-conditional sets), so the DVC plot exists in every experiment.
     files.write_tsv(
         "plots/compare/guidance.tsv",
@@ -168,7 +187,7 @@ def main() -> None:
         ],
     )
 
-    tags = {"best_setting": summary["best"]["setting"]}
+    tags = {"best_setting": summary["best"]["setting"]} if judged else {}
     for name in ("basic", "unet2d", "classifier"):
         run_file = Path(f"models/{name}/run.json")
         if run_file.is_file():
@@ -177,14 +196,22 @@ def main() -> None:
         tags["sample_run"] = json.loads(Path("samples/run.json").read_text())["run_id"]
     with tracking.start_run(params.mlflow.experiment, "compare", {"n": n}, tags):
         registered = _read_json("models/unet2d/run.json", "train-unet2d") if "unet2d" in metas else {}
-        if registered.get("registered_version"):
+        if registered.get("registered_version") and not judged:
+            print(f"compare: no champion promoted: there is no judge to rank versions by FID ({judge.no_classifier})")
+        elif registered.get("registered_version"):
             name, version = registered["registered_model"], registered["registered_version"]
+            # The scale its FIDs are on: FIDs by another classifier, other reference images or another n never compare.
+            judge_id = {
+                "classifier": hashlib.sha256(classifier_file.read_bytes()).hexdigest()[:16],
+                "reference": dataset_digest("data/dataset"),  # the reference set: the first n test images of this data
+                "n": n,
+            }
             interval = (headline["best_fid_lo_unet2d"], headline["best_fid_hi_unet2d"])
             said = tracking.promote_champion(
                 name, version, headline["best_fid_unet2d"], interval, judge_id, classifier_accuracy
             )
             print(f"compare: {said}", flush=True)
-        tracking.log_metrics({k: v for k, v in headline.items() if k != "n"})
+        tracking.log_metrics({k: v for k, v in headline.items() if k != "n" and v is not None})
         for r in conditional:  # the accuracy/FID trade-off, one step per guidance scale x 10 (MLflow steps are ints)
             key = f"{r['sampler']}-{r['steps']}".replace("+", "p")
             step = round(10 * r["guidance_scale"])

@@ -1,10 +1,11 @@
-"""download: fetch MNIST (or FashionMNIST) into data/dataset in torchvision's layout, with a checksum manifest.
+"""download: fetch MNIST or FashionMNIST, or convert a folder of images, into data/dataset with a checksum manifest.
 
     dvc repro download
     python stages/download.py
 
-Reads params `data.dataset`, `data.source`. Writes `data/dataset/<MNIST|FashionMNIST>/raw/*-ubyte` and
-`data/dataset/manifest.json` (source used, md5 of every file). Nothing is left behind if every source fails.
+Reads params `data.dataset`, `data.source` and, for an image folder, `data.resolution`, `data.channels`,
+`data.held_out`. Writes `data/dataset/<MNIST|FashionMNIST|ImageFolder>/raw/*-ubyte` and `data/dataset/manifest.json`
+(source used, md5 of every file, and of every source image). Nothing is left behind if every source fails.
 """
 
 from scratch_diffusion.config import load_params
@@ -15,8 +16,8 @@ DATA_ROOT = "data/dataset"
 
 
 def main() -> None:
-    params = load_params()
-    download(params.data.dataset, params.data.source, DATA_ROOT)
+    d = load_params().data
+    download(d.dataset, d.source, DATA_ROOT, resolution=d.resolution, channels=d.channels, held_out=d.held_out)
 
 
 if __name__ == "__main__":

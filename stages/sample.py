@@ -4,10 +4,11 @@
     python stages/sample.py
 
 Reads params `sample.*`, `mlflow.experiment`, and models/basic, models/unet2d (only those its settings name).
-Writes samples/<model>/<sampler>-<steps>.npz (uint8, N x 28 x 28, key `images`), plots/sample/<model>-<sampler>-
-<steps>.png (a grid of the first 64), metrics/sample.json (NFE, seconds per image per setting). A class-conditional
-UNet2DModel is sampled once per guidance scale: <sampler>-<steps>-g<scale>.npz, with the digits asked for under key
-`labels` and a 10-column grid. Logs one MLflow run named `sample`, tagged with the ids of the training runs it used.
+Writes samples/<model>/<sampler>-<steps>.npz (uint8, key `images`: N x H x W for one-channel data, N x H x W x 3 for
+RGB, the shape the model was trained on), plots/sample/<model>-<sampler>-<steps>.png (a grid of the first 64),
+metrics/sample.json (NFE, seconds per image per setting). A class-conditional UNet2DModel is sampled once per
+guidance scale: <sampler>-<steps>-g<scale>.npz, with the classes asked for (sample.digits) under key `labels` and a
+grid of one class per column. Logs one MLflow run named `sample`, tagged with the ids of the training runs it used.
 """
 
 import json
@@ -23,7 +24,7 @@ from scratch_diffusion import files, tracking
 from scratch_diffusion.choices import DIFFUSERS_SAMPLERS
 from scratch_diffusion.config import flatten, load_params
 from scratch_diffusion.hardware import for_sampling
-from scratch_diffusion.images import grid, save_png
+from scratch_diffusion.images import class_columns, grid, save_png
 from scratch_diffusion.model_files import load_basic, load_unet2d
 from scratch_diffusion.samplers import generate
 from scratch_diffusion.stage import StageError, duration, run_stage
@@ -62,7 +63,13 @@ def main() -> None:
     models = load_models({s.model for s in sp.settings}, device)
     # Every setting must fit its model before any sampling starts.
     for i, s in enumerate(sp.settings):
-        corruption = models[s.model][1]
+        model, corruption = models[s.model][:2]
+        # The classes asked for must be the model's (preflight checks them against the data; the model may be older).
+        if models[s.model][4] and (bad := [c for c in sp.digits if c >= model.null_label]):
+            raise StageError(
+                f"sample.digits: got {bad[0]}; {MODEL_DIRS[s.model]} was trained on {model.null_label} classes "
+                f"(allowed: 0..{model.null_label - 1})"
+            )
         if (s.sampler == "toy") != (corruption == "toy"):
             allowed = "'toy'" if corruption == "toy" else ", ".join(DIFFUSERS_SAMPLERS)
             raise StageError(
@@ -74,7 +81,7 @@ def main() -> None:
     used["sample"]["settings"] = [s.name for s in sp.settings]
     tags = {f"train_run_{name}": m[3] for name, m in models.items()}
     # One sample set per setting; a class-conditional model's settings once per guidance scale, asking for
-    # sample.digits cycled over the n images (so grid columns are digits when 10 are asked for).
+    # sample.digits cycled over the n images (so that each grid column holds one class: images.class_columns).
     labels = torch.tensor([sp.digits[i % len(sp.digits)] for i in range(sp.n)])
     jobs = []
     for s in sp.settings:
@@ -110,7 +117,10 @@ def main() -> None:
             arrays = {"images": images} if scale is None else {"images": images, "labels": labels.numpy()}
             with files.atomic_path(f"samples/{name}.npz") as tmp, open(tmp, "wb") as f:
                 np.savez_compressed(f, **arrays)
-            picture = grid(images[:GRID_N]) if scale is None else grid(images[:100], nrow=10)
+            if scale is None:
+                picture = grid(images[:GRID_N])
+            else:
+                picture = grid(images[:100], nrow=class_columns(len(sp.digits), len(images[:100])))
             save_png(f"plots/sample/{name.replace('/', '-')}.png", picture)
             key = name.replace("/", "-").replace("+", "p")  # MLflow metric/image keys: no '+'
             tracking.log_image(picture, key=f"samples-{key}", step=0)

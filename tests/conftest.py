@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from scratch_diffusion.data import make_shapes  # noqa: F401 (tests import it from here)
+
 REPO = Path(__file__).resolve().parents[1]
 # What a fresh clone holds that the pipeline needs (the library is installed editable from REPO, but dvc.yaml
 # lists src/ files as deps, so they are copied too).

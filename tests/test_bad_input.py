@@ -59,7 +59,11 @@ CASES = [
         {"sample": {"settings": [{"model": "unet2d", "sampler": "ddim", "stpes": 10}]}},
         "sample.settings[0].stpes: unknown key",
     ),
-    ("sample", {"sample": {"n": 6000}}, "sample.n: got 6000, allowed range [2, 5000]"),
+    (
+        "check_params",
+        {"sample": {"n": 6000}},
+        "sample.n: got 6000; compare needs 2 * n real test images and the test split holds 10000 (allowed: 2..5000)",
+    ),
     (
         "sample",
         {"sample": {"settings": [{"model": "basic", "sampler": "toy", "steps": 5}] * 2}},

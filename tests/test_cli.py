@@ -6,6 +6,7 @@ import sys
 import time
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 
@@ -112,14 +113,12 @@ def test_a_registry_model_is_never_unpickled(workdir):
 
 def basic_model(workdir: pathlib.Path) -> None:
     """An untrained BasicUNet in the folder layout train-basic writes: enough for generate to run."""
-    from safetensors.torch import save_file
-
+    from scratch_diffusion.model_files import save_basic
     from scratch_diffusion.models import BasicUNet
 
-    folder = workdir / "models/basic"
-    folder.mkdir(parents=True)
     torch.manual_seed(0)
-    save_file(BasicUNet().state_dict(), str(folder / "model.safetensors"))
+    meta = {"dataset": "mnist", "resolution": 28, "channels": 1, "classes": [str(d) for d in range(10)]}
+    save_basic(workdir / "models/basic", BasicUNet(), meta)
 
 
 def test_a_seed_out_of_range_is_one_line(workdir, monkeypatch, capsys):
@@ -137,6 +136,24 @@ def test_a_seed_out_of_range_is_one_line(workdir, monkeypatch, capsys):
             f"--seed: got {seed}, allowed: 0..4294967295 (as params.yaml's sample.seed)"
         )
     assert not (workdir / "generated").exists()
+
+
+def test_a_basic_model_draws_the_shape_its_folder_records(workdir, monkeypatch):
+    """An RGB BasicUNet of 12 px: generate's npz and PNG are of that shape, not MNIST's."""
+    from PIL import Image
+
+    from scratch_diffusion.cli import main as cli_main
+    from scratch_diffusion.model_files import save_basic
+    from scratch_diffusion.models import BasicUNet
+
+    torch.manual_seed(0)
+    meta = {"dataset": "folder", "resolution": 12, "channels": 3, "classes": []}
+    save_basic(workdir / "models/basic", BasicUNet(3, 3, sample_size=12), meta)
+    monkeypatch.chdir(workdir)
+    cli_main(["generate", "--model", "models/basic", "--sampler", "toy", "--steps", "2", "--n", "3"])
+    assert np.load(workdir / "generated/toy-2-seed0.npz")["images"].shape == (3, 12, 12, 3)
+    with Image.open(workdir / "generated/toy-2-seed0.png") as img:
+        assert img.mode == "RGB"
 
 
 def test_all_timesteps_with_a_multistep_solver_is_refused_for_the_model(workdir):

@@ -13,6 +13,7 @@ from scratch_diffusion.compare_report import (
     settings_metrics,
     summarise,
     summary_text,
+    write_report,
 )
 from scratch_diffusion.metrics import BY_KEY, METRICS
 from tests.conftest import REPO
@@ -127,3 +128,28 @@ def test_the_committed_report_renders_the_committed_json():
                 assert cells[key].startswith(_cell(r, key, fmt)), (r["setting"], key)
             else:
                 assert cells[key] == _cell(r, key, fmt), (r["setting"], key)
+
+
+def test_without_a_classifier_nothing_is_named_best_and_the_unmeasured_read_n_a():
+    """An unlabelled dataset's rows: FID, KID, recognised and coverage None (measured by no one), memorisation and
+    cost measured. No best, no verdict; the cheapest is named; the JSON keeps only what was measured."""
+    unmeasured = dict.fromkeys(("fid", "fid_lo", "fid_hi", "kid", "kid_lo", "kid_hi", "recognised", "coverage_kl"))
+    rows = [{**row(name, 0.0, 0.0, seconds), **unmeasured} for name, seconds in (("ddim-50", 0.05), ("heun-15", 0.02))]
+    summary = summarise(rows, {}, floor=None)
+    assert summary["best"] is None and summary["fastest"]["setting"] == "heun-15"
+    assert [r["verdict"] for r in rows] == [None, None]
+    text = summary_text(summary)
+    assert text.startswith("No setting is named best") and "**heun-15**" in text
+    table = markdown_table(rows)
+    assert "| 10 | n/a | n/a | n/a | n/a | n/a | 0.000 | 0.0500 |" in table  # NFE, FID .. coverage, memorised, cost
+    assert sorted(settings_metrics(rows)["heun-15"]) == ["memorised", "nfe", "seconds_per_image"]
+
+
+def test_the_report_speaks_of_the_datasets_classes_and_the_judges_accuracy(tmp_path):
+    rows = [row("ddim-50", 60.0, 3.0, 0.05)]
+    summary = summarise(rows, {"ddim-50": {"fid": np.full(10, 60.0)}}, floor=12.0)
+    context = {"n": 6, "classifier_accuracy": 0.875, "num_classes": 3, "real_recognised": 0.9, "no_classifier": None}
+    write_report(rows, summary, context, {}, tmp_path / "compare.md", tmp_path / "compare.html")
+    report = (tmp_path / "compare.md").read_text()
+    assert "classifier of the dataset's 3 classes (test accuracy 87.50%)" in report
+    assert "1.10 = one class only" in report and "digit" not in report

@@ -101,6 +101,7 @@ class TwoDigitOracle(torch.nn.Module):
 
     null_label = 2
     s = 0.5
+    image_shape = (1, 28, 28)  # what samplers.generate draws for it
 
     def __init__(self, scheduler):
         super().__init__()

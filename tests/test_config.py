@@ -47,7 +47,7 @@ def test_repo_params_are_valid_and_match_the_defaults():
             "unet2d.up_block_types[0]: got 'AttnDownBlock2D', allowed: 'UpBlock2D', 'AttnUpBlock2D'",
         ),
         ({"unet2d": {"beta_end": 1.0}}, "unet2d.beta_end: got 1.0, allowed range (0.0, 1.0)"),
-        ({"data": {"n_train": 70000}}, "data.n_train: got 70000, allowed range [0, 60000]"),
+        ({"data": {"n_train": 70000}}, "data.n_train: got 70000; mnist has 60000 training images"),
         (
             {"data": {"n_train": 256}, "basic": {"batch_size": 512}},
             "basic.batch_size: got 512, more than the 256 training images (data.n_train); allowed: 1..256",

@@ -25,9 +25,15 @@ def test_schedule_curves_against_hand_values():
         assert s_ab[0] > 0.99 and s_1mab[-1] > 0.99
 
 
-def test_figures_are_written(tmp_path):
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 16, 16)])  # MNIST's digits, an RGB folder's pictures
+def test_figures_are_written(tmp_path, shape):
     plot_schedules(schedule_curves(1000, "squaredcos_cap_v2", 1e-4, 0.02), tmp_path / "s.png")
-    plot_corruption(torch.rand(4, 1, 28, 28), ddpm_scheduler(), tmp_path / "c.png")
-    plot_sampling_steps([torch.rand(3, 1, 28, 28)] * 2, [torch.rand(3, 1, 28, 28)] * 2, tmp_path / "p.png")
+    plot_corruption(torch.rand(4, *shape), ddpm_scheduler(), tmp_path / "c.png")
+    plot_sampling_steps([torch.rand(3, *shape)] * 2, [torch.rand(3, *shape)] * 2, tmp_path / "p.png")
     for name in ("s.png", "c.png", "p.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_figure_row_refuses_other_channel_counts(tmp_path):
+    with pytest.raises(ValueError, match=r"allowed: \(B, 1, H, W\) or \(B, 3, H, W\)"):
+        plot_sampling_steps([torch.rand(3, 2, 8, 8)], [torch.rand(3, 2, 8, 8)], tmp_path / "p.png")

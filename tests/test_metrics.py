@@ -25,10 +25,12 @@ from scratch_diffusion.metrics import (
     recognised_share,
     verdict,
 )
-from scratch_diffusion.models.classifier import FeatureExtractor, MnistClassifier
+from scratch_diffusion.models.classifier import Classifier, FeatureExtractor
 from scratch_diffusion.training import fit
 
 N = 400
+# MNIST's training-split statistics as the stage computes them (channel_stats; pinned in tests/test_judge.py).
+MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,7 @@ def mnist(mnist_raw):
 def classifier(mnist):
     train_x, train_y, test_x, test_y = mnist
     torch.manual_seed(0)
-    net = MnistClassifier()
+    net = Classifier(1, 28, 10, MNIST_MEAN, MNIST_STD)
     fit(
         net,
         classifier_loss,
@@ -164,10 +166,10 @@ def test_recognised_and_coverage(mnist, classifier):
     _, _, test_x, test_y = mnist
     probs = predict_proba(classifier, test_x[:N])
     assert recognised_share(probs) > 0.8
-    real = class_coverage(probs)
+    real = class_coverage(probs, 10)
     assert real["coverage_kl"] < 0.05
     ones = test_x[test_y == 1][:1].repeat(N, 1, 1, 1)  # one digit, repeated: mode collapse
-    collapsed = class_coverage(predict_proba(classifier, ones))
+    collapsed = class_coverage(predict_proba(classifier, ones), 10)
     assert collapsed["coverage_kl"] == pytest.approx(2.302585, abs=1e-5) and collapsed["coverage_entropy"] == 0
     blank = torch.zeros(N, 1, 28, 28, dtype=torch.uint8)
     assert recognised_share(predict_proba(classifier, blank)) < 1.0

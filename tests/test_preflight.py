@@ -17,6 +17,7 @@ from scratch_diffusion.config import (
 )
 from scratch_diffusion.corruption import ddpm_scheduler
 from scratch_diffusion.preflight import (
+    DataFacts,
     check_networks,
     check_noise_schedule,
     check_runnable,
@@ -89,7 +90,8 @@ def test_the_network_check_reports_what_the_diffusers_constructor_raises():
     """Built past config.py's choices: diffusers' own error, as one line naming the architecture keys."""
     unet2d = Unet2dParams(up_block_types=("AttnUpBlock2D", "AttnDownBlock2D", "UpBlock2D"))
     with pytest.raises(ParamsError) as err:
-        check_networks(dataclasses.replace(Params(), unet2d=unet2d))
+        params = dataclasses.replace(Params(), unet2d=unet2d)
+        check_networks(params, DataFacts.named(params))
     message = str(err.value)
     assert message.startswith("unet2d: diffusers' UNet2DModel cannot be built and called with block_out_channels=")
     assert "(ValueError: AttnDownBlock2D does not exist.)" in message and "\n" not in message

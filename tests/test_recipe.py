@@ -9,8 +9,9 @@ import torch
 from accelerate.state import AcceleratorState
 
 from scratch_diffusion.config import load_params
+from scratch_diffusion.data import describe
 from scratch_diffusion.model_files import load_unet2d
-from scratch_diffusion.recipe import train_model, unet2d_meta, used_params
+from scratch_diffusion.recipe import dataset_meta, train_model, unet2d_meta, used_params
 from tests.conftest import REPO, run
 
 TRAINERS = [
@@ -66,6 +67,8 @@ def test_without_a_stage_it_trains_and_saves_the_stages_model_folder(downloaded,
     assert trained.result.steps == 2 and trained.run_id is None and seen == [0, 1]
     assert not (downloaded / "mlflow.db").exists() and not (downloaded / "checkpoints").exists()
     model, _, meta = load_unet2d(tmp_path / "unet2d")
-    assert meta == {**unet2d_meta(params), "run_id": ""}
+    assert meta == {**unet2d_meta(params), **dataset_meta(describe("data/dataset")), "run_id": ""}
+    assert (meta["dataset"], meta["resolution"], meta["channels"]) == ("mnist", 28, 1) and len(meta["classes"]) == 10
+    assert model.image_shape == (1, 28, 28)
     saved, held = model.state_dict(), trained.model.state_dict()
     assert all(torch.equal(saved[k], held[k].cpu()) for k in saved)

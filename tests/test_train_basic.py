@@ -42,6 +42,9 @@ def test_outputs_and_metrics(trained):
     state = load_file(project / "models/basic/model.safetensors")
     net = BasicUNet()
     net.load_state_dict(state)  # strict: every key and shape matches
+    # The folder says what the network was trained on, so that sampling draws that shape.
+    meta = json.loads((project / "models/basic/scratch_diffusion.json").read_text())
+    assert meta == {"dataset": "mnist", "resolution": 28, "channels": 1, "classes": [str(d) for d in range(10)]}
     assert "step 6/6" in proc.stdout  # plain progress lines off a terminal
     choice = choose("basic", "auto", "auto", detect("cpu"))  # params say auto: this machine decides
     assert proc.stdout.splitlines()[0] == choice.line("train-basic", torch.get_num_threads())

@@ -87,7 +87,8 @@ def test_each_objective_trains_logs_and_registers(downloaded, tmp_path, objectiv
 def test_saved_model_loads_in_ddpm_pipeline_and_generates(downloaded, tmp_path):
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'store.db'}"}
     run([sys.executable, str(REPO / "stages/train_unet2d.py")], cwd=downloaded, env=env)
-    assert "DDPMPipeline.from_pretrained" in (downloaded / "models/unet2d/README.md").read_text()  # the model card
+    card = (downloaded / "models/unet2d/README.md").read_text()  # the model card: what it draws and how
+    assert "DDPMPipeline.from_pretrained" in card and "`mnist` images, 28 x 28, one channel (grey)" in card
     pipe = DDPMPipeline.from_pretrained(downloaded / "models/unet2d")
     out = pipe(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np")
     assert out.images.shape == (2, 28, 28, 1)

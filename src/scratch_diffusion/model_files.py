@@ -1,9 +1,11 @@
-"""Saving and loading a trained UNet2DModel in diffusers' format.
+"""Saving and loading trained models: the UNet2DModel in diffusers' format, the BasicUNet as safetensors.
 
 `models/unet2d/` is a DDPMPipeline folder (model_index.json, unet/, scheduler/) that
-`DDPMPipeline.from_pretrained(path)` loads as is, plus `scratch_diffusion.json` with what diffusers does not
-record: the objective, the corruption, the timestep conditioning (a `none`-conditioned model must be called with
-t = 0, which DDPMPipeline does not know).
+`DDPMPipeline.from_pretrained(path)` loads as is (diffusers' config holds the image side and channels), plus
+`scratch_diffusion.json` with what diffusers does not record: the objective, the corruption, the timestep
+conditioning (a `none`-conditioned model must be called with t = 0, which DDPMPipeline does not know) and the
+dataset. `models/basic/` is `model.safetensors` plus `scratch_diffusion.json` with the dataset's name, resolution,
+channels and classes: the weights alone do not say which image side the network was trained on.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from scratch_diffusion.files import disk_full_reported
+from scratch_diffusion.files import atomic_path, disk_full_reported, write_json
 from scratch_diffusion.models import UNet2DDenoiser
 
 META = "scratch_diffusion.json"
@@ -49,7 +51,7 @@ def save_unet2d(path: str | Path, denoiser: UNet2DDenoiser, scheduler: DDPMSched
             else:
                 DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(staging)
             (staging / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-            (staging / "README.md").write_text(model_card(meta, scheduler.config.prediction_type))
+            (staging / "README.md").write_text(model_card(meta, unet.config, scheduler.config.prediction_type))
         staging.chmod(0o755)
         if path.exists():
             shutil.rmtree(path)
@@ -81,15 +83,22 @@ images = DDPMPipeline.from_pretrained("models/unet2d")(batch_size=16, num_infere
 ```"""
 
 
-def model_card(meta: dict, prediction_type: str) -> str:
-    """README.md of a model folder: what the model is and how to draw from it."""
+def model_card(meta: dict, unet_config, prediction_type: str) -> str:
+    """README.md of a model folder: what the model is and how to draw from it. The image shape and the classes come
+    from the UNet's own config (what diffusers will draw), the dataset's name from `meta` where it is recorded."""
     toy, conditional = meta["corruption"] == "toy", bool(meta.get("class_conditional"))
+    side, channels = unet_config.sample_size, unet_config.in_channels
+    height, width = (side, side) if isinstance(side, int) else side
+    # Folders saved outside the training stages (the ablations, tests) may not record the dataset.
+    data = f"`{meta['dataset']}` images" if "dataset" in meta else "Images"
+    data += f", {height} x {width}, " + ("one channel (grey)" if channels == 1 else f"{channels} channels (RGB)")
     recipe = (
         f"objective `{meta['objective']}` (diffusers prediction_type `{prediction_type}`), corruption "
         f"`{meta['corruption']}`, timestep conditioning `{meta['conditioning']}`"
     )
+    num_classes = (unet_config.num_class_embeds or 1) - 1
     if conditional:
-        recipe += ", class-conditional (digits 0-9; label 10 = no label)"
+        recipe += f", class-conditional (classes 0-{num_classes - 1}; label {num_classes} = no label)"
     if toy:
         ours = "scratch-diffusion generate --model models/unet2d --sampler toy --steps 40"
         plain = (
@@ -98,7 +107,10 @@ def model_card(meta: dict, prediction_type: str) -> str:
             "`DDPMPipeline.from_pretrained` refuses it."
         )
     elif conditional:
-        ours = "scratch-diffusion generate --model models/unet2d --sampler ddim --steps 50 --digit 7 --guidance-scale 2"
+        ours = (
+            "scratch-diffusion generate --model models/unet2d --sampler ddim --steps 50 "
+            f"--digit {min(7, num_classes - 1)} --guidance-scale 2"
+        )
         plain = (
             "`DDPMPipeline` passes no class labels, so diffusers refuses to run this class-conditional UNet; sample "
             "it with the command above (classifier-free guidance)."
@@ -112,7 +124,7 @@ def model_card(meta: dict, prediction_type: str) -> str:
                 "scheduler's timesteps give what training saw."
             )
     return (
-        f"# UNet2DModel trained by scratch-diffusion\n\nMNIST digits, 28 x 28, one channel: {recipe}; the EMA "
+        f"# UNet2DModel trained by scratch-diffusion\n\n{data}: {recipe}; the EMA "
         f"weights.\n\n```bash\n{ours}\n```\n\n{plain}\n"
     )
 
@@ -142,8 +154,30 @@ def load_unet2d(path: str | Path, device="cpu") -> tuple[UNet2DDenoiser, DDPMSch
         ) from None
 
 
+# A BasicUNet folder without scratch_diffusion.json was saved before model folders recorded their data, when every
+# dataset (MNIST, Fashion-MNIST) was 28 x 28 grey.
+LEGACY_BASIC_META = {"resolution": 28, "channels": 1}
+
+
+def save_basic(path: str | Path, net, meta: dict) -> None:
+    """The BasicUNet's folder: its weights (safetensors) and `meta`, which must say the data's `resolution` and
+    `channels` (the shape load_basic rebuilds it with)."""
+    from safetensors.torch import save_file
+
+    missing = [k for k in ("resolution", "channels") if k not in meta]
+    if missing:
+        raise ValueError(
+            f"save_basic: meta lacks {', '.join(missing)}; it must record the data's resolution and channels "
+            "(recipe.dataset_meta)"
+        )
+    path = Path(path)
+    with atomic_path(path / "model.safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
+    write_json(path / META, meta)
+
+
 def load_basic(path: str | Path, device="cpu"):
-    """The BasicUNet saved by train-basic (safetensors state dict)."""
+    """The BasicUNet saved by train-basic (safetensors state dict), shaped as its scratch_diffusion.json says."""
     from safetensors.torch import load_file
 
     from scratch_diffusion.models import BasicUNet
@@ -151,8 +185,11 @@ def load_basic(path: str | Path, device="cpu"):
     weights = Path(path) / "model.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: missing; run `dvc repro train-basic` first")
-    net = BasicUNet()
+    meta_file = Path(path) / META
     try:
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else LEGACY_BASIC_META
+        channels = int(meta["channels"])
+        net = BasicUNet(channels, channels, sample_size=int(meta["resolution"]))
         net.load_state_dict(load_file(weights))
     except Exception as e:
         raise ModelFileError(

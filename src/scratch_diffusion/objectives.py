@@ -86,7 +86,7 @@ def ddpm_loss(
     num_t = scheduler.config.num_train_timesteps
 
     def loss_fn(model, x01: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        x0 = to_model_range(x01)  # (B, 1, 28, 28) in [-1, 1]
+        x0 = to_model_range(x01)  # (B, C, H, W) in [-1, 1]
         eps = torch.randn_like(x0)
         t = torch.randint(0, num_t, (x0.shape[0],), device=x0.device)
         alpha_bar = per_image(scheduler.alphas_cumprod.to(x0.device)[t].float(), x0)

@@ -17,40 +17,108 @@ imports.
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 
 import torch
 from diffusers import DDPMScheduler
 
 from scratch_diffusion.choices import DIFFUSERS_SAMPLERS, PREDICTION_TYPES
-from scratch_diffusion.config import Params, ParamsError, SampleSetting
+from scratch_diffusion.config import NAMED_DATASETS, Params, ParamsError, SampleSetting
 from scratch_diffusion.corruption import ddpm_scheduler
-from scratch_diffusion.data import NUM_CLASSES
 from scratch_diffusion.models import BasicUNet, UNet2DDenoiser, build_unet
-from scratch_diffusion.models.classifier import MnistClassifier
+from scratch_diffusion.models.classifier import Classifier
 from scratch_diffusion.samplers import fixed_noise, sample_images
 
 
-def check_runnable(params: Params) -> None:
-    """Raise ParamsError for the first thing the stages could not build or run with `params`."""
-    check_networks(params)
+def check_runnable(params: Params, data: DataFacts | None = None) -> list[str]:
+    """Raise ParamsError for the first thing the stages could not build or run with `params` on `data` (default: as
+    the named dataset is known to be). Returns what the user should know before any training (one line each)."""
+    data = data or DataFacts.named(params)
+    notes = check_data(params, data)
+    check_networks(params, data)
     trained = check_noise_schedule(params)
     check_samplers(params, trained)
+    return notes
 
 
-def check_networks(params: Params) -> None:
+@dataclass(frozen=True)
+class DataFacts:
+    """What the checks need to know of the data: its shape, classes and split sizes."""
+
+    channels: int
+    resolution: int
+    num_classes: int  # 0: unlabelled
+    n_train: int
+    n_test: int
+
+    @classmethod
+    def named(cls, params: Params) -> DataFacts:
+        channels, resolution, n_train, n_test, num_classes = NAMED_DATASETS[params.data.dataset]
+        return cls(channels, resolution, num_classes, n_train, n_test)
+
+    @classmethod
+    def listed(cls, params: Params, listing: dict) -> DataFacts:
+        """From a folder's listing (data.source_listing) and the conversion params."""
+        d = params.data
+        return cls(d.channels, d.resolution, len(listing["classes"]), listing["n_train"], listing["n_test"])
+
+
+def check_data(params: Params, data: DataFacts) -> list[str]:
+    """The params that depend on the data's size and classes; for unlabelled data, what compare cannot measure."""
+    d, s = params.data, params.sample
+    if d.n_train > data.n_train:
+        raise ParamsError(f"data.n_train: got {d.n_train}; the training split holds {data.n_train} images")
+    n = d.n_train or data.n_train
+    for name in ("basic", "unet2d", "classifier"):
+        batch = getattr(params, name).batch_size
+        size = data.n_train if name == "classifier" else n  # the classifier trains on the whole split
+        if batch > size:
+            raise ParamsError(
+                f"{name}.batch_size: got {batch}, more than the {size} training images; allowed: 1..{size}"
+            )
+    if 2 * s.n > data.n_test:
+        raise ParamsError(
+            f"sample.n: got {s.n}; compare needs 2 * n real test images and the test split holds {data.n_test} "
+            f"(allowed: 2..{data.n_test // 2}{'; or a larger data.held_out' if d.dataset == 'folder' else ''})"
+        )
+    if not data.num_classes:
+        if params.unet2d.class_conditional:
+            raise ParamsError(
+                f"unet2d.class_conditional: got true, but {d.source} is unlabelled (no class folders); allowed: false,"
+                " or one subfolder per class"
+            )
+        return [
+            f"{d.source} is unlabelled: compare will report memorisation, cost and the pictures, but no FID, KID, "
+            "recognised share or class coverage (they need a classifier trained on labelled images: put them in "
+            "one subfolder per class)"
+        ]
+    bad = [c for c in s.digits if c >= data.num_classes]
+    if bad and params.unet2d.class_conditional:
+        raise ParamsError(
+            f"sample.digits: got {bad[0]}; the dataset has {data.num_classes} classes "
+            f"(allowed: 0..{data.num_classes - 1})"
+        )
+    return []
+
+
+def check_networks(params: Params, data: DataFacts) -> None:
     """Build and call each network the training stages build; a diffusers refusal becomes one ParamsError."""
     u = params.unet2d
     with torch.device("meta"):  # parameters and activations without storage: the lesson's UNet in milliseconds
-        x, t = torch.zeros(2, 1, 28, 28), torch.zeros(2)  # (B, 1, 28, 28), (B,)
-        BasicUNet()(x, t)
-        MnistClassifier()(x)
+        x, t = torch.zeros(2, data.channels, data.resolution, data.resolution), torch.zeros(2)  # (B, C, H, W), (B,)
+        BasicUNet(data.channels, data.channels)(x, t)
+        if data.num_classes:  # an unlabelled dataset has no classifier; shapes only: mean 0, std 1 stand in
+            c = data.channels
+            Classifier(c, data.resolution, data.num_classes, [0.0] * c, [1.0] * c)(x)
         try:
             unet = build_unet(
                 u.block_out_channels,
                 u.layers_per_block,
                 u.down_block_types,
                 u.up_block_types,
-                num_classes=NUM_CLASSES if u.class_conditional else 0,
+                sample_size=data.resolution,
+                channels=data.channels,
+                num_classes=data.num_classes if u.class_conditional else 0,
             )
             y = torch.zeros(2, dtype=torch.long) if u.class_conditional else None
             out = UNet2DDenoiser(unet, u.conditioning)(x, t, y)
@@ -157,7 +225,7 @@ def check_samplers(params: Params, trained: DDPMScheduler) -> None:
         config = DDPMScheduler.from_pretrained(tmp).config
     runs = [(f"sample.settings[{i}]", s) for i, s in enumerate(params.sample.settings) if s.model == "unet2d"]
     runs.append(("unet2d.sample_steps", SampleSetting("unet2d", "ddim", u.sample_steps)))  # the training grids
-    noise = fixed_noise(1, "ddpm", params.sample.seed)
+    noise = fixed_noise(1, "ddpm", params.sample.seed, (1, 4, 4))  # the schedule's arithmetic is per pixel
     for key, s in runs:
         options = {"eta": s.eta} if s.sampler == "ddim" else {}  # as samplers.generate passes it
         try:

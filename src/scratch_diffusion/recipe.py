@@ -19,17 +19,16 @@ from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler
-from safetensors.torch import save_file
 
 from scratch_diffusion import files, tracking
 from scratch_diffusion.choices import PREDICTION_TYPES
-from scratch_diffusion.config import Params, flatten, params_hash
+from scratch_diffusion.config import Params, ParamsError, flatten, params_hash
 from scratch_diffusion.corruption import ddpm_scheduler
-from scratch_diffusion.data import NUM_CLASSES, dataset_digest, load_split
+from scratch_diffusion.data import DatasetInfo, dataset_digest, describe, load_split
 from scratch_diffusion.hardware import Choice
 from scratch_diffusion.identity import digest, run_identity
 from scratch_diffusion.images import grid, to_uint8
-from scratch_diffusion.model_files import META, save_unet2d
+from scratch_diffusion.model_files import META, save_basic, save_unet2d
 from scratch_diffusion.models import BasicUNet, Guided, UNet2DDenoiser, build_unet
 from scratch_diffusion.objectives import ddpm_loss, toy_loss
 from scratch_diffusion.samplers import fixed_noise, sample_images
@@ -55,6 +54,7 @@ class Trained:
 
     model: torch.nn.Module
     scheduler: DDPMScheduler | None  # the noise schedule (UNet2DModel only)
+    info: DatasetInfo  # what it trained on: the images' shape and classes
     result: TrainResult
     device: torch.device
     choice: Choice  # the precision and layout it trained with
@@ -105,16 +105,37 @@ def unet2d_meta(params: Params) -> dict:
     }
 
 
-def _parts(network: str, params: Params):
+def dataset_meta(info: DatasetInfo) -> dict:
+    """What a model folder records of the data it trained on (model_files.META): enough to draw images of its shape
+    and to name its classes."""
+    return {
+        "dataset": info.name,
+        "resolution": info.resolution,
+        "channels": info.channels,
+        "classes": list(info.classes),
+    }
+
+
+def _parts(network: str, params: Params, info: DatasetInfo):
     """(model, noise schedule or None, loss_fn, EMA or None, fit's per-network arguments), the initial weights drawn
-    from `params.seed`."""
+    from `params.seed`, the networks shaped for the dataset `info` describes."""
     torch.manual_seed(params.seed)
     if network == "basic":
-        return BasicUNet(), None, toy_loss, None, {}
+        return BasicUNet(info.channels, info.channels, sample_size=info.resolution), None, toy_loss, None, {}
     p = params.unet2d
-    num_classes = NUM_CLASSES if p.class_conditional else 0
+    if p.class_conditional and not info.num_classes:  # preflight says so before any stage; this is for the others
+        raise ParamsError(
+            f"unet2d.class_conditional: got true, but the {info.name} dataset is unlabelled (no class folders); "
+            "allowed: false, or a folder with one subfolder per class"
+        )
     unet = build_unet(
-        p.block_out_channels, p.layers_per_block, p.down_block_types, p.up_block_types, num_classes=num_classes
+        p.block_out_channels,
+        p.layers_per_block,
+        p.down_block_types,
+        p.up_block_types,
+        sample_size=info.resolution,
+        channels=info.channels,
+        num_classes=info.num_classes if p.class_conditional else 0,
     )
     model = UNet2DDenoiser(unet, p.conditioning)
     scheduler = noise_schedule(params)
@@ -139,20 +160,23 @@ def _parts(network: str, params: Params):
     return model, scheduler, loss_fn, ema, extra
 
 
-def _grid_maker(network: str, params: Params, scheduler, device) -> Callable[[torch.nn.Module], object]:
-    """A function net -> sample grid (uint8) from a fixed start noise, so grids of different steps and runs show the
-    same "seeds" of digits. The lesson's sampler for toy-corruption models, DDIM for DDPM ones."""
+def _grid_maker(
+    network: str, params: Params, scheduler, device, info: DatasetInfo
+) -> Callable[[torch.nn.Module], object]:
+    """A function net -> sample grid (uint8, grey or RGB as the data) from a fixed start noise of the dataset's
+    shape, so grids of different steps and runs show the same "seeds" of images. The lesson's sampler for
+    toy-corruption models, DDIM for DDPM ones."""
     p = getattr(params, network)
     corruption = "toy" if network == "basic" else p.corruption
     sampler = "toy" if corruption == "toy" else "ddim"
-    noise = fixed_noise(p.sample_n, corruption, params.seed)
+    noise = fixed_noise(p.sample_n, corruption, params.seed, info.shape)
     conditional = network == "unet2d" and p.class_conditional
     config = scheduler.config if scheduler is not None else None
 
     def make(net: torch.nn.Module):
         net.eval()
-        if conditional:  # classes 0..9 along each row, plain conditional
-            net = Guided(net, torch.arange(p.sample_n) % NUM_CLASSES, scale=1.0)
+        if conditional:  # the classes in turn along each row (0..9 for MNIST), plain conditional
+            net = Guided(net, torch.arange(p.sample_n) % info.num_classes, scale=1.0)
         x01, _ = sample_images(net, sampler, p.sample_steps, noise.to(device), config, seed=params.seed)
         return grid(to_uint8(x01))
 
@@ -184,9 +208,10 @@ def train_model(
         raise ValueError(f"stage {stage!r}: `out`, the model folder, is needed")
     used = used_params(network, params)  # refuses an unknown network
     section, desc = getattr(params, network), desc or stage or network
-    images, labels = load_split(data_root, train=True, n=params.data.n_train)
+    images, labels = load_split(data_root, train=True, n=params.data.n_train)  # (N, C, H, W) uint8
+    info = describe(data_root)
     accelerator, choice = stage_accelerator(desc, network, section.mixed_precision, section.channels_last)
-    model, scheduler, loss_fn, own_ema, extra = _parts(network, params)
+    model, scheduler, loss_fn, own_ema, extra = _parts(network, params, info)
     averaging = ema(model) if ema is not None else own_ema
     conditional = extra.pop("conditional", False)
     main = accelerator.is_main_process
@@ -197,7 +222,7 @@ def train_model(
     ckpt, run, resume_id, sample_grid = None, None, None, None
     held = ExitStack()  # the checkpoint folder's lock, for the whole run
     if stage is not None:
-        sample_grid = _grid_maker(network, params, scheduler, accelerator.device)
+        sample_grid = _grid_maker(network, params, scheduler, accelerator.device, info)
         script = sys.argv[0]  # the stage's own file, as Python was asked to run it
         identity = training_identity(
             network, params, data_root, (script,) if script.endswith(".py") and Path(script).is_file() else ()
@@ -266,7 +291,9 @@ def train_model(
             **hooks,
         )
         final = averaged(model).eval()
-        trained = Trained(final, scheduler, result, accelerator.device, choice, active.info.run_id if active else None)
+        trained = Trained(
+            final, scheduler, info, result, accelerator.device, choice, active.info.run_id if active else None
+        )
         if out is not None and main:
             _save(network, params, trained, Path(out), run=active, sample_grid=sample_grid, stage=stage, used=used)
     return trained
@@ -279,11 +306,10 @@ def _save(network: str, params: Params, trained: Trained, out: Path, *, run, sam
     """The model folder; with a stage's run, also its DVC metrics and plots, the MLflow model and run.json."""
     net = trained.model
     if network == "basic":
-        with files.atomic_path(out / "model.safetensors") as tmp:
-            save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
-        model_files = [out / "model.safetensors"]
+        save_basic(out, net, dataset_meta(trained.info))
+        model_files = [out / "model.safetensors", out / META]
     else:
-        meta = {**unet2d_meta(params), "run_id": run.info.run_id if run else ""}
+        meta = {**unet2d_meta(params), **dataset_meta(trained.info), "run_id": run.info.run_id if run else ""}
         save_unet2d(out, net, trained.scheduler, meta)
         model_files = [out / "unet/config.json", out / "unet/diffusion_pytorch_model.safetensors"]
         model_files += [out / "scheduler/scheduler_config.json", out / META]

@@ -23,6 +23,7 @@ from diffusers import (
 
 from scratch_diffusion.choices import SAMPLE_PRECISIONS
 from scratch_diffusion.corruption import to_pixel_range
+from scratch_diffusion.images import to_uint8
 from scratch_diffusion.models.unet2d import Guided
 
 SCHEDULERS = {
@@ -101,8 +102,9 @@ def diffusion_sample(model, scheduler, steps: int, noise: torch.Tensor, generato
     return x, nfe
 
 
-def fixed_noise(n: int, corruption: str, seed: int, shape: tuple[int, ...] = (1, 28, 28)) -> torch.Tensor:
-    """The start noise for a sample set: uniform in [0, 1] for toy models, standard normal for DDPM ones."""
+def fixed_noise(n: int, corruption: str, seed: int, shape: tuple[int, int, int]) -> torch.Tensor:
+    """The start noise for a sample set of `n` images of `shape` (C, H, W): uniform in [0, 1] for toy models,
+    standard normal for DDPM ones."""
     g = torch.Generator().manual_seed(seed)
     return torch.rand(n, *shape, generator=g) if corruption == "toy" else torch.randn(n, *shape, generator=g)
 
@@ -127,6 +129,18 @@ def sample_images(
 PRECISIONS = tuple(p for p in SAMPLE_PRECISIONS if p != "auto")  # hardware.for_sampling resolved auto
 
 
+def image_shape(model) -> tuple[int, int, int]:
+    """(C, H, W) of the images `model` draws, as the model says (`model.image_shape`): a BasicUNet from the folder
+    it was loaded from, a UNet2DDenoiser from diffusers' config, Guided from the model it guides."""
+    shape = getattr(model, "image_shape", None)
+    if shape is None:
+        raise TypeError(
+            f"{type(model).__name__} does not say the shape of its images (no `image_shape`); allowed: a BasicUNet, "
+            "a UNet2DDenoiser, or Guided around one"
+        )
+    return tuple(shape)
+
+
 def generate(
     model,
     sampler: str,
@@ -144,7 +158,8 @@ def generate(
     guidance_scale: float = 1.0,
     progress=None,
 ) -> tuple[np.ndarray, int]:
-    """`n` images as uint8 (n, H, W) from one sampler setting, in batches, and the NFE per image.
+    """`n` images as uint8, (n, H, W) for a one-channel model and (n, H, W, 3) for an RGB one, from one sampler
+    setting, in batches, and the NFE per image. The image shape is the model's (`image_shape`).
 
     The start noise of all n images comes from one generator seeded with `seed`, so a batch size change does
     not change the images of a deterministic sampler; stochastic ones (ddpm) get one generator per batch.
@@ -155,7 +170,7 @@ def generate(
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
     device = torch.device(device)
-    noise = fixed_noise(n, corruption, seed)
+    noise = fixed_noise(n, corruption, seed, image_shape(model))
     options = {"eta": eta} if sampler == "ddim" else {}
     out, nfe = [], 0
     for i, start in enumerate(range(0, n, batch_size)):
@@ -170,7 +185,7 @@ def generate(
                 seed=seed + i,
                 **options,
             )
-        out.append((x01[:, 0] * 255).round().to(torch.uint8).cpu().numpy())
+        out.append(to_uint8(x01))
         if progress is not None:
             progress(x01.shape[0])
     return np.concatenate(out), nfe

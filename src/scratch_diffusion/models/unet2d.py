@@ -28,7 +28,9 @@ def build_unet(
     channels: int = 1,
     num_classes: int = 0,
 ) -> UNet2DModel:
-    """The lesson's UNet2DModel by default (1,707,009 parameters).
+    """The lesson's UNet2DModel by default (1,707,009 parameters, MNIST's 28 x 28 grey images); the training recipe
+    passes the dataset's `sample_size` (side in pixels) and `channels`, which diffusers records in the model's
+    config, so the model folder says what to draw.
 
     With `num_classes` > 0 it is class-conditional: diffusers adds an embedding of `num_classes + 1` labels to the
     time embedding; the last label means "no label" (classifier-free guidance's unconditional model).
@@ -84,10 +86,18 @@ class UNet2DDenoiser(nn.Module):
         n = self.unet.config.num_class_embeds
         return n - 1 if n else None
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images it draws, from diffusers' config (sample_size is an int or (H, W))."""
+        size = self.unet.config.sample_size
+        height, width = (size, size) if isinstance(size, int) else size
+        return (self.unet.config.in_channels, height, width)
+
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """x_t: (B, C, H, W); t: (B,) timesteps (or toy amounts in [0, 1]) -> prediction (B, C, H, W).
 
-        `y`: (B,) digit labels for a class-conditional net; None (or the null label) asks for no label.
+        `y`: (B,) class labels (0..num_classes-1) for a class-conditional net; None (or the null label) asks for no
+        label.
         """
         if self.conditioning == "none":
             t = torch.zeros_like(t)
@@ -115,6 +125,10 @@ class Guided(nn.Module):
         if model.null_label is None:
             raise ValueError("guidance needs a class-conditional model (unet2d.class_conditional: true)")
         self.model, self.labels, self.scale = model, labels, float(scale)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.model.image_shape
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         labels = self.labels.to(x_t.device)
