@@ -101,7 +101,8 @@ def table() -> None:
         "",
     ]
     for name, r in results.items():
-        sets = " ".join(f"-S {k}={v}" for k, v in r["params"].items())
+        # Paths inside the repository as a clone has them (data/shapes), not where this one was measured.
+        sets = " ".join(f"-S {k}={str(v).replace(f'{ROOT}/', '')}" for k, v in r["params"].items())
         lines += [
             f"## {name}",
             "",

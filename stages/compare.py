@@ -3,17 +3,21 @@
     dvc repro compare
     python stages/compare.py
 
-Reads param `mlflow.experiment`; samples/ and metrics/sample.json (sample), the training metrics and loss curves,
-models/*/ metadata, models/classifier and data/dataset. Every number comes with its 95% interval (metrics.Judge) and
-each setting with its verdict against the best (better / within noise / worse). Writes reports/compare.md,
-reports/compare.html (images inline), reports/figures/*.png, metrics/compare.json (headline FID and KID with
-intervals, for `dvc exp show` / `dvc metrics diff`) and plots/compare/fid_vs_nfe.tsv (for `dvc plots diff`). Logs
-an MLflow run named `compare`, and records the best UNet2DModel FID on its registered version, with the judge that
-measured it, moving the alias `champion` only among versions measured by that judge (tracking.promote_champion).
+Reads params `mlflow.experiment` and `classifier.inception_weights`; samples/ and metrics/sample.json (sample), the
+training metrics and loss curves, models/*/ metadata, models/classifier and data/dataset. Every number comes with its
+95% interval (metrics.Judge) and each setting with its verdict against the best (better / within noise / worse).
+Writes reports/compare.md, reports/compare.html (images inline), reports/figures/*.png, metrics/compare.json
+(headline FID and KID with intervals, for `dvc exp show` / `dvc metrics diff`) and plots/compare/fid_vs_nfe.tsv (for
+`dvc plots diff`). Logs an MLflow run named `compare`, and records the best UNet2DModel FID on its registered version,
+with the judge that measured it, moving the alias `champion` only among versions measured by that judge
+(tracking.promote_champion).
 
 An unlabelled dataset has no classifier (models/classifier/config.json says so): compare then reports memorisation
-(pixel distances need no classifier), cost and the pictures; FID, KID, recognised and coverage are null in
-metrics/compare.json and n/a in the report, one line says why, and no champion is promoted.
+(pixel distances need no classifier), cost and the pictures; recognised and coverage are null in metrics/compare.json
+and n/a in the report, one line says why, and no champion is promoted (a champion needs a classifier judge of known
+accuracy). FID and KID (with their floor and intervals) are measured on Inception-v3 features where
+`classifier.inception_weights` names the weights file (metrics/compare.json's `fid_features` says so), else they are
+null and n/a too.
 """
 
 import hashlib
@@ -72,11 +76,25 @@ def main() -> None:
         raise StageError(
             f"sample.n: got {n}; compare needs 2 * n real test images (allowed: n <= {len(test_images) // 2})"
         )
-    judge = Judge.from_files(classifier_file, "data/dataset", n)  # refuses a classifier trained on other data
-    judged = judge.classifier is not None
-    if not judged:
-        print(f"compare: FID, KID, recognised and coverage not measured: {judge.no_classifier}", flush=True)
+    # Refuses a classifier trained on other data; without a classifier, Inception's features where params name them.
+    judge = Judge.from_files(classifier_file, "data/dataset", n, inception_weights=params.classifier.inception_weights)
+    judged = judge.classifier is not None  # recognised, coverage, a champion
     floor = judge.floor
+    ranked = floor is not None  # FID and KID measured: on the classifier's features or Inception's
+    fid_features = None  # what FID is measured on, where that is not the classifier (the report and compare.json say)
+    if judge.inception is not None:
+        fid_features = f"Inception-v3 pool features (2048), weights {judge.inception.weights.name} sha256 "
+        fid_features += judge.inception.digest
+        print(
+            f"compare: FID and KID on {fid_features}; recognised and coverage not measured: {judge.no_classifier}",
+            flush=True,
+        )
+    elif not judged:
+        print(
+            f"compare: FID, KID, recognised and coverage not measured: {judge.no_classifier}; for an Inception FID, "
+            "set classifier.inception_weights to the FID Inception-v3 weights file",
+            flush=True,
+        )
 
     metas = {"basic": BASIC_META}
     if any(name.startswith("unet2d/") for name in timings):
@@ -116,10 +134,15 @@ def main() -> None:
                 f"FID {quality['fid']:.2f} [{quality['fid_lo']:.2f}, {quality['fid_hi']:.2f}], "
                 f"KID {quality['kid']:.3g}, recognised {quality['recognised']:.3f}{shown}"
             )
+        elif ranked:
+            measured = (
+                f"Inception FID {quality['fid']:.2f} [{quality['fid_lo']:.2f}, {quality['fid_hi']:.2f}], "
+                f"KID {quality['kid']:.3g}, memorised {quality['memorised']:.3f}"
+            )
         else:
             measured = f"memorised {quality['memorised']:.3f}, {t['seconds_per_image'] * 1000:.1f} ms per image"
         print(f"compare: {name}: {measured}", flush=True)
-    if judged:
+    if ranked:
         rows.sort(key=lambda r: (r["model"], r["fid"]))  # else in setting order: nothing to rank them by
     summary = summarise(rows, replicates, floor)
 
@@ -128,8 +151,8 @@ def main() -> None:
         "Training loss": REPORTS / "figures/loss_curves.png",
         "Samples, in table order": REPORTS / "figures/montage.png",
     }
-    if judged:
-        plot_fid_vs_nfe(rows, floor, figures["FID against NFE"])
+    if ranked:
+        plot_fid_vs_nfe(rows, floor, figures["FID against NFE"], "Inception" if fid_features else "classifier")
     else:
         del figures["FID against NFE"]
     curves = {}
@@ -161,21 +184,24 @@ def main() -> None:
         "num_classes": judge.classifier.num_classes if judged else 0,
         "real_recognised": judge.real_recognised,
         "no_classifier": judge.no_classifier,
+        "fid_features": fid_features,
     }
     write_report(rows, summary, context, figures, REPORTS / "compare.md", REPORTS / "compare.html")
 
     headline = {"real_floor_fid": floor, "real_recognised": judge.real_recognised, "n": n}
+    if fid_features:
+        headline["fid_features"] = fid_features  # not the classifier's scale: these FIDs compare with no others
     for model in sorted({r["model"] for r in rows}):
-        # Without a classifier there is no FID to pick the best by: the headline's numbers are null.
-        best = min((r for r in rows if r["model"] == model), key=lambda r: r["fid"]) if judged else {}
+        # Without FID there is nothing to pick the best by: the headline's numbers are null.
+        best = min((r for r in rows if r["model"] == model), key=lambda r: r["fid"]) if ranked else {}
         for key in ("fid", "fid_lo", "fid_hi", "kid", "kid_lo", "kid_hi", "recognised"):
             headline[f"best_{key}_{model}"] = best.get(key)
     if conditional:
         headline["best_cond_accuracy_unet2d"] = best_cond["cond_accuracy"]
     files.write_json("metrics/compare.json", {**headline, "settings": settings_metrics(rows)})
     fid_columns = ["setting", "sampler", "nfe", "fid", "fid_lo", "fid_hi"]
-    # Header only without a classifier, so that the DVC plot exists in every experiment.
-    fid_rows = [[r[k] for k in fid_columns] for r in rows if judged]
+    # Header only without FID, so that the DVC plot exists in every experiment.
+    fid_rows = [[r[k] for k in fid_columns] for r in rows if ranked]
     files.write_tsv("plots/compare/fid_vs_nfe.tsv", fid_columns, fid_rows)
     # Always written (header only without class-conditional sets), so the DVC plot exists in every experiment.
     files.write_tsv(
@@ -187,7 +213,9 @@ def main() -> None:
         ],
     )
 
-    tags = {"best_setting": summary["best"]["setting"]} if judged else {}
+    tags = {"best_setting": summary["best"]["setting"]} if ranked else {}
+    if fid_features:
+        tags["fid_features"] = fid_features
     for name in ("basic", "unet2d", "classifier"):
         run_file = Path(f"models/{name}/run.json")
         if run_file.is_file():
@@ -197,7 +225,10 @@ def main() -> None:
     with tracking.start_run(params.mlflow.experiment, "compare", {"n": n}, tags):
         registered = _read_json("models/unet2d/run.json", "train-unet2d") if "unet2d" in metas else {}
         if registered.get("registered_version") and not judged:
-            print(f"compare: no champion promoted: there is no judge to rank versions by FID ({judge.no_classifier})")
+            # A champion is ranked by a classifier judge whose test accuracy bounds it (tracking.promote_champion);
+            # Inception features have no accuracy on this data to bound: their FIDs stay in the report, rank nothing.
+            why = "Inception FIDs are no classifier judge" if ranked else "there is no judge to rank versions by FID"
+            print(f"compare: no champion promoted: {why} ({judge.no_classifier})", flush=True)
         elif registered.get("registered_version"):
             name, version = registered["registered_model"], registered["registered_version"]
             # The scale its FIDs are on: FIDs by another classifier, other reference images or another n never compare.
@@ -211,7 +242,7 @@ def main() -> None:
                 name, version, headline["best_fid_unet2d"], interval, judge_id, classifier_accuracy
             )
             print(f"compare: {said}", flush=True)
-        tracking.log_metrics({k: v for k, v in headline.items() if k != "n" and v is not None})
+        tracking.log_metrics({k: v for k, v in headline.items() if k not in ("n", "fid_features") and v is not None})
         for r in conditional:  # the accuracy/FID trade-off, one step per guidance scale x 10 (MLflow steps are ints)
             key = f"{r['sampler']}-{r['steps']}".replace("+", "p")
             step = round(10 * r["guidance_scale"])

@@ -4,14 +4,15 @@ samples with (models.classifier).
     dvc repro train-classifier
     python stages/train_classifier.py
 
-Reads params `classifier.*`, `mlflow.experiment` and data/dataset (its shape and classes, the training split for
-training and the input standardisation, the test split for the accuracy). Writes models/classifier/model.safetensors,
-models/classifier/config.json (what rebuilds the classifier and the data it was trained on: metrics.Judge.from_files
-refuses other data) and metrics/classifier.json (test accuracy).
+Reads params `classifier.{seed,epochs,batch_size,lr,max_steps}`, `mlflow.experiment` and data/dataset (its shape
+and classes, the training split for training and the input standardisation, the test split for the accuracy).
+Writes models/classifier/model.safetensors, models/classifier/config.json (what rebuilds the classifier and the data
+it was trained on: metrics.Judge.from_files refuses other data) and metrics/classifier.json (test accuracy).
 
 An unlabelled dataset (no class folders) has nothing to train a classifier on: the stage writes config.json saying
 there is no judge and why, metrics/classifier.json with test_accuracy null, and no weights and no MLflow run; compare
-then reports memorisation and cost only.
+then reports memorisation and cost, and FID and KID on Inception-v3 features where `classifier.inception_weights` names
+their weights file.
 """
 
 from pathlib import Path
@@ -39,7 +40,8 @@ NO_LABELS = (
 def main() -> None:
     params = load_params()
     c = params.classifier
-    used = {"classifier": params.section("classifier")}
+    # What training reads (inception_weights is compare's, for unlabelled data: a change must not retrain this).
+    used = {"classifier": {k: v for k, v in params.section("classifier").items() if k != "inception_weights"}}
     info = describe(DATA)
     # The data the classifier is for: Judge.from_files refuses it for any other.
     trained_on = {
@@ -54,10 +56,13 @@ def main() -> None:
             stale.unlink(missing_ok=True)
         files.write_json(FOLDER / CONFIG, {"judge": False, "reason": NO_LABELS, **trained_on})
         files.write_json("metrics/classifier.json", {"test_accuracy": None})
-        print(
-            f"train-classifier: no judge: {NO_LABELS}; compare will report memorisation and cost, but no FID, KID, "
-            "recognised share or class coverage"
-        )
+        measured = "memorisation and cost, but no FID, KID, recognised share or class coverage"
+        if c.inception_weights:
+            measured = (
+                "FID and KID on Inception-v3 features (classifier.inception_weights), memorisation and cost, but no "
+                "recognised share or class coverage"
+            )
+        print(f"train-classifier: no judge: {NO_LABELS}; compare will report {measured}")
         return
     images, labels = load_split(DATA, train=True)
     test_images, test_labels = load_split(DATA, train=False)

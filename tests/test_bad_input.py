@@ -96,7 +96,7 @@ CASES = [
                 "up_block_types": ["UpBlock2D"] * 4,
             }
         },
-        "unet2d.block_out_channels: got 4 blocks; allowed: at most 3",
+        "unet2d.block_out_channels: got 4 blocks; 4 unet2d blocks halve the image 3 times",
     ),
     (
         "train_unet2d",

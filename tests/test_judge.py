@@ -23,8 +23,10 @@ PARAMS = {"classifier": {"batch_size": 8, "max_steps": 4, "epochs": 1}}
 def run_stage_main(stage: str, project: Path, monkeypatch) -> list[str]:
     """stages/<stage>.py's main() in `project`, logging to a real MLflow store there; returns the names of the runs
     the store then holds."""
+    from accelerate.state import AcceleratorState
     from mlflow import MlflowClient
 
+    AcceleratorState._reset_state(reset_partial_state=True)  # one precision per process: earlier tests chose theirs
     uri = f"sqlite:///{project / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(project)

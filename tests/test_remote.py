@@ -31,11 +31,10 @@ def test_push_then_pull_into_a_fresh_clone(project, tmp_path):
     ).read_bytes()
     assert (clone / "data/dataset/manifest.json").exists()
 
-    # Nothing but check-params (always changed: it lists the data source) is due...
     status = run(["dvc", "status", "train-basic"], cwd=clone)
-    assert [line for line in status.stdout.splitlines() if line.strip()] == ["check-params:", "\talways changed"]
-    # ... and so B does not retrain: repro checks the params and the source, and finds nothing else to do (no new
-    # MLflow run would be made).
+    assert "Data and pipelines are up to date." in status.stdout, status.stdout
+    # And so B does not retrain: repro runs at most check-params (always changed: it lists the data source), which
+    # finds the source as it was, and nothing else (no new MLflow run would be made).
     repro = run(["dvc", "repro", "train-basic"], cwd=clone, env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})
-    assert re.findall(r"Running stage '([\w-]+)'", repro.stdout) == ["check-params"], repro.stdout
+    assert set(re.findall(r"Running stage '([\w-]+)'", repro.stdout)) <= {"check-params"}, repro.stdout
     assert "Stage 'train-basic' didn't change, skipping" in repro.stdout, repro.stdout

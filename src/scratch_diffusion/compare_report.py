@@ -1,7 +1,7 @@
 """The comparison report: one table of every (model, sampler, steps) with its quality (95% intervals) and cost, the
 figures that go with it, and a generated summary that names the best setting, the settings within noise of it, and
-the cheapest of those. Without a classifier (an unlabelled dataset) FID, KID, recognised and coverage read n/a and no
-setting is named best."""
+the cheapest of those. Without a classifier (an unlabelled dataset) recognised and coverage read n/a; FID and KID are
+on Inception-v3 features where the judge has them, else they read n/a too and no setting is named best."""
 
 from __future__ import annotations
 
@@ -79,11 +79,14 @@ def summary_text(summary: dict) -> str:
             f"memorised {f['memorised']:.3f})."
         )
     b, f = summary["best"], summary["fastest_near_best"]
+    # Inception features (an unlabelled dataset) give FID and KID but no recognised share: that needs classes.
+    recognised = ""
+    if b["recognised"] is not None:
+        recognised = f"{b['recognised']:.0%} of samples recognised with confidence > 0.9; "
     text = (
         f"Best setting: **{b['setting']}** (FID {b['fid']:.2f} [95%: {b['fid_lo']:.2f}, {b['fid_hi']:.2f}], "
         f"{b['fid'] / summary['floor']:.1f}x the real-data floor of {summary['floor']:.2f}; KID {b['kid']:.3g}; "
-        f"{b['recognised']:.0%} of samples recognised with confidence > 0.9; "
-        f"{b['seconds_per_image'] * 1000:.1f} ms per image)."
+        f"{recognised}{b['seconds_per_image'] * 1000:.1f} ms per image)."
     )
     others = [r["setting"] for r in summary["near_best"] if r is not b]
     if others:
@@ -127,7 +130,8 @@ def plot_losses(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
     _save(fig, path)
 
 
-def plot_fid_vs_nfe(rows: list[dict], floor: float, path: Path) -> None:
+def plot_fid_vs_nfe(rows: list[dict], floor: float, path: Path, features: str = "classifier") -> None:
+    """FID against NFE with 95% bars, one line per (model, sampler); `features`: what FID is measured on."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     groups: dict[str, list[dict]] = {}
     for r in rows:
@@ -142,7 +146,7 @@ def plot_fid_vs_nfe(rows: list[dict], floor: float, path: Path) -> None:
         xscale="log",
         yscale="log",
         xlabel="model evaluations per image (NFE)",
-        ylabel="FID (classifier features)",
+        ylabel=f"FID ({features} features)",
         title="sample quality against cost (bars: 95% bootstrap intervals)",
     )
     ax.legend(fontsize=8)
@@ -201,13 +205,31 @@ def write_report(
     rows: list[dict], summary: dict, context: dict, figures: dict[str, Path], out_md: Path, out_html: Path
 ) -> None:
     """reports/compare.md (figures linked) and a self-contained HTML page (figures inline). `context`: n, and the
-    judge's classifier_accuracy, num_classes and real_recognised, or (no classifier) no_classifier saying why."""
+    judge's classifier_accuracy, num_classes and real_recognised, or (no classifier) no_classifier saying why and
+    fid_features, what FID was measured on instead (None: nothing)."""
     n, floor = context["n"], summary["floor"]
     memorised = (
         "*memorised*: share of samples closer to a training image than 99% of real test images are (real test "
         "images: 0.01 by construction)."
     )
-    if floor is None:
+    kid = (
+        f"*KID*: kernel inception distance on the same features (unbiased: comparable across n), mean over subsets of "
+        f"{n // 2}."
+    )
+    verdicts = (
+        "*FID vs best*: worse only where the 95% interval of the FID difference excludes 0, else within noise; a "
+        "difference within noise is no evidence that one setting is better."
+    )
+    if floor is not None and context.get("fid_features"):
+        intro = (
+            f"Every sample set has n = {n} images. FID is measured on {context['fid_features']} (torchmetrics' FID "
+            f"network; the dataset has no classes to train a classifier on) against {n} real test images; "
+            f"**{floor:.2f}** is the FID of {n} other real test images (the floor). These Inception FIDs compare with "
+            f"no classifier FID. recognised and coverage KL read {NA}, not measured: {context['no_classifier']}. "
+            f"{memorised} {kid} Brackets: 95% intervals (bootstrap over the sample set; KID: the spread of its "
+            f"subsets). {verdicts}"
+        )
+    elif floor is None:
         intro = (
             f"Every sample set has n = {n} images. FID, KID, recognised and coverage KL read {NA}, not measured: "
             f"{context['no_classifier']}. {memorised} It compares pixels and needs no classifier. Brackets: 95% "
@@ -222,10 +244,8 @@ def write_report(
             "*recognised*: share of samples the classifier assigns one class with probability > 0.9 (real test "
             f"images: {context['real_recognised']:.3f}). *coverage KL*: KL divergence of the predicted-class "
             f"histogram from uniform (0 = all classes equally often, {math.log(k):.2f} = one class only). "
-            f"{memorised} *KID*: kernel inception distance on the same features (unbiased: comparable across n), "
-            f"mean over subsets of {n // 2}. Brackets: 95% intervals (bootstrap over the sample set; KID: the spread "
-            "of its subsets). *FID vs best*: worse only where the 95% interval of the FID difference excludes 0, else "
-            "within noise; a difference within noise is no evidence that one setting is better."
+            f"{memorised} {kid} Brackets: 95% intervals (bootstrap over the sample set; KID: the spread of its "
+            f"subsets). {verdicts}"
         )
     title = "Which design choice makes better samples"
     md = [

@@ -256,6 +256,9 @@ class ClassifierParams:
     batch_size: int = field(default=128, metadata=_range(1))
     lr: float = field(default=2e-3, metadata=_range(0.0, 1.0, lo_open=True))
     max_steps: int = field(default=0, metadata=_range(0))
+    # Unlabelled data only (no classes, no classifier): compare's FID and KID on Inception-v3 features from this file.
+    # Checked by preflight.py, where the data's classes are known: it must exist and load into torchmetrics' network.
+    inception_weights: str = ""
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,10 @@ fixed: every setting is measured against the same one), centred on the measured 
 subset estimates (of n / 2 each: wider than the interval of their mean, so a KID verdict is cautious). `verdict`
 calls one set better than another only where the 95% interval of their difference excludes zero.
 
-An unlabelled dataset has no classifier: its Judge measures memorisation alone (pixel distances need none), and FID,
-KID, recognised and coverage are None.
+An unlabelled dataset has no classifier. Given the weights file of the FID Inception-v3 (params'
+classifier.inception_weights), its Judge measures FID and KID as above on Inception's 2048 pool features
+(InceptionFeatures: torchmetrics' FID network), recognised and coverage are None (they need classes); without it, the
+Judge measures memorisation alone (pixel distances need no features), and FID and KID are None too.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import copy
 import json
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +39,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torchmetrics.image.kid import poly_mmd
 
-from scratch_diffusion.data import DataError, dataset_digest, describe, load_split
+from scratch_diffusion.data import DataError, dataset_digest, describe, load_split, sha256_file
 from scratch_diffusion.models.classifier import CONFIG, Classifier
 
 RECOGNISED_THRESHOLD = 0.9
@@ -79,13 +82,14 @@ METRICS = (
     Metric("seconds_per_image", "s / image", "{:.4f}", lower_is_better=True),
 )
 BY_KEY = {m.key: m for m in METRICS}
-# What only a classifier measures: None for a judge without one (an unlabelled dataset).
+# What a classifier measures: None for a judge without one (an unlabelled dataset), but FID and KID where the judge
+# has Inception's features instead.
 NEEDS_CLASSIFIER = ("fid", "kid", "recognised", "coverage_kl", "coverage_entropy")
 
 
 class JudgeError(DataError):
-    """The classifier's files are missing or were written for other data; the message says which and what to rerun.
-    A DataError, so that a stage prints it as one line."""
+    """The classifier's files (or the Inception weights named in its place) are missing, or were written for other
+    data; the message says which and what to do. A DataError, so that a stage prints it as one line."""
 
 
 def lower_is_better(key: str) -> bool:
@@ -184,6 +188,46 @@ def features(classifier: Classifier, images, batch_size: int = 1000) -> torch.Te
     return torch.cat([net.features(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
+class InceptionFeatures:
+    """Inception-v3's 2048 pool features (N, 2048) in float64, as torchmetrics' FrechetInceptionDistance extracts them
+    (torch-fidelity's network; every image resized to 299 x 299 inside), with the weights from the file `weights`:
+    the FID yardstick of an unlabelled dataset, which has no classifier. `digest` (the file's sha256, 16 hex digits)
+    names the scale. Images as as_nchw takes them, uint8; grey ones repeated to 3 channels (Inception reads RGB)."""
+
+    def __init__(self, weights: str | Path, device: str | None = None):
+        # Without torch-fidelity (its network) the constructor below raises ModuleNotFoundError, naming it.
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        self.weights = Path(weights).expanduser()
+        self.digest = sha256_file(self.weights)[:16]
+        # torch-fidelity reads the file with a full unpickler, which runs whatever code a pickle names. Read it first
+        # the safe way: a file of plain tensors (the published weights are one) passes, anything else stops here.
+        try:
+            torch.load(self.weights, map_location="cpu", weights_only=True)
+        except Exception as e:
+            why = " ".join(str(e).split())[:120]
+            raise JudgeError(
+                f"{self.weights}: refused, not a plain file of weights: loading it could run code ({type(e).__name__}: "
+                f"{why})"
+            ) from None
+        # A GPU where there is one: the network costs about 6 GFLOPs per image, 10^4 times the classifier's.
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        # normalize=False: uint8 in [0, 255] as the samplers write them. Only the metric's network is kept: FID and
+        # KID are computed here from the features, so that their bootstrap resamples features, not images.
+        fid = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(self.weights), normalize=False)
+        self.net = fid.inception.to(self.device).eval()
+
+    @torch.inference_mode()
+    def __call__(self, images, batch_size: int = 50) -> torch.Tensor:
+        x = as_nchw(images)
+        if x.dtype != torch.uint8:
+            raise ValueError(f"Inception features: got images of dtype {x.dtype}; allowed: uint8 in [0, 255]")
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)  # (N, 3, H, W): grey as RGB
+        batches = (x[i : i + batch_size].to(self.device) for i in range(0, len(x), batch_size))
+        return torch.cat([self.net(b).double().cpu() for b in batches])
+
+
 def gaussian(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return f.mean(0), torch.cov(f.T)
 
@@ -192,6 +236,18 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)), as torchmetrics computes it."""
     root = torch.linalg.eigvals(sigma1 @ sigma2).sqrt().real.sum()
     return float((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * root)
+
+
+def frechet_distance_of_features(f1: torch.Tensor, f2: torch.Tensor) -> float:
+    """frechet_distance between the Gaussians fitted to features f1 (N1, d) and f2 (N2, d), without the (d, d)
+    eigenproblem: with sigma = A^T A (A: the centred features over sqrt(N - 1)), the non-zero eigenvalues of
+    sigma1 sigma2 are the squared singular values of A1 A2^T, so Tr (sigma1 sigma2)^(1/2) is that (N1, N2) matrix's
+    nuclear norm. Exact; for Inception's d = 2048 at N = 1000 about 1 s where eigvals takes 10 or more."""
+    a1 = (f1 - f1.mean(0)) / math.sqrt(len(f1) - 1)
+    a2 = (f2 - f2.mean(0)) / math.sqrt(len(f2) - 1)
+    root = torch.linalg.svdvals(a1 @ a2.T).sum()
+    mean_term = (f1.mean(0) - f2.mean(0)).square().sum()
+    return float(mean_term + a1.square().sum() + a2.square().sum() - 2 * root)
 
 
 def kid_subsets(f_real: torch.Tensor, f_fake: torch.Tensor, subsets: int, size: int, seed: int = 0) -> np.ndarray:
@@ -214,9 +270,10 @@ class Judge:
     `replicates`, the bootstrap values that `verdict` compares. Every resample is seeded: the same images give the
     same numbers.
 
-    Without a classifier (`classifier=None`, `no_classifier` saying why: an unlabelled dataset) it measures
-    memorisation alone; FID, KID, recognised and coverage (NEEDS_CLASSIFIER), the floor and the real recognised share
-    are None.
+    Without a classifier (`classifier=None`, `no_classifier` saying why: an unlabelled dataset) it measures FID, KID
+    and the floor on the features of `inception` (InceptionFeatures) where it is given, and memorisation; recognised,
+    coverage and the real recognised share are None (they need classes). Without either, it measures memorisation
+    alone: everything of NEEDS_CLASSIFIER and the floor are None.
     """
 
     def __init__(
@@ -227,6 +284,7 @@ class Judge:
         n: int,
         resamples: int = RESAMPLES,
         no_classifier: str | None = None,
+        inception: InceptionFeatures | None = None,
     ):
         if 2 * n > len(test_images):
             raise ValueError(
@@ -234,30 +292,56 @@ class Judge:
             )
         if (classifier is None) != (no_classifier is not None):
             raise ValueError("Judge: give a classifier, or none and `no_classifier` saying why there is none")
+        if classifier is not None and inception is not None:
+            raise ValueError("Judge: give a classifier or Inception features, not both: one FID scale per judge")
         self.classifier = classifier.eval() if classifier is not None else None
         self.no_classifier = no_classifier
+        self.inception = inception
+        # The one place that decides what FID and KID are measured on: the classifier's penultimate features, else
+        # Inception's (an unlabelled dataset whose params name its weights), else nothing.
+        self.extract = partial(features, classifier) if classifier is not None else inception
         self.n, self.resamples = n, resamples
         self.train_images = train_images
         reference, held_out = test_images[:n], test_images[n : 2 * n]
         self.memorisation_cut = memorisation_threshold(held_out, train_images)
         self.reference_features = self.reference = self.floor = self.real_recognised = None
-        if classifier is not None:
-            self.reference_features = features(classifier, reference)
-            self.reference = gaussian(self.reference_features)
+        if self.extract is not None:
+            self.reference_features = self.extract(reference)
+            if inception is None:
+                self.reference = gaussian(self.reference_features)
             self.floor = self.fid(held_out)
+        if classifier is not None:
             self.real_recognised = recognised_share(predict_proba(classifier, held_out))
 
     @classmethod
-    def from_files(cls, classifier_file: str | Path, data_root: str | Path, n: int, **kwargs) -> Judge:
+    def from_files(
+        cls,
+        classifier_file: str | Path,
+        data_root: str | Path,
+        n: int,
+        inception_weights: str | Path | None = None,
+        **kwargs,
+    ) -> Judge:
         """The judge that train-classifier left: its weights (`classifier_file`) and, beside them, config.json (what
         rebuilds the classifier, the data it was trained on, or why there is none), for the dataset at `data_root`.
-        Raises JudgeError (one line) when the config is missing or was written for other data."""
+        Where there is none, Inception's features from `inception_weights` (classifier.inception_weights; ignored
+        beside a classifier) measure FID and KID. Raises JudgeError (one line) when the config is missing or was
+        written for other data, or the Inception weights file is missing."""
         classifier_file = Path(classifier_file)
         config = read_config(classifier_file.with_name(CONFIG), data_root)
         test_images, _ = load_split(data_root, train=False)
         train_images, _ = load_split(data_root, train=True)
         if not config["judge"]:
-            return cls(None, test_images, train_images, n, no_classifier=config["reason"], **kwargs)
+            inception = None
+            if inception_weights:
+                if not Path(inception_weights).expanduser().is_file():
+                    raise JudgeError(
+                        f"classifier.inception_weights: {inception_weights}: no such file (the FID Inception-v3 "
+                        "weights); restore it, or set classifier.inception_weights to '' for no FID"
+                    )
+                inception = InceptionFeatures(inception_weights)
+            reason = config["reason"]
+            return cls(None, test_images, train_images, n, no_classifier=reason, inception=inception, **kwargs)
         if not classifier_file.is_file():
             raise JudgeError(f"{classifier_file}: missing beside its {CONFIG}; run `dvc repro train-classifier`")
         classifier = Classifier(**{k: config[k] for k in ("channels", "resolution", "num_classes", "mean", "std")})
@@ -269,43 +353,56 @@ class Judge:
             raise ValueError(f"{what} needs a classifier, and this judge has none: {self.no_classifier}")
         return self.classifier
 
+    def _fid(self, f: torch.Tensor) -> float:
+        """FID of features `f` against the reference's."""
+        if self.inception is not None:  # 2048 features, more than images: the (N, N) form, exact and fast
+            return frechet_distance_of_features(f, self.reference_features)
+        return frechet_distance(*gaussian(f), *self.reference)
+
     def fid(self, images) -> float:
-        classifier = self._classifier("FID")
+        if self.extract is None:
+            raise ValueError(
+                f"FID needs a classifier, and this judge has none: {self.no_classifier} (nor Inception features: "
+                "classifier.inception_weights is not set)"
+            )
         if len(images) != self.n:
             raise ValueError(f"FID compares only at equal n: got {len(images)} images, the reference has {self.n}")
-        return frechet_distance(*gaussian(features(classifier, images)), *self.reference)
+        return self._fid(self.extract(images))
 
     def measure(self, images) -> dict:
         """Every quality metric of one sample set (uint8 (n, H, W), (n, C, H, W) or (n, H, W, 3)) with its interval
-        and its replicates; without a classifier, memorisation alone (NEEDS_CLASSIFIER are None)."""
+        and its replicates; without a classifier, FID and KID on Inception's features or none, and memorisation
+        (what was not measured is None)."""
         if len(images) != self.n:
             raise ValueError(f"FID compares only at equal n: got {len(images)} images, the reference has {self.n}")
         point: dict[str, float | None] = {}
         reps: dict[str, list[float]] = {}
+        if self.extract is not None:
+            f = self.extract(images)
+            point["fid"], reps["fid"] = self._fid(f), []
         if self.classifier is not None:
-            f = features(self.classifier, images)
             probs = predict_proba(self.classifier, images)
-            point |= {"fid": frechet_distance(*gaussian(f), *self.reference), "recognised": recognised_share(probs)}
-            point |= class_coverage(probs, self.classifier.num_classes)
-            reps |= {"fid": [], "recognised": [], "coverage_kl": []}
+            point |= {"recognised": recognised_share(probs)} | class_coverage(probs, self.classifier.num_classes)
+            reps |= {"recognised": [], "coverage_kl": []}
         near = nearest_distances(images, self.train_images) < self.memorisation_cut
         point["memorised"], reps["memorised"] = float(near.float().mean()), []
         g = torch.Generator().manual_seed(0)
         for _ in range(self.resamples):
             i = torch.randint(self.n, (self.n,), generator=g)
+            if self.extract is not None:
+                reps["fid"].append(self._fid(f[i]))
             if self.classifier is not None:
-                reps["fid"].append(frechet_distance(*gaussian(f[i]), *self.reference))
                 reps["recognised"].append(recognised_share(probs[i]))
                 reps["coverage_kl"].append(class_coverage(probs[i], self.classifier.num_classes)["coverage_kl"])
             reps["memorised"].append(float(near[i].float().mean()))
         replicates = {k: np.array(v) for k, v in reps.items()}
-        if self.classifier is not None:
+        if self.extract is not None:
             replicates["kid"] = kid_subsets(self.reference_features, f, self.resamples, max(2, self.n // 2))
             point["kid"] = float(replicates["kid"].mean())
         for key, values in replicates.items():
             point[f"{key}_lo"], point[f"{key}_hi"] = _interval(values, point[key], key)
-        if self.classifier is None:
-            point |= dict.fromkeys(NEEDS_CLASSIFIER)  # not measured: n/a in the report, null in metrics/compare.json
+        # Not measured: n/a in the report, null in metrics/compare.json.
+        point |= {key: None for key in NEEDS_CLASSIFIER if key not in point}
         return {**point, "replicates": replicates}
 
     def conditional(self, images, labels, real_images, real_labels) -> dict:

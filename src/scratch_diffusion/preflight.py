@@ -9,15 +9,19 @@ a sampler that draws NaN. `check_runnable` builds what the stages will build, wi
   strictly within (0, 1) (Ho et al. 2020: x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps);
 - every diffusers sampler of sample.settings, and the training grids' DDIM, through samplers.sample_images from that
   schedule's config as the sample stage reads it back from disk, run for its steps on a stand-in model that
-  predicts zeros: whatever diffusers raises, or a non-finite image, is reported.
+  predicts zeros: whatever diffusers raises, or a non-finite image, is reported;
+- for unlabelled data whose params name classifier.inception_weights: torchmetrics' Inception-v3 built from that file
+  (compare's FID yardstick without a classifier).
 Each fault is one ParamsError naming the key, the value and what is allowed. About a second on a CPU, beside the
 imports.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler
@@ -25,6 +29,7 @@ from diffusers import DDPMScheduler
 from scratch_diffusion.choices import DIFFUSERS_SAMPLERS, PREDICTION_TYPES
 from scratch_diffusion.config import NAMED_DATASETS, Params, ParamsError, SampleSetting
 from scratch_diffusion.corruption import ddpm_scheduler
+from scratch_diffusion.metrics import InceptionFeatures
 from scratch_diffusion.models import BasicUNet, UNet2DDenoiser, build_unet
 from scratch_diffusion.models.classifier import Classifier
 from scratch_diffusion.samplers import fixed_noise, sample_images
@@ -87,10 +92,18 @@ def check_data(params: Params, data: DataFacts) -> list[str]:
                 f"unet2d.class_conditional: got true, but {d.source} is unlabelled (no class folders); allowed: false,"
                 " or one subfolder per class"
             )
+        if params.classifier.inception_weights:
+            check_inception_weights(params.classifier.inception_weights)
+            return [
+                f"{d.source} is unlabelled: compare will measure FID and KID on Inception-v3 features "
+                f"(classifier.inception_weights), memorisation, cost and the pictures, but no recognised share or "
+                "class coverage (they need classes: put the images in one subfolder per class)"
+            ]
         return [
             f"{d.source} is unlabelled: compare will report memorisation, cost and the pictures, but no FID, KID, "
             "recognised share or class coverage (they need a classifier trained on labelled images: put them in "
-            "one subfolder per class)"
+            "one subfolder per class); for an Inception FID and KID, set classifier.inception_weights to the FID "
+            "Inception-v3 weights file (torch-fidelity's weights-inception-2015-12-05-6726825d.pth)"
         ]
     bad = [c for c in s.digits if c >= data.num_classes]
     if bad and params.unet2d.class_conditional:
@@ -98,7 +111,33 @@ def check_data(params: Params, data: DataFacts) -> list[str]:
             f"sample.digits: got {bad[0]}; the dataset has {data.num_classes} classes "
             f"(allowed: 0..{data.num_classes - 1})"
         )
+    if params.classifier.inception_weights:
+        return [
+            f"classifier.inception_weights is set but unused: {d.source if d.dataset == 'folder' else d.dataset} is "
+            "labelled, so compare measures FID on the classifier trained on its classes"
+        ]
     return []
+
+
+def check_inception_weights(weights: str) -> None:
+    """The FID Inception-v3 weights file exists, torch-fidelity (torchmetrics' Inception network) is installed, and
+    the file loads into that network (a second or two on a CPU): a wrong file stops check-params, not compare."""
+    allowed = "allowed: the FID Inception-v3 weights (torch-fidelity's weights-inception-2015-12-05-6726825d.pth)"
+    if not Path(weights).expanduser().is_file():
+        raise ParamsError(f"classifier.inception_weights: got {weights!r}, which is no file; {allowed}, or '' for none")
+    if importlib.util.find_spec("torch_fidelity") is None:
+        raise ParamsError(
+            f"classifier.inception_weights: got {weights!r}, but torch-fidelity (the Inception-v3 network of "
+            "torchmetrics' FID) is not installed: `pip install torch-fidelity`, or set '' for no FID"
+        )
+    try:
+        InceptionFeatures(weights, device="cpu")
+    except Exception as e:  # torch.load's unpickling errors, load_state_dict's missing and unexpected keys, ...
+        why = " ".join(str(e).split())[:200]
+        raise ParamsError(
+            f"classifier.inception_weights: got {weights!r}, which torchmetrics' Inception-v3 cannot load "
+            f"({type(e).__name__}: {why}); {allowed}, or '' for none"
+        ) from None
 
 
 def check_networks(params: Params, data: DataFacts) -> None:
