@@ -49,6 +49,7 @@ def test_a_truncated_model_folder_is_one_line(workdir):
     model = workdir / "models/basic"
     model.mkdir(parents=True)
     (model / "model.safetensors").write_bytes(b"\x00" * 20)
+    (model / "scratch_diffusion.json").write_text('{"resolution": 28, "channels": 1}')
     proc = run([*GENERATE, "--model", "models/basic", "--sampler", "toy"], cwd=workdir, check=False)
     assert proc.returncode == 2 and "not a readable BasicUNet" in proc.stderr and "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") == 1, proc.stderr

@@ -12,7 +12,7 @@ from scratch_diffusion import recipe
 from scratch_diffusion.config import ParamsError, params_from_dict
 from scratch_diffusion.data import DatasetInfo, describe, download, make_shapes
 from scratch_diffusion.images import captioned, class_columns, grid, save_png, to_uint8
-from scratch_diffusion.model_files import META, load_basic, load_unet2d, save_basic, save_unet2d
+from scratch_diffusion.model_files import ModelFileError, load_basic, load_unet2d, save_basic, save_unet2d
 from scratch_diffusion.models import BasicUNet, UNet2DDenoiser, build_unet
 from scratch_diffusion.samplers import fixed_noise, generate
 from tests.conftest import REPO, TINY, merge
@@ -189,12 +189,13 @@ def test_model_folders_say_their_shape(folders, tmp_path):
     assert "--digit 2" in card
 
 
-def test_a_basic_folder_from_before_the_metadata_is_mnists(tmp_path):
+def test_a_basic_folder_without_its_shape_is_refused_in_one_line(tmp_path):
     from safetensors.torch import save_file
 
     (tmp_path / "basic").mkdir()
     save_file(BasicUNet().state_dict(), str(tmp_path / "basic/model.safetensors"))
-    assert not (tmp_path / "basic" / META).exists() and load_basic(tmp_path / "basic").image_shape == (1, 28, 28)
+    with pytest.raises(ModelFileError, match=r"scratch_diffusion.json: missing; rerun `dvc repro train-basic`"):
+        load_basic(tmp_path / "basic")
 
 
 def test_plain_diffusers_draws_rgb_images_of_the_trained_resolution(tmp_path):

@@ -154,11 +154,6 @@ def load_unet2d(path: str | Path, device="cpu") -> tuple[UNet2DDenoiser, DDPMSch
         ) from None
 
 
-# A BasicUNet folder without scratch_diffusion.json was saved before model folders recorded their data, when every
-# dataset (MNIST, Fashion-MNIST) was 28 x 28 grey.
-LEGACY_BASIC_META = {"resolution": 28, "channels": 1}
-
-
 def save_basic(path: str | Path, net, meta: dict) -> None:
     """The BasicUNet's folder: its weights (safetensors) and `meta`, which must say the data's `resolution` and
     `channels` (the shape load_basic rebuilds it with)."""
@@ -186,8 +181,10 @@ def load_basic(path: str | Path, device="cpu"):
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: missing; run `dvc repro train-basic` first")
     meta_file = Path(path) / META
+    if not meta_file.is_file():  # the weights alone do not say the image side and channels it was trained on
+        raise ModelFileError(f"{meta_file}: missing; rerun `dvc repro train-basic` (or `dvc checkout models/basic`)")
     try:
-        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else LEGACY_BASIC_META
+        meta = json.loads(meta_file.read_text())
         channels = int(meta["channels"])
         net = BasicUNet(channels, channels, sample_size=int(meta["resolution"]))
         net.load_state_dict(load_file(weights))
