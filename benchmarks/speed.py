@@ -44,6 +44,7 @@ from scratch_diffusion.stage import peak_rss_kib
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data/dataset"
 BATCH = 128
+CHANNELS, SIDE = 1, 28  # the lesson's networks: MNIST's grey 28 x 28 images
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as the lesson's notebook picks it
 
 
@@ -71,7 +72,11 @@ def lesson_loop(model_name: str, steps: int, seed: int = 0) -> tuple[float, list
         root=str(DATA), train=True, download=False, transform=torchvision.transforms.ToTensor()
     )
     loader = DataLoader(dataset, batch_size=BATCH, shuffle=True)
-    net = (BasicUNet() if model_name == "basic" else build_unet()).to(DEVICE)
+    net = (
+        BasicUNet(CHANNELS, CHANNELS, SIDE)
+        if model_name == "basic"
+        else build_unet(sample_size=SIDE, channels=CHANNELS)
+    ).to(DEVICE)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     losses, start = [], None
     for i, (x, _) in enumerate(loader):
@@ -168,9 +173,17 @@ def bench_sampling(repeats: int) -> None:
     print(f"\n## Sampling: one batch of {bs} per default setting, precision {precision} (untrained weights)")
     torch.manual_seed(0)
     nets = {
-        "basic": BasicUNet().eval(),
+        "basic": BasicUNet(CHANNELS, CHANNELS, SIDE).eval(),
         "unet2d": UNet2DDenoiser(
-            build_unet(u.block_out_channels, u.layers_per_block, u.down_block_types, u.up_block_types), u.conditioning
+            build_unet(
+                u.block_out_channels,
+                u.layers_per_block,
+                u.down_block_types,
+                u.up_block_types,
+                sample_size=SIDE,
+                channels=CHANNELS,
+            ),
+            u.conditioning,
         ).eval(),
     }
     nets = {name: net.to(DEVICE) for name, net in nets.items()}
@@ -197,8 +210,15 @@ def bench_sampling(repeats: int) -> None:
         print(f"{s.name:24s} NFE {nfe:4d}  {bs / seconds:8.1f} img/s  {1000 * seconds / bs:7.1f} ms/image")
 
     # One UNet2DModel evaluation at the stage's batch: a plain fp32 eager call vs the sample stage's call.
-    x, t = torch.randn(bs, 1, 28, 28, device=DEVICE), torch.full((bs,), 500, device=DEVICE)
-    plain = build_unet(u.block_out_channels, u.layers_per_block, u.down_block_types, u.up_block_types).eval()
+    x, t = torch.randn(bs, CHANNELS, SIDE, SIDE, device=DEVICE), torch.full((bs,), 500, device=DEVICE)
+    plain = build_unet(
+        u.block_out_channels,
+        u.layers_per_block,
+        u.down_block_types,
+        u.up_block_types,
+        sample_size=SIDE,
+        channels=CHANNELS,
+    ).eval()
     plain.to(DEVICE)
     plain.load_state_dict(nets["unet2d"].unet.state_dict())
 

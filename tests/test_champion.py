@@ -13,10 +13,10 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from safetensors.torch import save_file
 
 from scratch_diffusion import tracking
 from scratch_diffusion.cli import main as cli_main
+from scratch_diffusion.model_files import save_basic
 from scratch_diffusion.models import BasicUNet
 from scratch_diffusion.stage import StageError
 from scratch_diffusion.tracking import CHAMPION, MIN_JUDGE_ACCURACY, promote_champion
@@ -38,12 +38,11 @@ def champion(name="m") -> str | None:
 
 
 def register(tmp_path: Path, names: dict[str, int]) -> None:
-    """Register `count` versions of each name, each from a run that logged a real BasicUNet's weights where the
-    training stages put them (<model>/extra_files/model.safetensors), so `generate` can load any of them."""
-    weights = tmp_path / "weights" / "model.safetensors"
-    if not weights.is_file():
-        weights.parent.mkdir()
-        save_file({k: v.contiguous() for k, v in BasicUNet().state_dict().items()}, str(weights))
+    """Register `count` versions of each name, each from a run that logged a real BasicUNet's folder where the
+    training stages put it (<model>/extra_files/: model.safetensors and its shape), so `generate` can load any."""
+    folder = tmp_path / "weights"
+    if not folder.is_dir():  # the weights and the shape record, as train-basic saves and logs them
+        save_basic(folder, BasicUNet(1, 1, 28), {"resolution": 28, "channels": 1})
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name("e")
     experiment_id = (
@@ -55,7 +54,8 @@ def register(tmp_path: Path, names: dict[str, int]) -> None:
         client.create_registered_model(name)
         for _ in range(count):
             with mlflow.start_run(experiment_id=experiment_id) as run:
-                mlflow.log_artifact(str(weights), "model/extra_files")
+                for file in sorted(folder.iterdir()):
+                    mlflow.log_artifact(str(file), "model/extra_files")
             client.create_model_version(name, source=f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
 
 

@@ -77,7 +77,7 @@ def test_every_loss_weighting_is_implemented(weighting):
 def test_every_unet_block_and_conditioning_is_implemented():
     for name in choices.UNET_BLOCKS:
         assert hasattr(unet_2d_blocks, name)
-    unet = build_unet((32,), 1, ("DownBlock2D",), ("UpBlock2D",))
+    unet = build_unet((32,), 1, ("DownBlock2D",), ("UpBlock2D",), sample_size=28, channels=1)
     for conditioning in choices.CONDITIONINGS:
         UNet2DDenoiser(unet, conditioning)
     with pytest.raises(ValueError, match="unknown conditioning"):

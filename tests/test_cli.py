@@ -119,7 +119,7 @@ def basic_model(workdir: pathlib.Path) -> None:
 
     torch.manual_seed(0)
     meta = {"dataset": "mnist", "resolution": 28, "channels": 1, "classes": [str(d) for d in range(10)]}
-    save_basic(workdir / "models/basic", BasicUNet(), meta)
+    save_basic(workdir / "models/basic", BasicUNet(1, 1, 28), meta)
 
 
 def test_a_seed_out_of_range_is_one_line(workdir, monkeypatch, capsys):
@@ -163,7 +163,7 @@ def test_all_timesteps_with_a_multistep_solver_is_refused_for_the_model(workdir)
     from scratch_diffusion.model_files import save_unet2d
     from scratch_diffusion.models import UNet2DDenoiser, build_unet
 
-    net = UNet2DDenoiser(build_unet((32,), 1, ("DownBlock2D",), ("UpBlock2D",)))
+    net = UNet2DDenoiser(build_unet((32,), 1, ("DownBlock2D",), ("UpBlock2D",), sample_size=28, channels=1))
     meta = {"corruption": "ddpm", "conditioning": "timestep", "objective": "x0"}
     save_unet2d(workdir / "models/unet2d", net, ddpm_scheduler(10, prediction_type="sample"), meta)
     proc = run([*GENERATE[:-4], "--sampler", "dpmsolver++", "--steps", "10", "--n", "2"], cwd=workdir, check=False)

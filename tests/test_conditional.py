@@ -26,7 +26,7 @@ SMALL = {
 
 def denoiser(num_classes: int = 10) -> UNet2DDenoiser:
     torch.manual_seed(0)
-    return UNet2DDenoiser(build_unet(**SMALL, num_classes=num_classes)).eval()
+    return UNet2DDenoiser(build_unet(**SMALL, sample_size=28, channels=1, num_classes=num_classes)).eval()
 
 
 @pytest.fixture

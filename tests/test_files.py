@@ -69,7 +69,8 @@ out, how = Path(sys.argv[1]), sys.argv[2]
 (out / "metrics.json").write_text("last good")
 (out / "unet2d").mkdir()
 (out / "unet2d" / "README.md").write_text("last good model")
-net = UNet2DDenoiser(build_unet((32,), 1, ("DownBlock2D",), ("UpBlock2D",)))  # 0.4 MB of weights
+# 0.4 MB of weights
+net = UNet2DDenoiser(build_unet((32,), 1, ("DownBlock2D",), ("UpBlock2D",), sample_size=28, channels=1))
 if how == "fsize":  # a file-size limit: writes past 64 KiB fail with EFBIG instead of killing the process
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))

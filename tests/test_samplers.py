@@ -57,7 +57,9 @@ def test_every_sampler_ends_at_x0_with_an_oracle(objective, sampler):
 @pytest.fixture(scope="module")
 def tiny_unet():
     torch.manual_seed(0)
-    unet = build_unet((32, 32), 1, ("DownBlock2D", "AttnDownBlock2D"), ("AttnUpBlock2D", "UpBlock2D"))
+    unet = build_unet(
+        (32, 32), 1, ("DownBlock2D", "AttnDownBlock2D"), ("AttnUpBlock2D", "UpBlock2D"), sample_size=28, channels=1
+    )
     return UNet2DDenoiser(unet).eval(), ddpm_scheduler(prediction_type="epsilon")
 
 

@@ -75,14 +75,22 @@ def test_mnist_networks_have_the_weights_they_had_before():
     p = params(class_conditional=True)
     basic, *_ = recipe._parts("basic", p, MNIST)
     torch.manual_seed(p.seed)
-    lesson = BasicUNet()
+    lesson = BasicUNet(1, 1, 28)
     assert all(
         torch.equal(a, b) for a, b in zip(basic.state_dict().values(), lesson.state_dict().values(), strict=True)
     )
     unet2d, *_ = recipe._parts("unet2d", p, MNIST)
     u = p.unet2d
     torch.manual_seed(p.seed)
-    before = build_unet(u.block_out_channels, u.layers_per_block, u.down_block_types, u.up_block_types, num_classes=10)
+    before = build_unet(
+        u.block_out_channels,
+        u.layers_per_block,
+        u.down_block_types,
+        u.up_block_types,
+        sample_size=28,
+        channels=1,
+        num_classes=10,
+    )
     ours, theirs = unet2d.unet.state_dict(), before.state_dict()
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
@@ -193,7 +201,7 @@ def test_a_basic_folder_without_its_shape_is_refused_in_one_line(tmp_path):
     from safetensors.torch import save_file
 
     (tmp_path / "basic").mkdir()
-    save_file(BasicUNet().state_dict(), str(tmp_path / "basic/model.safetensors"))
+    save_file(BasicUNet(1, 1, 28).state_dict(), str(tmp_path / "basic/model.safetensors"))
     with pytest.raises(ModelFileError, match=r"scratch_diffusion.json: missing; rerun `dvc repro train-basic`"):
         load_basic(tmp_path / "basic")
 

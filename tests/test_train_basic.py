@@ -40,7 +40,7 @@ def test_outputs_and_metrics(trained):
     assert rows[0] == "step\tloss" and [r.split("\t")[0] for r in rows[1:]] == ["2", "4", "6"]
     assert (project / "plots/train_basic/samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     state = load_file(project / "models/basic/model.safetensors")
-    net = BasicUNet()
+    net = BasicUNet(1, 1, 28)
     net.load_state_dict(state)  # strict: every key and shape matches
     # The folder says what the network was trained on, so that sampling draws that shape.
     meta = json.loads((project / "models/basic/scratch_diffusion.json").read_text())
@@ -72,7 +72,7 @@ def test_mlflow_run_is_complete(trained):
     mlflow.set_tracking_uri(uri)
     model = mlflow.pytorch.load_model(info["model_uri"])
     x = torch.rand(2, 1, 28, 28)
-    reference = BasicUNet()
+    reference = BasicUNet(1, 1, 28)
     reference.load_state_dict(load_file(project / "models/basic/model.safetensors"))
     with torch.no_grad():
         np.testing.assert_allclose(model(x).numpy(), reference(x).numpy(), atol=1e-6)

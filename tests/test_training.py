@@ -17,7 +17,7 @@ class Crash(Exception):
 
 def _train(images, ckpt_dir, crash_at=None):
     torch.manual_seed(0)
-    model = BasicUNet()
+    model = BasicUNet(1, 1, 28)
     ema = EMA(model, 0.9)
 
     def on_log(step, loss):
@@ -97,7 +97,7 @@ def test_a_run_resumed_from_its_final_checkpoint_reports_the_speed_of_the_run_th
     def train():
         torch.manual_seed(0)
         return fit(
-            BasicUNet(),
+            BasicUNet(1, 1, 28),
             toy_loss,
             images,
             Accelerator(cpu=True),

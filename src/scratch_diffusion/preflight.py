@@ -145,7 +145,7 @@ def check_networks(params: Params, data: DataFacts) -> None:
     u = params.unet2d
     with torch.device("meta"):  # parameters and activations without storage: the lesson's UNet in milliseconds
         x, t = torch.zeros(2, data.channels, data.resolution, data.resolution), torch.zeros(2)  # (B, C, H, W), (B,)
-        BasicUNet(data.channels, data.channels)(x, t)
+        BasicUNet(data.channels, data.channels, data.resolution)(x, t)
         if data.num_classes:  # an unlabelled dataset has no classifier; shapes only: mean 0, std 1 stand in
             c = data.channels
             Classifier(c, data.resolution, data.num_classes, [0.0] * c, [1.0] * c)(x)

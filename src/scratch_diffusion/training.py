@@ -1,6 +1,6 @@
 """The Accelerate training loop shared by every model: device, mixed precision, several processes.
 
-The whole training split arrives as one uint8 tensor (N, 1, 28, 28); batches are converted to float on the device,
+The whole training split arrives as one uint8 tensor (N, C, H, W); batches are converted to float on the device,
 so there is no per-item PIL decode in the hot loop. `loss_fn(model, x0)` holds everything model-specific
 (corruption, objective, weighting), so this loop never asks which network it trains.
 """

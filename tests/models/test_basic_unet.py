@@ -4,7 +4,7 @@ from scratch_diffusion.models import BasicUNet
 
 
 def test_basic_unet_matches_the_lesson():
-    net = BasicUNet()
+    net = BasicUNet(1, 1, 28)
     assert sum(p.numel() for p in net.parameters()) == 309_057
     x = torch.rand(8, 1, 28, 28)
     y = net(x)

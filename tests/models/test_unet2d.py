@@ -4,7 +4,7 @@ from scratch_diffusion.models import UNet2DDenoiser, build_unet
 
 
 def test_unet2d_matches_the_lesson():
-    unet = build_unet()
+    unet = build_unet(sample_size=28, channels=1)
     assert sum(p.numel() for p in unet.parameters()) == 1_707_009
     model = UNet2DDenoiser(unet)
     assert model(torch.randn(2, 1, 28, 28), torch.tensor([10, 500])).shape == (2, 1, 28, 28)
@@ -12,7 +12,9 @@ def test_unet2d_matches_the_lesson():
 
 def test_conditioning_modes_reach_the_time_embedding():
     torch.manual_seed(0)
-    unet = build_unet((32, 32), 1, ("DownBlock2D", "AttnDownBlock2D"), ("AttnUpBlock2D", "UpBlock2D")).eval()
+    unet = build_unet(
+        (32, 32), 1, ("DownBlock2D", "AttnDownBlock2D"), ("AttnUpBlock2D", "UpBlock2D"), sample_size=28, channels=1
+    ).eval()
     x = torch.randn(2, 1, 28, 28)
     t = torch.tensor([100.0, 900.0])
     with torch.no_grad():

@@ -13,11 +13,10 @@ from torch import nn
 
 
 class BasicUNet(nn.Module):
-    def __init__(self, in_channels: int = 1, out_channels: int = 1, sample_size: int = 28):
-        """The lesson's network by default (MNIST: one channel, 28 pixels); the training recipe and the model folder
-        pass the dataset's. The convolutions take any side divisible by 4, so `sample_size`, the side it is trained
-        on, is recorded for the samplers (as diffusers' UNet2DModel records its own), not built in: it adds no
-        weights and draws nothing from the RNG."""
+    def __init__(self, in_channels: int, out_channels: int, sample_size: int):
+        """Shaped for the dataset's images (the training recipe and the model folder pass them). The convolutions take
+        any side divisible by 4, so `sample_size`, the side it is trained on, is recorded for the samplers (as
+        diffusers' UNet2DModel records its own), not built in: it adds no weights and draws nothing from the RNG."""
         super().__init__()
         self.sample_size = sample_size
         self.down_layers = nn.ModuleList(

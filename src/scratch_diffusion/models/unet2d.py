@@ -24,13 +24,14 @@ def build_unet(
     layers_per_block: int = 2,
     down_block_types: Sequence[str] = ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
     up_block_types: Sequence[str] = ("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    sample_size: int = 28,
-    channels: int = 1,
+    *,
+    sample_size: int,
+    channels: int,
     num_classes: int = 0,
 ) -> UNet2DModel:
-    """The lesson's UNet2DModel by default (1,707,009 parameters, MNIST's 28 x 28 grey images); the training recipe
-    passes the dataset's `sample_size` (side in pixels) and `channels`, which diffusers records in the model's
-    config, so the model folder says what to draw.
+    """The lesson's UNet2DModel architecture by default (1,707,009 parameters on 28 x 28 grey images), for images of
+    the dataset's `sample_size` (side in pixels) and `channels`, which diffusers records in the model's config, so
+    the model folder says what to draw.
 
     With `num_classes` > 0 it is class-conditional: diffusers adds an embedding of `num_classes + 1` labels to the
     time embedding; the last label means "no label" (classifier-free guidance's unconditional model).
