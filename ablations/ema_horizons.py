@@ -36,12 +36,12 @@ from safetensors.torch import load_file
 from scratch_diffusion import files
 from scratch_diffusion.choices import DIFFUSERS_SAMPLERS
 from scratch_diffusion.config import MAX_SEED, ParamsError, SampleSetting, Unet2dParams, load_params, sample_setting
-from scratch_diffusion.hardware import for_sampling, machine
+from scratch_diffusion.hardware import machine
 from scratch_diffusion.identity import what_changed
 from scratch_diffusion.metrics import Judge, seed_verdict
 from scratch_diffusion.model_files import META, load_unet2d, save_unet2d
 from scratch_diffusion.recipe import train_model, training_identity, unet2d_meta
-from scratch_diffusion.samplers import generate
+from scratch_diffusion.samplers import expected_evaluations, generate, sampling_choice
 from scratch_diffusion.training import EMA
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,6 +141,9 @@ def measure_seed(seed: int, setting: SampleSetting, judge: Judge) -> dict:
     rows = []
     for d in dirs:
         model, scheduler, meta = load_unet2d(d)
+        calls = -(-judge.n // sp.batch_size) * expected_evaluations(setting.sampler, setting.steps)
+        batch = min(sp.batch_size, judge.n)
+        choice = sampling_choice(model, sp.precision, sp.channels_last, "cpu", batch=batch, evaluations=calls)
         images, _ = generate(
             model,
             setting.sampler,
@@ -151,7 +154,8 @@ def measure_seed(seed: int, setting: SampleSetting, judge: Judge) -> dict:
             corruption=meta["corruption"],
             trained_config=scheduler.config,
             eta=setting.eta,
-            precision=for_sampling(sp.precision, "cpu").precision,
+            precision=choice.precision,
+            channels_last=choice.channels_last,
         )
         quality = judge.measure(images)
         quality.pop("replicates")

@@ -32,11 +32,11 @@ import yaml
 from scratch_diffusion import files
 from scratch_diffusion.config import MAX_SEED, ParamsError, params_from_dict
 from scratch_diffusion.data import load_split
-from scratch_diffusion.hardware import for_sampling, machine
+from scratch_diffusion.hardware import machine
 from scratch_diffusion.metrics import Judge, seed_verdict
 from scratch_diffusion.model_files import load_unet2d, save_unet2d
 from scratch_diffusion.recipe import noise_schedule, train_model, unet2d_meta
-from scratch_diffusion.samplers import generate
+from scratch_diffusion.samplers import expected_evaluations, generate, sampling_choice
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "dataset"
@@ -125,6 +125,9 @@ def measure_samplers(judge: Judge, params, folder: Path, device, lead_only: bool
     settings = [s for s in sp.settings if s.model == "unet2d"]
     out = {}
     for setting in settings[:1] if lead_only else settings:
+        calls = -(-sp.n // sp.batch_size) * expected_evaluations(setting.sampler, setting.steps)
+        batch = min(sp.batch_size, sp.n)
+        choice = sampling_choice(net, sp.precision, sp.channels_last, device, batch=batch, evaluations=calls)
         x, _ = generate(
             net,
             setting.sampler,
@@ -136,7 +139,8 @@ def measure_samplers(judge: Judge, params, folder: Path, device, lead_only: bool
             trained_config=scheduler.config,
             device=device,
             eta=setting.eta,
-            precision=for_sampling(sp.precision, device).precision,
+            precision=choice.precision,
+            channels_last=choice.channels_last,
         )
         quality = judge.measure(x)
         quality.pop("replicates")  # the intervals stay; verdicts across runs use the seed spread

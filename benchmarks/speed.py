@@ -6,10 +6,14 @@
 
 Training: for each model, the same number of optimizer steps at batch 128 done (a) as the lesson does it
 (torchvision MNIST with ToTensor through a DataLoader, fp32, eager, `loss.item()` every step) and (b) as the train
-stage runs by default (its params from params.yaml, through `training.fit`), interleaved A B A B in one process;
-median images/s of each and the ratio b/a. Peak memory of each variant comes from a fresh subprocess.
-Sampling: each default sampler setting at the stage's batch size and precision, and one model evaluation of the
-UNet2DModel against a plain fp32 eager call (interleaved). End to end: each stage's wall time and peak memory
+stage runs by default (its params from params.yaml, through `training.fit`, with the precision and layout that its
+`auto` chooses at params.yaml's budget: timed on this machine, or read from the cache), interleaved A B A B in one
+process; median images/s of each and the ratio b/a; then every candidate precision and layout by hand (the stage's
+loop with it named, a fresh process each) and how the choice compares with the best of them. Peak memory of each
+variant comes from a fresh subprocess.
+Sampling: each model's choice as the sample stage makes it, each default sampler setting at the stage's batch size,
+and one model evaluation of the UNet2DModel in each candidate against a plain fp32 eager call (interleaved). End to
+end: each stage's wall time and peak memory
 from metrics/cost/ (written by the last `dvc repro`), and how long a no-op `dvc repro` takes.
 Not part of the test suite: timings belong here, never in a test.
 """
@@ -34,12 +38,13 @@ from scratch_diffusion.choices import PREDICTION_TYPES
 from scratch_diffusion.config import load_params
 from scratch_diffusion.corruption import corrupt, ddpm_scheduler
 from scratch_diffusion.files import write_text
-from scratch_diffusion.hardware import choose, cpu_class, cpu_flags, cpu_name, detect, for_sampling
+from scratch_diffusion.hardware import cpu_class, cpu_flags, cpu_name, detect
 from scratch_diffusion.models import BasicUNet
 from scratch_diffusion.models.unet2d import UNet2DDenoiser, build_unet
-from scratch_diffusion.recipe import train_model
-from scratch_diffusion.samplers import generate
+from scratch_diffusion.recipe import stage_choice, train_model
+from scratch_diffusion.samplers import evaluation_step, expected_evaluations, generate, sampling_choice
 from scratch_diffusion.stage import peak_rss_kib
+from scratch_diffusion.tuning import candidates
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data/dataset"
@@ -135,23 +140,33 @@ def bench_training(models: list[str], steps: int, repeats: int) -> None:
     print(f"\n## Training: {steps} steps at batch {BATCH}, interleaved, {repeats} repeats (median images/s)")
     params = load_params(ROOT / "params.yaml")
     for name in models:
-        p = params.basic if name == "basic" else params.unet2d
-        choice = choose(name, p.mixed_precision, p.channels_last, detect(DEVICE.type))
-        print(
-            f"{name:7s} train stage defaults: {p.mixed_precision} -> {choice.precision}, channels_last "
-            f"{p.channels_last} -> {choice.channels_last}"
-        )
-        stage_run(name, 3)  # warm both paths up (allocator, oneDNN kernel choice) outside the timings
+        p = getattr(params, name)
+        # What the stage runs with at params.yaml's own budget: `auto` timed now or read from the cache, by the
+        # same entry train_model resolves it with; the short runs below then use that choice explicitly.
+        choice = stage_choice(name, replace(params, **{name: replace(p, batch_size=BATCH)}), DATA)
+        print(choice.line(f"{name:7s} train stage", torch.get_num_threads()))
+        chosen = {"mixed_precision": choice.precision, "channels_last": choice.channels_last}
+        stage_run(name, 3, **chosen)  # warm both paths up (allocator, oneDNN kernel choice) outside the timings
         lesson_loop(name, 3)
         a, b = [], []
         for _ in range(repeats):
             a.append(lesson_loop(name, steps)[0])
-            b.append(stage_run(name, steps)[0])
+            b.append(stage_run(name, steps, **chosen)[0])
         ma, mb = statistics.median(a), statistics.median(b)
         mem_a, mem_b = peak_rss_mib("lesson_loop", name, 5), peak_rss_mib("stage_run", name, 5)
         print(f"{name:7s} lesson loop {ma:7.1f} img/s (runs: {', '.join(f'{v:.0f}' for v in a)}), peak {mem_a:.0f} MiB")
         print(f"{name:7s} train stage {mb:7.1f} img/s (runs: {', '.join(f'{v:.0f}' for v in b)}), peak {mem_b:.0f} MiB")
         print(f"{name:7s} ratio stage / lesson: {mb / ma:.2f}x")
+        # Each candidate by hand, the stage's loop with that precision and layout named (a fresh process each:
+        # Accelerate keeps one mixed precision per process), against what `auto` chose.
+        hand = {}
+        for c in candidates(detect(DEVICE.type), "auto", "auto", training=True):
+            call = f"stage_run({name!r}, {steps}, mixed_precision={c.precision!r}, channels_last={c.channels_last})"
+            hand[c.label] = statistics.median(fresh(call)[0] for _ in range(repeats))
+        best = max(hand, key=hand.get)
+        rates = ", ".join(f"{label} {rate:.1f}" for label, rate in hand.items())
+        print(f"{name:7s} by hand (img/s): {rates}; best {best}")
+        print(f"{name:7s} auto chose {choice.label}: {hand[choice.label] / hand[best]:.2f}x the best by hand")
 
 
 def bench_loss(models: list[str], steps: int) -> None:
@@ -169,8 +184,7 @@ def bench_sampling(repeats: int) -> None:
     params = load_params(ROOT / "params.yaml")
     sp, u = params.sample, params.unet2d
     bs = sp.batch_size
-    precision = for_sampling(sp.precision, DEVICE.type).precision  # as the sample stage resolves it
-    print(f"\n## Sampling: one batch of {bs} per default setting, precision {precision} (untrained weights)")
+    print(f"\n## Sampling: one batch of {bs} per default setting (untrained weights)")
     torch.manual_seed(0)
     nets = {
         "basic": BasicUNet(CHANNELS, CHANNELS, SIDE).eval(),
@@ -187,6 +201,13 @@ def bench_sampling(repeats: int) -> None:
         ).eval(),
     }
     nets = {name: net.to(DEVICE) for name, net in nets.items()}
+    # Each model's precision and layout as the sample stage chooses them for its default settings (timed or cached).
+    batches = -(-sp.n // bs)
+    choices = {}
+    for name, net in nets.items():
+        calls = sum(batches * expected_evaluations(s.sampler, s.steps) for s in sp.settings if s.model == name)
+        choices[name] = sampling_choice(net, sp.precision, sp.channels_last, DEVICE, batch=bs, evaluations=calls)
+        print(choices[name].line(f"sample {name}", torch.get_num_threads()))
     config = ddpm_scheduler(
         u.num_train_timesteps, u.beta_schedule, u.beta_start, u.beta_end, PREDICTION_TYPES[params.objective]
     ).config
@@ -203,13 +224,15 @@ def bench_sampling(repeats: int) -> None:
             corruption=corruption,
             trained_config=config,
             eta=s.eta,
-            precision=precision,
+            precision=choices[s.model].precision,
+            channels_last=choices[s.model].channels_last,
             device=DEVICE,
         )
         seconds = time.perf_counter() - start
         print(f"{s.name:24s} NFE {nfe:4d}  {bs / seconds:8.1f} img/s  {1000 * seconds / bs:7.1f} ms/image")
 
-    # One UNet2DModel evaluation at the stage's batch: a plain fp32 eager call vs the sample stage's call.
+    # One UNet2DModel evaluation at the stage's batch: a plain fp32 eager call vs each candidate (the sample stage's
+    # evaluation step, tuning's own), interleaved.
     x, t = torch.randn(bs, CHANNELS, SIDE, SIDE, device=DEVICE), torch.full((bs,), 500, device=DEVICE)
     plain = build_unet(
         u.block_out_channels,
@@ -220,30 +243,31 @@ def bench_sampling(repeats: int) -> None:
         channels=CHANNELS,
     ).eval()
     plain.to(DEVICE)
-    plain.load_state_dict(nets["unet2d"].unet.state_dict())
+    plain.load_state_dict(nets["unet2d"].unet.to(memory_format=torch.contiguous_format).state_dict())
 
     def plain_call():
         with torch.no_grad():
             plain(x, t)
 
-    def stage_call():
-        with torch.inference_mode(), torch.autocast(DEVICE.type, torch.bfloat16, enabled=precision == "bf16"):
-            nets["unet2d"](x, t)
-
-    timings = {"plain": [], "stage": []}
-    for f in (plain_call, stage_call):
+    step = evaluation_step(nets["unet2d"], bs, DEVICE)
+    calls = {"plain fp32": plain_call}
+    calls.update({c.label: step(c) for c in candidates(detect(DEVICE.type), "auto", "auto", training=False)})
+    timings = {name: [] for name in calls}
+    for f in calls.values():
         f()
     for _ in range(repeats):
-        for name, f in (("plain", plain_call), ("stage", stage_call)):
+        for name, f in calls.items():
             start = time.perf_counter()
             f()
             if DEVICE.type == "cuda":
                 torch.cuda.synchronize()
             timings[name].append(bs / (time.perf_counter() - start))
-    mp, ms = statistics.median(timings["plain"]), statistics.median(timings["stage"])
+    rates = {name: statistics.median(v) for name, v in timings.items()}
+    chosen = choices["unet2d"].label
     print(
-        f"UNet2DModel evaluation, batch {bs}: plain fp32 eager {mp:.1f} img/s, sample stage {ms:.1f} img/s, "
-        f"ratio {ms / mp:.2f}x"
+        f"UNet2DModel evaluation, batch {bs} (img/s): "
+        + ", ".join(f"{name} {rate:.1f}" for name, rate in rates.items())
+        + f"; the stage's {chosen} / plain fp32: {rates[chosen] / rates['plain fp32']:.2f}x"
     )
 
 

@@ -23,10 +23,9 @@ from tqdm.auto import tqdm
 from scratch_diffusion import files, tracking
 from scratch_diffusion.choices import DIFFUSERS_SAMPLERS
 from scratch_diffusion.config import flatten, load_params
-from scratch_diffusion.hardware import for_sampling
 from scratch_diffusion.images import class_columns, grid, save_png
 from scratch_diffusion.model_files import load_basic, load_unet2d
-from scratch_diffusion.samplers import generate
+from scratch_diffusion.samplers import expected_evaluations, generate, sampling_choice
 from scratch_diffusion.stage import StageError, duration, run_stage
 
 MODEL_DIRS = {"basic": Path("models/basic"), "unet2d": Path("models/unet2d")}
@@ -58,8 +57,6 @@ def main() -> None:
     params = load_params()
     sp = params.sample
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    choice = for_sampling(sp.precision, device)
-    choice.announce("sample")
     models = load_models({s.model for s in sp.settings}, device)
     # Every setting must fit its model before any sampling starts.
     for i, s in enumerate(sp.settings):
@@ -89,9 +86,23 @@ def main() -> None:
             jobs += [(f"{s.name}-g{g:g}", s, g) for g in sp.guidance_scales]
         else:
             jobs.append((s.name, s, None))
+    # Each model evaluates in its own precision and layout: `auto` timed on it where the calls ahead pay for it.
+    choices, batches = {}, -(-sp.n // sp.batch_size)
+    for name in sorted(models):
+        calls = sum(
+            batches * expected_evaluations(s.sampler, s.steps) * (len(sp.guidance_scales) if models[name][4] else 1)
+            for s in sp.settings
+            if s.model == name
+        )
+        batch = min(sp.batch_size, sp.n)
+        choices[name] = sampling_choice(
+            models[name][0], sp.precision, sp.channels_last, device, batch=batch, evaluations=calls
+        )
+        choices[name].announce(f"sample {name}")
     timings = {}
     bar = tqdm(total=sp.n * len(jobs), desc="sample", unit="img", disable=not sys.stderr.isatty())
-    logged_params = {**flatten(used), **choice.as_params()}
+    resolved = {k: v for name, c in choices.items() for k, v in c.as_params(f"resolved.{name}.").items()}
+    logged_params = {**flatten(used), **resolved}
     with tracking.start_run(params.mlflow.experiment, "sample", logged_params, tags) as active:
         for name, s, scale in jobs:
             model, corruption, config, *_ = models[s.model]
@@ -109,7 +120,8 @@ def main() -> None:
                 trained_config=config,
                 device=device,
                 eta=s.eta,
-                precision=choice.precision,
+                precision=choices[s.model].precision,
+                channels_last=choices[s.model].channels_last,
                 progress=progress_reporter(name, sp.n, start, bar),
                 **guidance,
             )
@@ -136,7 +148,7 @@ def main() -> None:
         bar.close()
         files.write_json("metrics/sample.json", timings)
         files.write_json("samples/run.json", {"run_id": active.info.run_id})
-    return choice.as_params(prefix="")
+    return {k: v for name, c in choices.items() for k, v in c.as_params(f"{name}.").items()}
 
 
 def progress_reporter(name: str, n: int, start: float, bar):

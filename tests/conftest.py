@@ -30,6 +30,22 @@ PROJECT_FILES = [
     "README.md",
 ]
 
+
+@pytest.fixture(autouse=True, scope="session")
+def _tuning_cache(tmp_path_factory):
+    """The timings that `auto` caches go to a folder of this session's, never the user's cache (stages started
+    by the tests inherit it)."""
+    from scratch_diffusion.tuning import CACHE_ENV
+
+    old = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("tuning-cache"))
+    yield
+    if old is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = old
+
+
 # Tiny but real: a few hundred MNIST images and a few optimizer steps.
 TINY = {
     "data": {"n_train": 256},

@@ -92,7 +92,8 @@ def test_every_lr_schedule_and_precision_is_implemented():
     for precision in choices.TRAIN_PRECISIONS:
         assert choose("unet2d", precision, False, detect("cpu")).precision in choices.MIXED_PRECISIONS
     for precision in choices.SAMPLE_PRECISIONS:
-        for_sampling(precision, "cpu")
+        for layout in ("auto", True, False):
+            for_sampling(precision, layout, "cpu")
     assert set(samplers.PRECISIONS) == set(choices.SAMPLE_PRECISIONS) - {"auto"}
 
 

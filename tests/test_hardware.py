@@ -1,4 +1,6 @@
+import math
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -48,7 +50,7 @@ def test_cpu_class(flags, cls):
 @pytest.mark.parametrize(
     ("hardware", "basic", "unet2d"),
     [
-        # bf16 only where the CPU computes it natively; the BasicUNet in NHWC everywhere, the UNet2DModel in NCHW.
+        # The rule (runs too short to time): bf16 only where native; the BasicUNet in NHWC, the UNet2DModel in NCHW.
         (Hardware("cpu", AVX2), ("fp32", True), ("fp32", False)),
         (Hardware("cpu", AVX512), ("fp32", True), ("fp32", False)),
         (Hardware("cpu", AVX512_BF16), ("bf16", True), ("bf16", False)),
@@ -78,13 +80,30 @@ def test_explicit_values_are_honoured_and_emulated_bf16_is_named():
 
 def test_the_line_a_stage_prints():
     choice = choose("unet2d", "auto", "auto", Hardware("cpu", AVX2))
-    assert choice.line("train-unet2d", 2) == "train-unet2d: fp32 (CPU: AVX2, no native bf16), NCHW, 2 threads"
-    cuda = choose("basic", "auto", "auto", Hardware("cuda", AVX2, cuda_bf16=True))
-    assert cuda.line("train-basic", 8) == "train-basic: bf16 (CUDA: native bf16), NHWC, 8 threads"
-    assert choice.as_params() == {
+    assert choice.line("train-unet2d", 2) == "train-unet2d: fp32 NCHW by rule (CPU: AVX2, no native bf16), 2 threads"
+    short = replace(choice, why="6 steps are too few to pay for timing")
+    assert short.line("train-unet2d", 2) == (
+        "train-unet2d: fp32 NCHW by rule, not timed: 6 steps are too few to pay for timing "
+        "(CPU: AVX2, no native bf16), 2 threads"
+    )
+    cuda = choose("basic", "bf16", True, Hardware("cuda", AVX2, cuda_bf16=True))
+    assert replace(cuda, chosen_by="params").line("train-basic", 8) == (
+        "train-basic: bf16 NHWC as params say (CUDA: native bf16), 8 threads"
+    )
+    timed = replace(choice, channels_last=True, chosen_by="timed", timings=(("fp32 NCHW", 34.8), ("fp32 NHWC", 42.2)))
+    assert timed.line("train-unet2d", 2) == (
+        "train-unet2d: timed fp32 NCHW 35 img/s, fp32 NHWC 42; chose fp32 NHWC (CPU: AVX2, no native bf16), 2 threads"
+    )
+    cached = replace(timed, chosen_by="cached", timings=(("fp32 NCHW", math.nan), ("fp32 NHWC", 42.2)))
+    assert cached.line("x", 1).startswith(
+        "x: timed fp32 NCHW (loss not finite), fp32 NHWC 42; chose fp32 NHWC (cached)"
+    )
+    assert timed.as_params() == {
         "resolved.precision": "fp32",
-        "resolved.channels_last": False,
+        "resolved.channels_last": True,
         "resolved.hardware": "CPU: AVX2, no native bf16",
+        "resolved.chosen_by": "timed",
+        "resolved.timings": "fp32 NCHW 35 img/s, fp32 NHWC 42",
     }
 
 

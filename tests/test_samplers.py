@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -86,6 +88,19 @@ def test_multistep_scheduler_is_fresh_per_batch(tiny_unet):
         model, "dpmsolver++", 4, 6, batch_size=2, seed=0, corruption="ddpm", trained_config=sched.config
     )
     assert images.shape == (6, 28, 28)
+
+
+def test_the_nhwc_layout_draws_the_same_images(tiny_unet):
+    """channels_last changes how the model's tensors sit in memory, not what it computes: the images agree with
+    NCHW's up to float rounding (a pixel level at most)."""
+    model, sched = tiny_unet
+    kwargs = dict(batch_size=3, seed=7, corruption="ddpm", trained_config=sched.config)
+    nchw, _ = generate(copy.deepcopy(model), "ddim", 3, 3, **kwargs)
+    converted = copy.deepcopy(model)
+    nhwc, _ = generate(converted, "ddim", 3, 3, channels_last=True, **kwargs)
+    conv = converted.unet.conv_out.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert abs(nchw.astype(int) - nhwc.astype(int)).max() <= 1
 
 
 def test_unknown_sampler():

@@ -64,9 +64,8 @@ def generate_main(argv: list[str] | None = None) -> None:
 
     from scratch_diffusion.choices import DIFFUSERS_SAMPLERS, SAMPLE_PRECISIONS, SAMPLERS
     from scratch_diffusion.config import MAX_SEED, max_sample_steps
-    from scratch_diffusion.hardware import for_sampling
     from scratch_diffusion.images import class_columns, grid, save_png
-    from scratch_diffusion.samplers import generate
+    from scratch_diffusion.samplers import expected_evaluations, generate, sampling_choice
 
     parser = argparse.ArgumentParser(
         prog="scratch-diffusion generate",
@@ -113,8 +112,14 @@ def generate_main(argv: list[str] | None = None) -> None:
         "--precision",
         default="auto",
         choices=SAMPLE_PRECISIONS,
-        help="model evaluations under bf16 autocast, or all fp32; auto: bf16 where the hardware "
-        "computes it natively (default: auto)",
+        help="model evaluations under bf16 autocast, or all fp32 (default: auto; auto precision and layout are "
+        "timed on this machine and model where the calls ahead pay for it, and cached)",
+    )
+    parser.add_argument(
+        "--channels-last",
+        default="auto",
+        choices=("auto", "true", "false"),
+        help="model evaluations in the NHWC (true) or NCHW (false) memory layout (default: auto)",
     )
     parser.add_argument("--out", default="generated", help="output folder (default: generated/)")
     args = parser.parse_args(argv)
@@ -137,8 +142,6 @@ def generate_main(argv: list[str] | None = None) -> None:
         parser.error(f"--out: {args.out!r} is not writable; allowed: a folder you can write to")
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    choice = for_sampling(args.precision, device)
-    choice.announce("generate")
     net, corruption, config = _load_any(args.model, device)
     if (args.sampler == "toy") != (corruption == "toy"):
         allowed = "toy" if corruption == "toy" else ", ".join(DIFFUSERS_SAMPLERS)
@@ -169,6 +172,10 @@ def generate_main(argv: list[str] | None = None) -> None:
             "guidance_scale": 2.0 if args.guidance_scale is None else args.guidance_scale,
         }
 
+    layout = {"auto": "auto", "true": True, "false": False}[args.channels_last]
+    calls = -(-args.n // args.batch_size) * expected_evaluations(args.sampler, args.steps)
+    choice = sampling_choice(net, args.precision, layout, device, batch=min(args.batch_size, args.n), evaluations=calls)
+    choice.announce("generate")
     images, nfe = generate(
         net,
         args.sampler,
@@ -181,6 +188,7 @@ def generate_main(argv: list[str] | None = None) -> None:
         device=device,
         eta=args.eta,
         precision=choice.precision,
+        channels_last=choice.channels_last,
         **guidance,
     )
     stem = f"{args.sampler}-{args.steps}-seed{args.seed}"

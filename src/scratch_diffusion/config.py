@@ -332,6 +332,7 @@ class SampleParams:
     seed: int = field(default=0, metadata=_range(0, MAX_SEED))
     batch_size: int = field(default=250, metadata=_range(1, 10000))
     precision: str = field(default="auto", metadata=_choice(*SAMPLE_PRECISIONS))
+    channels_last: bool | str = field(default="auto", metadata=_auto_bool())
     settings: tuple[SampleSetting, ...] = DEFAULT_SETTINGS
     # Checked against the dataset's classes by preflight.py (a folder's are known once it is listed).
     digits: tuple[int, ...] = field(default=tuple(range(10)), metadata=_range(0, 254))

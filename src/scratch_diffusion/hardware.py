@@ -1,15 +1,16 @@
-"""What the machine does natively, and the precision and memory layout chosen from it.
+"""What the machine does natively, and the rule that resolves `auto` where nothing is timed.
 
-`auto` in params.yaml (the default of every precision and layout knob) is resolved here, from facts about the
-hardware and never from one machine's benchmark: bf16 only where the hardware computes it natively (a CUDA GPU that
-supports it; a CPU with AVX512-BF16 or AMX), because PyTorch emulates bf16 elsewhere, 7-14x slower than fp32.
-`choose` is a pure function of (device type, CPU flags, CUDA bf16 support), so every machine class can be tested
-from any machine; `detect` reads those facts from this one.
-"""
+`auto` in params.yaml (the default of every precision and layout knob) is chosen by timing the candidates on the
+machine itself (tuning.py); `choose` here is the rule for what is not timed (a run too short to pay for timing) and
+the source of every choice's facts: bf16 only where the hardware computes it natively (a CUDA GPU that supports it;
+a CPU with AVX512-BF16 or AMX), because PyTorch emulates bf16 elsewhere, 7-14x slower than fp32. `choose` is a pure
+function of (device type, CPU flags, CUDA bf16 support), so every machine class can be tested from any machine;
+`detect` reads those facts from this one."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import platform
 from collections.abc import Collection
@@ -23,9 +24,8 @@ LAYOUTS = ("auto", True, False)  # channels_last: auto, or true (NHWC) / false (
 # CPU flags (as /proc/cpuinfo spells them) that mean bf16 arithmetic in hardware.
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
-# Whether the NHWC layout makes a network's training step faster (benchmarks/speed.py): the BasicUNet's
-# convolutions gained from it on every CPU class measured; the UNet2DModel's step got slower (its time goes to
-# attention, which NHWC does not help).
+# The layout of a run that is not timed (too short to pay for it): the BasicUNet's convolutions gain from NHWC on
+# every CPU class measured; for the UNet2DModel it depends on the machine, so PyTorch's default NCHW.
 CHANNELS_LAST = {"basic": True, "unet2d": False}
 
 
@@ -84,18 +84,42 @@ class Hardware:
 
 @dataclass(frozen=True)
 class Choice:
-    """What a stage runs with: the resolved precision and layout, and a warning when a request will be slow."""
+    """What a stage runs with: the resolved precision and layout, how they were chosen, and a warning when a request
+    will be slow."""
 
     precision: str  # fp32 | bf16 | fp16
     channels_last: bool
     hardware: Hardware
     warning: str = ""
+    chosen_by: str = "rule"  # params (as given) | rule (choose) | timed | cached (tuning.resolve)
+    timings: tuple[tuple[str, float], ...] = ()  # (candidate, images/s; nan: its loss was not finite)
+    why: str = ""  # why the rule decided (e.g. a run too short to pay for timing)
+
+    @property
+    def label(self) -> str:
+        return f"{self.precision} {'NHWC' if self.channels_last else 'NCHW'}"
+
+    def timed(self) -> str:
+        """'fp32 NCHW 35 img/s, fp32 NHWC 42' ('' when nothing was timed)."""
+        rates = [
+            f"{label} {rate:.0f}" if math.isfinite(rate) else f"{label} (loss not finite)"
+            for label, rate in self.timings
+        ]
+        if rates and math.isfinite(self.timings[0][1]):
+            rates[0] += " img/s"
+        return ", ".join(rates)
 
     def line(self, stage: str, threads: int) -> str:
-        """The one line a stage prints when it starts, e.g. 'train-unet2d: fp32 (CPU: AVX2, no native bf16), NCHW,
-        2 threads'."""
-        layout = "NHWC" if self.channels_last else "NCHW"
-        return f"{stage}: {self.precision} ({self.hardware.describe()}), {layout}, {threads} threads"
+        """The one line a stage prints when it starts, e.g. 'train-unet2d: timed fp32 NCHW 35 img/s, fp32 NHWC 42;
+        chose fp32 NHWC (cached) (CPU: AVX512, no native bf16), 2 threads'."""
+        where = f"({self.hardware.describe()}), {threads} threads"
+        if self.chosen_by in ("timed", "cached"):
+            cached = " (cached)" if self.chosen_by == "cached" else ""
+            return f"{stage}: timed {self.timed()}; chose {self.label}{cached} {where}"
+        if self.chosen_by == "params":
+            return f"{stage}: {self.label} as params say {where}"
+        why = f", not timed: {self.why}" if self.why else ""
+        return f"{stage}: {self.label} by rule{why} {where}"
 
     def announce(self, stage: str) -> None:
         """Print the line, and first the warning if there is one (on stderr), as a stage starts."""
@@ -106,11 +130,13 @@ class Choice:
         print(self.line(stage, threads()), flush=True)
 
     def as_params(self, prefix: str = "resolved.") -> dict[str, str | bool]:
-        """What ran, for MLflow params and metrics/cost/<stage>.json."""
+        """What ran and why, for MLflow params and metrics/cost/<stage>.json."""
         return {
             f"{prefix}precision": self.precision,
             f"{prefix}channels_last": self.channels_last,
             f"{prefix}hardware": self.hardware.describe(),
+            f"{prefix}chosen_by": self.chosen_by,
+            f"{prefix}timings": self.timed(),
         }
 
 
@@ -150,9 +176,10 @@ def choose(network: str, precision: str, channels_last: str | bool, hardware: Ha
     return Choice(precision, channels_last, hardware, warning)
 
 
-def for_sampling(precision: str, device) -> Choice:
-    """The choice for model evaluations while sampling: the precision only (models keep their saved layout)."""
-    return choose("unet2d", precision, False, detect(device))
+def for_sampling(precision: str, channels_last: str | bool, device) -> Choice:
+    """The rule for model evaluations while sampling: the precision as for training, NCHW for an `auto` layout (the
+    layout models load in); samplers.sampling_choice times `auto` where it pays."""
+    return choose("unet2d", precision, False if channels_last == "auto" else channels_last, detect(device))
 
 
 def detect(device) -> Hardware:

@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler
 
-from scratch_diffusion import files, tracking
+from scratch_diffusion import files, tracking, tuning
 from scratch_diffusion.choices import PREDICTION_TYPES
 from scratch_diffusion.config import Params, ParamsError, flatten, params_hash
 from scratch_diffusion.corruption import ddpm_scheduler
 from scratch_diffusion.data import DatasetInfo, dataset_digest, describe, load_split
-from scratch_diffusion.hardware import Choice
+from scratch_diffusion.hardware import Choice, choose, detect
 from scratch_diffusion.identity import digest, run_identity
 from scratch_diffusion.images import grid, to_uint8
 from scratch_diffusion.model_files import META, save_basic, save_unet2d
@@ -40,6 +40,7 @@ from scratch_diffusion.training import (
     fit,
     resumable_run_id,
     stage_accelerator,
+    timing_step,
 )
 from scratch_diffusion.training_report import report_training
 
@@ -160,6 +161,49 @@ def _parts(network: str, params: Params, info: DatasetInfo):
     return model, scheduler, loss_fn, ema, extra
 
 
+def _tuner(network: str, params: Params, model, loss_fn, images, labels, info: DatasetInfo):
+    """tune(rule, device, processes) -> Choice for training.stage_accelerator: `auto` timed on this run's own step
+    (its network, loss, batch size and data) where the run is long enough to pay for it (tuning.resolve)."""
+    section = getattr(params, network)
+    batch = images[: section.batch_size]
+
+    def tune(rule: Choice, device: torch.device, processes: int) -> Choice:
+        per_epoch = -(-len(images) // (section.batch_size * processes))
+        steps = min(section.epochs * per_epoch, section.max_steps or section.epochs * per_epoch)
+        key = {
+            **tuning.machine_key(device, processes),
+            "network": network,
+            "architecture": tuning.network_key(model),
+            "image_shape": list(info.shape),
+        }
+        y = labels[: len(batch)] if labels is not None else None
+        return tuning.resolve(
+            rule,
+            section.mixed_precision,
+            section.channels_last,
+            training=True,
+            steps=steps,
+            batch=len(batch),
+            key=key,
+            run_step=timing_step(model, loss_fn, batch, y, lr=section.lr, device=device),
+            device=device,
+        )
+
+    return tune
+
+
+def stage_choice(network: str, params: Params, data_root: str | Path = DATA_ROOT) -> Choice:
+    """What a training of `network` at `params` runs with on this machine (one process), without training: the
+    same resolution as train_model's, so `auto` is timed now or read from the cache (benchmarks/speed.py)."""
+    section = getattr(params, network)
+    images, labels = load_split(data_root, train=True, n=params.data.n_train)
+    info = describe(data_root)
+    model, _, loss_fn, _, extra = _parts(network, params, info)
+    tune = _tuner(network, params, model, loss_fn, images, labels if extra.get("conditional") else None, info)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return tune(choose(network, section.mixed_precision, section.channels_last, detect(device.type)), device, 1)
+
+
 def _grid_maker(
     network: str, params: Params, scheduler, device, info: DatasetInfo
 ) -> Callable[[torch.nn.Module], object]:
@@ -210,10 +254,12 @@ def train_model(
     section, desc = getattr(params, network), desc or stage or network
     images, labels = load_split(data_root, train=True, n=params.data.n_train)  # (N, C, H, W) uint8
     info = describe(data_root)
-    accelerator, choice = stage_accelerator(desc, network, section.mixed_precision, section.channels_last)
     model, scheduler, loss_fn, own_ema, extra = _parts(network, params, info)
-    averaging = ema(model) if ema is not None else own_ema
     conditional = extra.pop("conditional", False)
+
+    tune = _tuner(network, params, model, loss_fn, images, labels if conditional else None, info)
+    accelerator, choice = stage_accelerator(desc, network, section.mixed_precision, section.channels_last, tune)
+    averaging = ema(model) if ema is not None else own_ema
     main = accelerator.is_main_process
 
     def averaged(m: torch.nn.Module) -> torch.nn.Module:

@@ -8,7 +8,9 @@ Two families:
 
 from __future__ import annotations
 
+import copy
 import inspect
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -21,10 +23,13 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
+from scratch_diffusion import tuning
 from scratch_diffusion.choices import SAMPLE_PRECISIONS
 from scratch_diffusion.corruption import to_pixel_range
+from scratch_diffusion.hardware import for_sampling
 from scratch_diffusion.images import to_uint8
 from scratch_diffusion.models.unet2d import Guided
+from scratch_diffusion.tuning import Candidate
 
 SCHEDULERS = {
     "ddpm": DDPMScheduler,
@@ -154,6 +159,7 @@ def generate(
     device="cpu",
     eta: float = 0.0,
     precision: str = "fp32",
+    channels_last: bool = False,
     labels: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
     progress=None,
@@ -164,12 +170,15 @@ def generate(
     The start noise of all n images comes from one generator seeded with `seed`, so a batch size change does
     not change the images of a deterministic sampler; stochastic ones (ddpm) get one generator per batch.
     `precision` bf16 evaluates the model under bf16 autocast; noise, scheduler steps and outputs stay fp32.
+    `channels_last` evaluates in the NHWC memory layout (the model is converted in place).
     `labels` (n,) asks a class-conditional model for those classes, with classifier-free guidance at
     `guidance_scale`; NFE then counts forward calls (a guided call evaluates a double batch).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
     device = torch.device(device)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(memory_format=layout)
     noise = fixed_noise(n, corruption, seed, image_shape(model))
     options = {"eta": eta} if sampler == "ddim" else {}
     out, nfe = [], 0
@@ -180,7 +189,7 @@ def generate(
                 net,
                 sampler,
                 steps,
-                noise[start : start + batch_size].to(device),
+                noise[start : start + batch_size].to(device).contiguous(memory_format=layout),
                 trained_config,
                 seed=seed + i,
                 **options,
@@ -189,3 +198,63 @@ def generate(
         if progress is not None:
             progress(x01.shape[0])
     return np.concatenate(out), nfe
+
+
+def evaluation_step(model, batch: int, device) -> Callable[[Candidate], Callable[[], float]]:
+    """For tuning.measure: one model evaluation of `batch` images of the model's shape, as the samplers call it, on
+    a copy of `model` in a candidate's precision (autocast) and layout. The model given is not touched."""
+    device = torch.device(device)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, *image_shape(model), generator=g).to(device)
+    t = torch.full((batch,), 500, device=device)  # a DDPM timestep (a toy model reads it as an amount, or not at all)
+
+    def setup(candidate: Candidate) -> Callable[[], float]:
+        layout = torch.channels_last if candidate.channels_last else torch.contiguous_format
+        net = copy.deepcopy(model).to(device, memory_format=layout).eval()
+        x_in = x.contiguous(memory_format=layout)
+
+        @torch.inference_mode()
+        def step() -> float:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=candidate.precision == "bf16"):
+                return float(net(x_in, t).float().mean())
+
+        return step
+
+    return setup
+
+
+def sampling_choice(
+    model,
+    precision: str,
+    channels_last: str | bool,
+    device,
+    *,
+    batch: int,
+    evaluations: int,
+):
+    """The precision and layout that `model` is evaluated in while `evaluations` model calls of `batch` images are
+    drawn: params' values, `auto` timed on this model (tuning.resolve, cached per
+    machine), or the rule where that many calls are too few to pay for timing."""
+    rule = for_sampling(precision, channels_last, device)
+    key = {
+        **tuning.machine_key(device),
+        "network": type(model).__name__,
+        "architecture": tuning.network_key(model),
+        "image_shape": list(image_shape(model)),
+    }
+    return tuning.resolve(
+        rule,
+        precision,
+        channels_last,
+        training=False,
+        steps=evaluations,
+        batch=batch,
+        key=key,
+        run_step=evaluation_step(model, batch, device),
+        device=device,
+    )
+
+
+def expected_evaluations(sampler: str, steps: int) -> int:
+    """Model evaluations per image that a sampler setting makes, before running it (Heun: about two per step)."""
+    return 2 * steps if sampler == "heun" else steps

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from diffusers.optimization import get_scheduler
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
@@ -34,6 +34,7 @@ from scratch_diffusion.files import DiskFullError, disk_full_reported, write_jso
 from scratch_diffusion.hardware import Choice, choose, detect
 from scratch_diffusion.identity import digest, what_changed
 from scratch_diffusion.stage import StageError, duration
+from scratch_diffusion.tuning import Candidate
 
 try:
     import fcntl
@@ -60,16 +61,68 @@ def _joined_on_cpu() -> bool:
 
 
 def stage_accelerator(
-    stage: str, network: str, precision: str, channels_last: str | bool
+    stage: str,
+    network: str,
+    precision: str,
+    channels_last: str | bool,
+    tune: Callable[[Choice, torch.device, int], Choice] | None = None,
 ) -> tuple[Accelerator, Choice]:
-    """The Accelerator for a training stage, with `auto` precision and layout resolved for the device it runs on
-    (hardware.choose); says what it chose in one line, and warns when an explicit choice is emulated and slow."""
-    device = PartialState(cpu=_joined_on_cpu()).device.type  # the device Accelerator will use, before it exists
-    choice = choose(network, precision, channels_last, detect(device))
+    """The Accelerator for a training stage, with `auto` precision and layout resolved for the device it runs on:
+    by `tune(rule, device, processes)` (tuning.resolve through recipe.train_model) where given, else by the rule
+    (hardware.choose). With several processes the main one times and the others take its choice. Says what it
+    chose in one line, and warns when an explicit choice is emulated and slow."""
+    state = PartialState(cpu=_joined_on_cpu())  # the device Accelerator will use, before it exists
+    choice = choose(network, precision, channels_last, detect(state.device.type))
+    if tune is not None:
+        if state.is_main_process:
+            choice = tune(choice, state.device, state.num_processes)
+        if state.num_processes > 1:
+            choice = broadcast_object_list([choice])[0]
     accelerator = make_accelerator(choice.precision)
     if accelerator.is_main_process:
         choice.announce(stage)
     return accelerator, choice
+
+
+def timing_step(
+    model: torch.nn.Module,
+    loss_fn: Callable[..., torch.Tensor],
+    images: torch.Tensor,
+    labels: torch.Tensor | None,
+    *,
+    lr: float,
+    device: torch.device,
+) -> Callable[[Candidate], Callable[[], float]]:
+    """For tuning.measure: `fit`'s step on `images` (uint8, one batch) with a fresh copy of `model` and its Adam, in
+    a candidate's precision (autocast, as Accelerate's mixed precision; fp16 with a loss scaler) and layout. The
+    model given is not touched."""
+    x01 = images.float() / 255
+    extra = () if labels is None else (labels.to(device),)
+
+    def setup(candidate: Candidate) -> Callable[[], float]:
+        layout = torch.channels_last if candidate.channels_last else torch.contiguous_format
+        net = copy.deepcopy(model).to(device, memory_format=layout).train()
+        optimizer = torch.optim.Adam(net.parameters(), lr=lr, fused=device.type in ("cpu", "cuda") or None)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(candidate.precision)
+        scaler = torch.amp.GradScaler(device.type) if candidate.precision == "fp16" else None
+        x0 = x01.to(device).contiguous(memory_format=layout)
+
+        def step() -> float:
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss = loss_fn(net, x0, *extra)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            return float(loss.detach())
+
+        return step
+
+    return setup
 
 
 class EMA:

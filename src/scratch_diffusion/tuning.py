@@ -1,0 +1,250 @@
+"""`auto` precision and memory layout, chosen by timing the candidates on the machine at hand.
+
+A table of machine classes cannot keep up with the machines this runs on (an AVX-512 CPU without bf16 wanted the
+layout that such a table ruled out for the UNet2DModel); a measurement can, as cuDNN's benchmark mode and oneDNN
+pick their kernels by timing them. For an `auto` knob, every candidate the hardware admits runs a few steps of the
+stage's own work at its batch size (a training step, or a model evaluation for sampling), and the fastest whose loss
+stays finite wins. The result is cached per machine, torch, network and batch size in the user's cache folder, so a
+machine times once; explicit values are never timed, and a run too short to pay for the timing takes the rule
+(`hardware.choose`).
+
+The choice changes speed only: candidates run on a copy of the model under a forked RNG, so a seed gives the
+weights of the chosen precision and layout, the same as naming them in params.yaml would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from scratch_diffusion.files import update_json, write_json
+from scratch_diffusion.hardware import Choice, Hardware, cpu_name
+
+CACHE_ENV = "SCRATCH_DIFFUSION_CACHE"  # a folder to keep the timings in instead of the user's cache folder
+WARMUP = 1  # untimed steps per candidate: the first call of a precision and layout builds its kernels
+MIN_TIMED = 3  # timed steps per candidate at least; the median of them is its rate
+MAX_TIMED = 20
+CANDIDATE_S = 3.0  # timed seconds per candidate at most (after its warm-up)
+SHARE = 0.05  # of a run's steps at most spent timing: a run shorter than that takes the rule
+MAX_ENTRIES = 200  # cache entries kept (the newest)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    precision: str  # fp32 | bf16 | fp16
+    channels_last: bool
+
+    @property
+    def label(self) -> str:
+        return f"{self.precision} {'NHWC' if self.channels_last else 'NCHW'}"
+
+
+@dataclass(frozen=True)
+class Timing:
+    candidate: Candidate
+    images_per_s: float
+    finite: bool = True  # whether every timed step's loss was finite
+
+
+class TuningError(RuntimeError):
+    """No candidate could be used (every one gave a non-finite loss)."""
+
+
+def candidates(hardware: Hardware, precision: str, channels_last: str | bool, *, training: bool) -> list[Candidate]:
+    """What `auto` may choose from on `hardware`: fp32, bf16 where the hardware computes it natively (emulated bf16
+    is 7-14x slower: never a candidate), fp16 for training on CUDA (sampling evaluates in fp32 or bf16 only);
+    NCHW and NHWC. An explicit precision or layout stays as given."""
+    if precision == "auto":
+        precisions = ["fp32"]
+        if hardware.native_bf16:
+            precisions.append("bf16")
+        if training and hardware.device == "cuda":
+            precisions.append("fp16")
+    else:
+        precisions = [precision]
+    layouts = [False, True] if channels_last == "auto" else [bool(channels_last)]
+    return [Candidate(p, cl) for p in precisions for cl in layouts]
+
+
+def pick(timings: Sequence[Timing]) -> Timing:
+    """The fastest timing whose loss stayed finite; the earlier candidate wins a tie."""
+    usable = [t for t in timings if t.finite and math.isfinite(t.images_per_s)]
+    if not usable:
+        tried = ", ".join(t.candidate.label for t in timings) or "none"
+        raise TuningError(f"no candidate kept a finite loss (tried: {tried}); set the precision in params.yaml")
+    return max(usable, key=lambda t: t.images_per_s)  # max keeps the first of equals
+
+
+def worth_timing(n_candidates: int, steps: int) -> bool:
+    """Whether timing `n_candidates` pays on a run of `steps` steps: it costs at most SHARE of them."""
+    return n_candidates > 1 and n_candidates * (WARMUP + MIN_TIMED) <= SHARE * steps
+
+
+def measure(
+    run_step: Callable[[Candidate], Callable[[], float]],
+    options: Sequence[Candidate],
+    *,
+    batch: int,
+    steps: int,
+    device: torch.device | str = "cpu",
+) -> list[Timing]:
+    """Time each candidate: `run_step(candidate)` sets it up and returns a function that runs one step and
+    returns its loss (any number; it must stay finite). After WARMUP steps, steps are timed until CANDIDATE_S
+    seconds (or SHARE of the run's estimated time, split over the candidates) are spent, at least MIN_TIMED and at
+    most MAX_TIMED; the median step gives images/s. The global RNG is left as it was."""
+    device = torch.device(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    timings = []
+    budget = CANDIDATE_S
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for candidate in options:
+            step = run_step(candidate)
+            finite = True
+            for _ in range(WARMUP):
+                finite &= math.isfinite(step())
+            times: list[float] = []
+            while finite and len(times) < MAX_TIMED and (len(times) < MIN_TIMED or sum(times) < budget):
+                start = time.perf_counter()
+                loss = step()
+                sync()
+                times.append(time.perf_counter() - start)
+                finite &= math.isfinite(loss)
+                if not timings and len(times) == MIN_TIMED:  # the first candidate's pace bounds everyone's share
+                    budget = min(CANDIDATE_S, SHARE * statistics.median(times) * steps / len(options))
+            rate = batch / statistics.median(times) if finite else math.nan
+            timings.append(Timing(candidate, rate, finite))
+            del step
+    return timings
+
+
+# --- the cache ----------------------------------------------------------------------------------------------------
+
+
+def cache_file() -> Path:
+    """tuning.json in $SCRATCH_DIFFUSION_CACHE if set, else in the user's cache folder (platformdirs: on Linux
+    $XDG_CACHE_HOME/scratch-diffusion, ~/.cache/scratch-diffusion by default)."""
+    folder = os.environ.get(CACHE_ENV)
+    if not folder:
+        import platformdirs
+
+        folder = platformdirs.user_cache_dir("scratch-diffusion", appauthor=False)
+    return Path(folder) / "tuning.json"
+
+
+def machine_key(device: torch.device | str, processes: int = 1) -> dict:
+    """The parts of a cache key that name the machine: the GPU (or the CPU model), the threads and processes it
+    computes with, and torch's version (its kernels decide the speeds)."""
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    return {
+        "device": f"{device.type}: {name}",
+        "threads": torch.get_num_threads(),
+        "processes": processes,
+        "torch": torch.__version__,
+    }
+
+
+def network_key(model: torch.nn.Module) -> str:
+    """A fingerprint of a network's architecture (its modules and their shapes, not its weights)."""
+    return hashlib.sha256(repr(model).encode()).hexdigest()[:16]
+
+
+def _key(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def cached(parts: dict) -> dict | None:
+    """The cache entry for `parts` (a key's parts), or None; an unreadable cache file counts as empty."""
+    path = cache_file()
+    try:
+        entries = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        print(f"warning: {path}: unreadable ({e}); timing again", file=sys.stderr, flush=True)
+        return None
+    entry = entries.get(_key(parts)) if isinstance(entries, dict) else None
+    return entry if isinstance(entry, dict) and entry.get("parts") == json.loads(json.dumps(parts)) else None
+
+
+def store(parts: dict, timings: Sequence[Timing], chosen: Candidate) -> None:
+    """Add an entry under the cache's lock (two stages timing at once keep both); the newest MAX_ENTRIES stay. A
+    cache that cannot be written is said once and otherwise ignored: the next run times again."""
+    entry = {
+        "parts": parts,
+        "timings": [[t.candidate.precision, t.candidate.channels_last, t.images_per_s, t.finite] for t in timings],
+        "chose": [chosen.precision, chosen.channels_last],
+        "at": time.time(),
+    }
+
+    def add(entries: dict | None) -> dict:
+        entries = dict(entries) if isinstance(entries, dict) else {}
+        entries[_key(parts)] = entry
+        newest = sorted(entries.items(), key=lambda kv: kv[1].get("at", 0) if isinstance(kv[1], dict) else 0)
+        return dict(newest[-MAX_ENTRIES:])
+
+    path = cache_file()
+    try:
+        try:
+            update_json(path, add)
+        except ValueError:  # not JSON: start it afresh
+            write_json(path, add(None))
+    except OSError as e:
+        print(f"warning: {path}: cannot keep the timings ({e}); the next run times again", file=sys.stderr)
+
+
+def _from_entry(entry: dict) -> tuple[list[Timing], Candidate]:
+    timings = [Timing(Candidate(p, bool(cl)), float(rate), bool(ok)) for p, cl, rate, ok in entry["timings"]]
+    return timings, Candidate(entry["chose"][0], bool(entry["chose"][1]))
+
+
+# --- the entry the stages call -------------------------------------------------------------------------------------
+
+
+def resolve(
+    rule: Choice,
+    precision: str,
+    channels_last: str | bool,
+    *,
+    training: bool,
+    steps: int,
+    batch: int,
+    key: dict,
+    run_step: Callable[[Candidate], Callable[[], float]],
+    device: torch.device | str = "cpu",
+) -> Choice:
+    """The choice for a stage whose params say `precision` and `channels_last` (`auto` or explicit), doing `steps`
+    steps of `batch` images. `rule` is hardware.choose's answer for the same values (its warning is kept):
+    returned as it is when nothing is left to choose or the run is too short to pay for timing. Otherwise the cache
+    entry for `key` (machine_key, network_key, batch size, ...) and the candidates, else a timing of each candidate
+    through `run_step` (see measure), stored in the cache."""
+    options = candidates(rule.hardware, precision, channels_last, training=training)
+    if len(options) == 1:
+        return replace(rule, chosen_by="params")
+    if not worth_timing(len(options), steps):
+        return replace(rule, chosen_by="rule", why=f"{steps} steps are too few to pay for timing")
+    parts = {**key, "batch": batch, "training": training, "candidates": [c.label for c in options]}
+    entry = cached(parts)
+    if entry is not None:
+        try:
+            timings, chosen = _from_entry(entry)
+        except (KeyError, TypeError, ValueError, IndexError):
+            entry = None
+        else:
+            how = "cached"
+    if entry is None:
+        timings = measure(run_step, options, batch=batch, steps=steps, device=device)
+        chosen, how = pick(timings).candidate, "timed"
+        store(parts, timings, chosen)
+    found = tuple((t.candidate.label, t.images_per_s) for t in timings)
+    return replace(rule, precision=chosen.precision, channels_last=chosen.channels_last, chosen_by=how, timings=found)
