@@ -45,7 +45,7 @@ DATASETS = {
 }
 
 
-def run(only: list[str]) -> None:
+def run(only: list[str], note: str = "") -> None:
     for name in only:
         if name == "fashion" and not (FASHION / "train-images-idx3-ubyte.gz").is_file():
             sys.exit(f"error: {FASHION}: not found; install it with `apt-get install dataset-fashion-mnist`")
@@ -55,11 +55,13 @@ def run(only: list[str]) -> None:
         sets = [arg for key, value in DATASETS[name].items() for arg in ("-S", f"{key}={value}")]
         print(f"own_images: dvc exp run --temp -n own-{name} {' '.join(sets)}", flush=True)
         dvc("exp", "run", "--temp", "-f", "-n", f"own-{name}", *sets)
-    collect()
+    collect(note, tuple(only))
     table()
 
 
-def collect() -> None:
+def collect(note: str = "", noted: tuple[str, ...] = ()) -> None:
+    """Every own-* experiment's results into ablations/own_images.json; `note` (how it was measured, e.g. on a
+    machine shared with other work) goes with the datasets in `noted`."""
     show = json.loads(dvc("exp", "show", "--json", capture=True))
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     for _, rev in experiments_from_show(show):
@@ -82,6 +84,7 @@ def collect() -> None:
             "settings": compare["settings"],
             "train_wall_s": cost,
             "machine": machine(),
+            **({"note": note} if note and rev["name"].removeprefix("own-") in noted else {}),
         }
     files.write_json(RESULTS, results)
 
@@ -112,7 +115,7 @@ def table() -> None:
             f"`dvc exp run {sets}`, on {r['machine']}; n = {r['n']} samples per setting, real-vs-real floor FID "
             f"{r['floor_fid']:.1f}, real test images recognised {r['real_recognised']:.3f}, judge test accuracy "
             f"{r['judge_accuracy']:.4f}; training took {r['train_wall_s']['train-basic']:.0f} s (BasicUNet) and "
-            f"{r['train_wall_s']['train-unet2d']:.0f} s (UNet2DModel).",
+            f"{r['train_wall_s']['train-unet2d']:.0f} s (UNet2DModel).{' ' + r['note'] if r.get('note') else ''}",
             "",
             "| setting | FID [95%] | KID | recognised |",
             "|---|---|---|---|",
@@ -129,10 +132,11 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run the datasets' experiments, then write the table")
     r.add_argument("--only", nargs="+", choices=list(DATASETS), default=list(DATASETS))
+    r.add_argument("--note", default="", help="said with these datasets' results (how they were measured)")
     sub.add_parser("table", help="ablations/own_images.json -> docs/own_images.md")
     args = parser.parse_args(argv)
     if args.command == "run":
-        run(args.only)
+        run(args.only, args.note)
     else:
         table()
 

@@ -16,6 +16,16 @@ import yaml
 from scratch_diffusion.data import make_shapes  # noqa: F401 (tests import it from here)
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Under pytest-xdist, each worker computes with its share of the cores (torch would otherwise start a thread per
+# core in every worker and in every stage it runs, and they would fight over the cores); the stages it starts
+# inherit the share through OMP_NUM_THREADS.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_share)
+    import torch
+
+    torch.set_num_threads(_share)
 # What a fresh clone holds that the pipeline needs (the library is installed editable from REPO, but dvc.yaml
 # lists src/ files as deps, so they are copied too).
 PROJECT_FILES = [
@@ -145,6 +155,39 @@ def run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True) 
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def run_in_process(cmd: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """What `run(cmd, cwd, env, check=False)` gives for a stage script (`python stages/x.py`) or the CLI
+    (`python -m scratch_diffusion ...`), run in this process: for the paths that stop before any work (bad input),
+    which would otherwise spend most of their time importing torch, diffusers and MLflow in a new interpreter.
+    The working folder, sys.argv and the environment are restored afterwards."""
+    import contextlib
+    import io
+    import runpy
+
+    if cmd[0] != sys.executable:
+        raise ValueError(f"run_in_process runs Python commands only, got {cmd[0]!r}")
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        mp.chdir(cwd)
+        for key, value in (env or {}).items():
+            mp.setenv(key, value)
+        try:
+            if cmd[1:3] == ["-m", "scratch_diffusion"]:
+                from scratch_diffusion.cli import main
+
+                mp.setattr("sys.argv", ["scratch-diffusion", *cmd[3:]])
+                main(cmd[3:])
+            else:
+                script = Path(cwd, cmd[1])
+                mp.setattr("sys.argv", [cmd[1], *cmd[2:]])
+                runpy.run_path(str(script), run_name="__main__")
+        except SystemExit as e:
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    return subprocess.CompletedProcess(cmd, code, out.getvalue(), err.getvalue())
 
 
 def run_queue(project: Path, jobs: int, timeout: float = 600) -> str:

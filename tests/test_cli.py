@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import run
+from tests.conftest import run, run_in_process
 
 GENERATE = [sys.executable, "-m", "scratch_diffusion", "generate", "--steps", "2", "--n", "2"]
 
@@ -25,7 +25,7 @@ def test_out_that_is_a_file_or_under_one_is_refused_before_loading_the_model(wor
     (workdir / "taken").write_text("mine")
     # The model does not exist either: the output path is checked first, so that is what is reported.
     for out, message in (("taken", "--out: 'taken' is a file"), ("taken/sub", "--out: cannot create 'taken/sub'")):
-        proc = run([*GENERATE, "--model", "nowhere", "--out", out], cwd=workdir, check=False)
+        proc = run_in_process([*GENERATE, "--model", "nowhere", "--out", out], cwd=workdir)
         assert proc.returncode == 2 and message in proc.stderr.splitlines()[-1], proc.stderr
         assert "Traceback" not in proc.stderr
     assert (workdir / "taken").read_text() == "mine"
@@ -50,7 +50,7 @@ def test_a_truncated_model_folder_is_one_line(workdir):
     model.mkdir(parents=True)
     (model / "model.safetensors").write_bytes(b"\x00" * 20)
     (model / "scratch_diffusion.json").write_text('{"resolution": 28, "channels": 1}')
-    proc = run([*GENERATE, "--model", "models/basic", "--sampler", "toy"], cwd=workdir, check=False)
+    proc = run_in_process([*GENERATE, "--model", "models/basic", "--sampler", "toy"], cwd=workdir)
     assert proc.returncode == 2 and "not a readable BasicUNet" in proc.stderr and "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") == 1, proc.stderr
 
@@ -166,7 +166,7 @@ def test_all_timesteps_with_a_multistep_solver_is_refused_for_the_model(workdir)
     net = UNet2DDenoiser(build_unet((32,), 1, ("DownBlock2D",), ("UpBlock2D",), sample_size=28, channels=1))
     meta = {"corruption": "ddpm", "conditioning": "timestep", "objective": "x0"}
     save_unet2d(workdir / "models/unet2d", net, ddpm_scheduler(10, prediction_type="sample"), meta)
-    proc = run([*GENERATE[:-4], "--sampler", "dpmsolver++", "--steps", "10", "--n", "2"], cwd=workdir, check=False)
+    proc = run_in_process([*GENERATE[:-4], "--sampler", "dpmsolver++", "--steps", "10", "--n", "2"], cwd=workdir)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert (
         "--steps: got 10, allowed: 1..9 for this model (dpmsolver++ fails or draws NaN at all of them)" in proc.stderr

@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import REPO, TINY, run
+from tests.conftest import REPO, TINY, run, run_in_process
 
 try:
     from playwright.sync_api import expect, sync_playwright
@@ -104,7 +104,7 @@ def server(project, tmp_path):
     """Two real training runs in a SQLite store, served by `mlflow server` on loopback."""
     uri = f"sqlite:///{tmp_path / 'store.db'}"
     env = {"MLFLOW_TRACKING_URI": uri}
-    run([sys.executable, str(REPO / "stages/download.py")], cwd=project)
+    assert run_in_process([sys.executable, str(REPO / "stages/download.py")], cwd=project).returncode == 0
     for stage in ("train_basic", "train_unet2d"):
         run([sys.executable, str(REPO / f"stages/{stage}.py")], cwd=project, env=env)
     with mlflow_server(uri, cwd=project) as url:

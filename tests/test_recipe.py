@@ -12,7 +12,7 @@ from scratch_diffusion.config import load_params
 from scratch_diffusion.data import describe
 from scratch_diffusion.model_files import load_unet2d
 from scratch_diffusion.recipe import dataset_meta, train_model, unet2d_meta, used_params
-from tests.conftest import REPO, run
+from tests.conftest import REPO, run_in_process
 
 TRAINERS = [
     "stages/train_basic.py",
@@ -45,7 +45,7 @@ def test_an_unknown_network_is_refused():
 
 @pytest.fixture
 def downloaded(project):
-    run([sys.executable, str(REPO / "stages/download.py")], cwd=project)
+    assert run_in_process([sys.executable, str(REPO / "stages/download.py")], cwd=project).returncode == 0
     return project
 
 

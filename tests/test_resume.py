@@ -3,7 +3,6 @@
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, run, write_params
+from tests.conftest import REPO, make_project, run, run_in_process, write_params
 
 FAST = {
     "data": {"n_train": 256},
@@ -35,8 +34,23 @@ STAGE = [sys.executable, str(REPO / "stages/train_basic.py")]
 @pytest.fixture
 def downloaded(project):
     write_params(project, FAST)
-    run([sys.executable, str(REPO / "stages/download.py")], cwd=project)
+    assert run_in_process([sys.executable, str(REPO / "stages/download.py")], cwd=project).returncode == 0
     return project
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, mnist_raw):
+    """The weights and loss curve of the FAST training run straight through: what every interrupted run must end
+    with, to the bit."""
+    project = make_project(tmp_path_factory.mktemp("uninterrupted") / "project", mnist_raw)
+    write_params(project, FAST)
+    assert run_in_process([sys.executable, str(REPO / "stages/download.py")], cwd=project).returncode == 0
+    run(STAGE, cwd=project, env={"MLFLOW_TRACKING_URI": f"sqlite:///{project.parent / 'ref.db'}"})
+    return _weights(project), (project / "plots/train_basic/loss.tsv").read_text(), _metrics(project)
+
+
+def _metrics(project):
+    return json.loads((project / "metrics/train_basic.json").read_text())
 
 
 def _env(store):
@@ -63,12 +77,8 @@ def _weights(project):
     return load_file(project / "models/basic/model.safetensors")
 
 
-def test_kill_and_resume_gives_identical_weights_and_one_run(downloaded, tmp_path):
+def test_kill_and_resume_gives_identical_weights_and_one_run(downloaded, tmp_path, uninterrupted):
     project = downloaded
-    reference = tmp_path / "reference"
-    subprocess.run(["cp", "-r", str(project), str(reference)], check=True)
-    run(STAGE, cwd=reference, env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'ref.db'}"})
-
     store = tmp_path / "store.db"
     _kill_after_checkpoint(project, store, step=10)
     # Everything in a checkpoint loads weights-only: safetensors, JSON, and Accelerate's weights_only loads.
@@ -79,11 +89,9 @@ def test_kill_and_resume_gives_identical_weights_and_one_run(downloaded, tmp_pat
     out = run(STAGE, cwd=project, env={"MLFLOW_TRACKING_URI": f"sqlite:///{store}"}).stdout
     assert "resumed from" in out
 
-    ref, got = _weights(reference), _weights(project)
+    (ref, curve, _), got = uninterrupted, _weights(project)
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
-    assert (project / "plots/train_basic/loss.tsv").read_text() == (
-        reference / "plots/train_basic/loss.tsv"
-    ).read_text()
+    assert (project / "plots/train_basic/loss.tsv").read_text() == curve
 
     # One MLflow run, continued: every loss step logged exactly once.
     client = MlflowClient(tracking_uri=f"sqlite:///{store}")
@@ -94,30 +102,22 @@ def test_kill_and_resume_gives_identical_weights_and_one_run(downloaded, tmp_pat
     assert json.loads((project / "models/basic/run.json").read_text())["run_id"] == runs[0].info.run_id
 
 
-def test_corrupt_checkpoint_falls_back_to_the_previous_one(downloaded, tmp_path):
+def test_corrupt_checkpoint_falls_back_to_the_previous_one(downloaded, tmp_path, uninterrupted):
     project = downloaded
-    reference = tmp_path / "reference"
-    subprocess.run(["cp", "-r", str(project), str(reference)], check=True)
-    run(STAGE, cwd=reference, env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'ref.db'}"})
-
     _kill_after_checkpoint(project, tmp_path / "store.db", step=15)
     newest = sorted((project / "checkpoints/train-basic").glob("*/step-*"))[-1]
     weights = newest / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # truncated
     proc = run(STAGE, cwd=project, env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'store.db'}"})
     assert "could not be loaded" in proc.stderr and "resumed from" in proc.stdout
-    ref, got = _weights(reference), _weights(project)
+    (ref, _, _), got = uninterrupted, _weights(project)
     assert all(torch.equal(ref[k], got[k]) for k in ref)
 
 
-def test_a_half_readable_checkpoint_restores_nothing(downloaded, tmp_path):
+def test_a_half_readable_checkpoint_restores_nothing(downloaded, tmp_path, uninterrupted):
     """Weights that load but a train_state.json that does not: a resume restores all or nothing, so with every
     checkpoint damaged this way the run starts over from step 0 as a fresh run would, to the bit."""
     project = downloaded
-    reference = tmp_path / "reference"
-    subprocess.run(["cp", "-r", str(project), str(reference)], check=True)
-    run(STAGE, cwd=reference, env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'ref.db'}"})
-
     _kill_after_checkpoint(project, tmp_path / "store.db", step=15)
     damaged = sorted((project / "checkpoints/train-basic").glob("*/step-*/train_state.json"))
     assert len(damaged) == 3
@@ -125,11 +125,9 @@ def test_a_half_readable_checkpoint_restores_nothing(downloaded, tmp_path):
         state.write_text("{ not json")
     proc = run(STAGE, cwd=project, env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'store.db'}"})
     assert proc.stderr.count("could not be loaded") == 3 and "training starts from step 0" in proc.stdout
-    ref, got = _weights(reference), _weights(project)
+    (ref, curve, _), got = uninterrupted, _weights(project)
     assert all(torch.equal(ref[k], got[k]) for k in ref)
-    assert (project / "plots/train_basic/loss.tsv").read_text() == (
-        reference / "plots/train_basic/loss.tsv"
-    ).read_text()
+    assert (project / "plots/train_basic/loss.tsv").read_text() == curve
 
 
 def test_changed_params_do_not_resume(downloaded, tmp_path):
@@ -174,7 +172,7 @@ def test_a_code_edit_that_changes_training_retrains(project, tmp_path, network):
     """The issue's case: the loss multiplied by 0 after a completed run. The project's own src/ is imported (as in a
     clone), the edit is seen, the run starts fresh and saves other weights, and no checkpoint of the old code stays."""
     write_params(project, SHORT)
-    run([sys.executable, "stages/download.py"], cwd=project)
+    assert run_in_process([sys.executable, "stages/download.py"], cwd=project).returncode == 0
     env = {"PYTHONPATH": str(project / "src")}
     _train(project, network, tmp_path / "a.db", env)
     before = load_file(project / STAGES[network][1])
@@ -202,7 +200,7 @@ def test_other_data_under_another_name_retrains(project, tmp_path, mnist_raw, ne
     from scratch_diffusion.data import FILES, read_idx, write_idx
 
     write_params(project, SHORT)
-    run([sys.executable, "stages/download.py"], cwd=project)
+    assert run_in_process([sys.executable, "stages/download.py"], cwd=project).returncode == 0
     _train(project, network, tmp_path / "a.db")
     before = load_file(project / STAGES[network][1])
 
@@ -212,7 +210,7 @@ def test_other_data_under_another_name_retrains(project, tmp_path, mnist_raw, ne
         array = read_idx((mnist_raw / name).read_bytes(), name)
         write_idx(other / name, 255 - array if key.endswith("images") else array)  # negatives, as other pictures
     write_params(project, {"data": {"dataset": "fashion_mnist", "source": str(other)}})
-    run([sys.executable, "stages/download.py"], cwd=project)
+    assert run_in_process([sys.executable, "stages/download.py"], cwd=project).returncode == 0
     out = _train(project, network, tmp_path / "a.db")
 
     assert "checkpoints of other inputs (the data changed): starting fresh, cleared" in out, out
@@ -221,18 +219,15 @@ def test_other_data_under_another_name_retrains(project, tmp_path, mnist_raw, ne
     assert len({json.dumps(m["identity"], sort_keys=True) for m in _markers(project, network)}) == 1
 
 
-def test_same_params_same_numbers(downloaded, tmp_path):
-    """Reproducible on CPU: two runs with the same params and seed give the same weights, curve and losses."""
-    other = tmp_path / "other"
-    subprocess.run(["cp", "-r", str(downloaded), str(other)], check=True)
-    for project, db in ((downloaded, "a.db"), (other, "b.db")):
-        write_params(project, {"basic": {"checkpoint_every": 0, "max_steps": 12}})
-        run(STAGE, cwd=project, env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / db}"})
-    a, b = _weights(downloaded), _weights(other)
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert (downloaded / "plots/train_basic/loss.tsv").read_text() == (other / "plots/train_basic/loss.tsv").read_text()
-    ma, mb = (json.loads((p / "metrics/train_basic.json").read_text()) for p in (downloaded, other))
-    assert ma["epoch_losses"] == mb["epoch_losses"] and ma["final_loss"] == mb["final_loss"]
+def test_same_params_same_numbers(downloaded, tmp_path, uninterrupted):
+    """Reproducible on CPU: another run with the same params and seed, in another project, gives the same weights,
+    curve and losses."""
+    run(STAGE, cwd=downloaded, env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'a.db'}"})
+    (ref, curve, metrics), got = uninterrupted, _weights(downloaded)
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    assert (downloaded / "plots/train_basic/loss.tsv").read_text() == curve
+    ours = _metrics(downloaded)
+    assert ours["epoch_losses"] == metrics["epoch_losses"] and ours["final_loss"] == metrics["final_loss"]
 
 
 @pytest.mark.slow
@@ -281,8 +276,8 @@ def test_a_disk_that_fills_while_checkpointing_is_one_line_and_leaves_no_partial
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
 
     store = tmp_path / "store.db"
-    run(STAGE, cwd=downloaded, env={"MLFLOW_TRACKING_URI": f"sqlite:///{store}"})  # the store's schema, unlimited
-    shutil.rmtree(downloaded / "checkpoints")
+    # The store's schema and the experiment, written before the limit (as a first run would have).
+    MlflowClient(f"sqlite:///{store}").create_experiment("scratch-diffusion", (downloaded / "mlruns").as_uri())
     # The BasicUNet's optimizer state (about 2.4 MB) outgrows the limit at the first checkpoint.
     proc = subprocess.run(
         STAGE, cwd=downloaded, env=_env(store), capture_output=True, text=True, preexec_fn=limit_file_size

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from scratch_diffusion import tracking
-from tests.conftest import REPO, run, run_queue, write_params
+from tests.conftest import REPO, run, run_in_process, run_queue, write_params
 from tests.test_mlflow_ui import mlflow_server
 
 try:
@@ -69,7 +69,7 @@ def auth_server(tmp_path_factory):
 
 @pytest.fixture
 def project_with_data(project):
-    run([sys.executable, str(REPO / "stages/download.py")], cwd=project)
+    assert run_in_process([sys.executable, str(REPO / "stages/download.py")], cwd=project).returncode == 0
     return project
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run
+from tests.conftest import REPO, run, run_in_process
 from tests.test_mlflow_ui import free_port, mlflow_server
 
 pytestmark = pytest.mark.slow
@@ -90,7 +90,7 @@ def test_training_logs_to_the_team_server(project, tracking_server, tmp_path):
     import mlflow
     from mlflow import MlflowClient
 
-    run([sys.executable, str(REPO / "stages/download.py")], cwd=project)
+    assert run_in_process([sys.executable, str(REPO / "stages/download.py")], cwd=project).returncode == 0
     run(
         [sys.executable, str(REPO / "stages/train_unet2d.py")],
         cwd=project,

@@ -13,13 +13,15 @@ from safetensors.torch import load_file
 
 from scratch_diffusion.hardware import choose, detect
 from scratch_diffusion.models import BasicUNet
-from tests.conftest import REPO, run, write_params
+from tests.conftest import REPO, make_project, run, run_in_process, write_params
 
 
-@pytest.fixture
-def trained(project, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'store.db'}"
-    run([sys.executable, str(REPO / "stages/download.py")], cwd=project)
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, mnist_raw):
+    """One training, read by the tests below (none of them writes to it)."""
+    project = make_project(tmp_path_factory.mktemp("trained") / "project", mnist_raw)
+    uri = f"sqlite:///{project.parent / 'store.db'}"
+    assert run_in_process([sys.executable, str(REPO / "stages/download.py")], cwd=project).returncode == 0
     # Credentials in the environment must never reach a param or a tag.
     secrets = {
         "AWS_SECRET_ACCESS_KEY": "SECRET-aws-1",
@@ -82,12 +84,12 @@ def test_mlflow_run_is_complete(trained):
 
 def test_bad_param_is_one_line_and_writes_nothing(project):
     write_params(project, {"basic": {"mixed_precision": "fp8"}})
-    proc = run([sys.executable, str(REPO / "stages/train_basic.py")], cwd=project, check=False)
+    proc = run_in_process([sys.executable, str(REPO / "stages/train_basic.py")], cwd=project)
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("error: basic.mixed_precision: got 'fp8', allowed: 'auto', 'fp32', 'bf16', 'fp16'")
     assert not (project / "models").exists() and not (project / "mlflow.db").exists()
 
 
 def test_missing_dataset_names_the_stage(project):
-    proc = run([sys.executable, str(REPO / "stages/train_basic.py")], cwd=project, check=False)
+    proc = run_in_process([sys.executable, str(REPO / "stages/train_basic.py")], cwd=project)
     assert proc.returncode == 2 and "dvc repro download" in proc.stderr

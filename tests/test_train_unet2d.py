@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from scratch_diffusion.hardware import choose, detect
 from scratch_diffusion.model_files import load_unet2d
 from scratch_diffusion.samplers import generate
-from tests.conftest import REPO, run, write_params
+from tests.conftest import REPO, run, run_in_process, write_params
 
 
 def assert_plain_ddim_draws_what_we_draw(folder):
@@ -39,7 +39,7 @@ def assert_plain_ddim_draws_what_we_draw(folder):
 
 @pytest.fixture
 def downloaded(project):
-    run([sys.executable, str(REPO / "stages/download.py")], cwd=project)
+    assert run_in_process([sys.executable, str(REPO / "stages/download.py")], cwd=project).returncode == 0
     return project
 
 
@@ -116,9 +116,9 @@ def test_saved_model_loads_in_ddpm_pipeline_and_generates(downloaded, tmp_path):
 
     bad = run([*cli, "--model", "models:/no-such-model/1"], cwd=downloaded, env=env, check=False)
     assert bad.returncode == 2 and "--model: cannot load 'models:/no-such-model/1'" in bad.stderr
-    bad = run([*cli[:-4], "--sampler", "toy", "--model", "models/unet2d"], cwd=downloaded, env=env, check=False)
+    bad = run_in_process([*cli[:-4], "--sampler", "toy", "--model", "models/unet2d"], cwd=downloaded, env=env)
     assert bad.returncode == 2 and "--sampler: got 'toy'" in bad.stderr
-    bad = run([*cli, "--model", "models/unet2d", "--digit", "7"], cwd=downloaded, env=env, check=False)
+    bad = run_in_process([*cli, "--model", "models/unet2d", "--digit", "7"], cwd=downloaded, env=env)
     assert bad.returncode == 2 and "is not class-conditional" in bad.stderr
 
 
@@ -139,7 +139,7 @@ def test_saved_model_loads_in_ddpm_pipeline_and_generates(downloaded, tmp_path):
 )
 def test_invalid_settings_fail_before_work(project, overrides, message):
     write_params(project, overrides)
-    proc = run([sys.executable, str(REPO / "stages/train_unet2d.py")], cwd=project, check=False)
+    proc = run_in_process([sys.executable, str(REPO / "stages/train_unet2d.py")], cwd=project)
     assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1
     assert not (project / "models").exists()
 

@@ -153,6 +153,17 @@ def test_a_candidate_whose_loss_is_not_finite_is_refused(cache):
         resolve(key={**KEY, "network": "other"}, run_step=sleeper(seconds, losses=dict.fromkeys(seconds, math.inf)))
 
 
+def test_a_candidate_that_does_not_run_is_not_chosen(cache, capsys):
+    def setup(candidate):
+        if candidate.channels_last:
+            raise RuntimeError("no NHWC kernel for this op")
+        return sleeper({FP32_NCHW: 0.001})(candidate)
+
+    choice = resolve(run_step=setup)
+    assert (choice.channels_last, choice.chosen_by) == (False, "timed")
+    assert "fp32 NHWC does not run here (no NHWC kernel for this op); not a candidate" in capsys.readouterr().err
+
+
 def test_an_unreadable_cache_is_timed_again_and_rewritten(cache, capsys):
     cache.write_text('{"half": ')
     choice = resolve(run_step=sleeper({FP32_NCHW: 0.001, FP32_NHWC: 0.001}))
@@ -196,6 +207,7 @@ def test_sampling_times_each_model_evaluation(cache):
     assert math.isfinite(step())
     short = sampling_choice(model, "auto", "auto", "cpu", batch=4, evaluations=10)
     assert (short.channels_last, short.chosen_by) == (False, "rule")
+    assert "not timed: 10 model calls are too few to pay for timing" in short.line("sample unet2d", 1)
     timed = sampling_choice(model, "auto", "auto", "cpu", batch=4, evaluations=10**6)
     assert timed.chosen_by == "timed" and len(timed.timings) >= 2
     assert sampling_choice(model, "auto", "auto", "cpu", batch=4, evaluations=10**6).chosen_by == "cached"

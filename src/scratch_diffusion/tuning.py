@@ -104,26 +104,28 @@ def measure(
     most MAX_TIMED; the median step gives images/s. The global RNG is left as it was."""
     device = torch.device(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    timings = []
+    timings: list[Timing] = []
     budget = CANDIDATE_S
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for candidate in options:
-            step = run_step(candidate)
-            finite = True
-            for _ in range(WARMUP):
-                finite &= math.isfinite(step())
             times: list[float] = []
-            while finite and len(times) < MAX_TIMED and (len(times) < MIN_TIMED or sum(times) < budget):
-                start = time.perf_counter()
-                loss = step()
-                sync()
-                times.append(time.perf_counter() - start)
-                finite &= math.isfinite(loss)
-                if not timings and len(times) == MIN_TIMED:  # the first candidate's pace bounds everyone's share
-                    budget = min(CANDIDATE_S, SHARE * statistics.median(times) * steps / len(options))
+            try:
+                step = run_step(candidate)
+                finite = all(math.isfinite(step()) for _ in range(WARMUP))
+                while finite and len(times) < MAX_TIMED and (len(times) < MIN_TIMED or sum(times) < budget):
+                    start = time.perf_counter()
+                    loss = step()
+                    sync()
+                    times.append(time.perf_counter() - start)
+                    finite = math.isfinite(loss)
+                    if not timings and len(times) == MIN_TIMED:  # the first candidate's pace bounds everyone's
+                        budget = min(CANDIDATE_S, SHARE * statistics.median(times) * steps / len(options))
+                del step
+            except RuntimeError as e:  # an op this precision or layout lacks here, or memory it does not fit in
+                print(f"warning: {candidate.label} does not run here ({e}); not a candidate", file=sys.stderr)
+                finite = False
             rate = batch / statistics.median(times) if finite else math.nan
             timings.append(Timing(candidate, rate, finite))
-            del step
     return timings
 
 
@@ -232,7 +234,8 @@ def resolve(
     if len(options) == 1:
         return replace(rule, chosen_by="params")
     if not worth_timing(len(options), steps):
-        return replace(rule, chosen_by="rule", why=f"{steps} steps are too few to pay for timing")
+        unit = "steps" if training else "model calls"
+        return replace(rule, chosen_by="rule", why=f"{steps} {unit} are too few to pay for timing")
     parts = {**key, "batch": batch, "training": training, "candidates": [c.label for c in options]}
     entry = cached(parts)
     if entry is not None:
