@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import io
 import json
 import statistics
@@ -234,16 +235,8 @@ def bench_sampling(repeats: int) -> None:
     # One UNet2DModel evaluation at the stage's batch: a plain fp32 eager call vs each candidate (the sample stage's
     # evaluation step, tuning's own), interleaved.
     x, t = torch.randn(bs, CHANNELS, SIDE, SIDE, device=DEVICE), torch.full((bs,), 500, device=DEVICE)
-    plain = build_unet(
-        u.block_out_channels,
-        u.layers_per_block,
-        u.down_block_types,
-        u.up_block_types,
-        sample_size=SIDE,
-        channels=CHANNELS,
-    ).eval()
-    plain.to(DEVICE)
-    plain.load_state_dict(nets["unet2d"].unet.to(memory_format=torch.contiguous_format).state_dict())
+    # The same weights, bare (no denoiser wrapper), in PyTorch's default layout.
+    plain = copy.deepcopy(nets["unet2d"].unet).to(DEVICE, memory_format=torch.contiguous_format).eval()
 
     def plain_call():
         with torch.no_grad():
