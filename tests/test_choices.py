@@ -17,6 +17,7 @@ from scratch_diffusion.corruption import ddpm_scheduler
 from scratch_diffusion.hardware import choose, detect, for_sampling
 from scratch_diffusion.models.unet2d import UNet2DDenoiser, build_unet
 from scratch_diffusion.objectives import ddpm_loss, target
+from scratch_diffusion.training import lr_factor
 from tests.conftest import REPO
 
 
@@ -84,10 +85,21 @@ def test_every_unet_block_and_conditioning_is_implemented():
         UNet2DDenoiser(unet, "bogus")
 
 
-def test_every_lr_schedule_and_precision_is_implemented():
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-    for name in choices.LR_SCHEDULES.values():
-        get_scheduler(name, optimizer, num_warmup_steps=0, num_training_steps=10)
+@pytest.mark.parametrize("warmup", [0, 1, 7])
+def test_every_lr_schedule_is_diffusers_own_at_every_step(warmup):
+    """training.lr_factor computes the schedule that choices.LR_SCHEDULES names in diffusers' get_scheduler."""
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    for ours, theirs in choices.LR_SCHEDULES.items():
+        factor = lr_factor(ours, warmup, 50)
+        reference = get_scheduler(
+            theirs, torch.optim.SGD(params, lr=1.0), num_warmup_steps=warmup, num_training_steps=50
+        )
+        assert [factor(k) for k in range(60)] == [reference.lr_lambdas[0](k) for k in range(60)], ours
+    with pytest.raises(ValueError, match="unknown lr schedule 'linear'; allowed: constant, cosine"):
+        lr_factor("linear", 0, 10)
+
+
+def test_every_precision_is_implemented():
     assert set(choices.MIXED_PRECISIONS.values()) <= set(PrecisionType.list())
     for precision in choices.TRAIN_PRECISIONS:
         assert choose("unet2d", precision, False, detect("cpu")).precision in choices.MIXED_PRECISIONS

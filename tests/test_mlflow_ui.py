@@ -5,6 +5,7 @@ import contextlib
 import math
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -87,16 +88,20 @@ def mlflow_server(backend_uri: str, *args: str, cwd=None, timeout: float = 90, e
         stderr=subprocess.STDOUT,
         text=True,
         env={**os.environ, "MLFLOW_TRACKING_URI": backend_uri, **(env or {})},
+        start_new_session=True,  # its own process group: the web server's workers are stopped with it
     )
     try:
         wait_until_up(url, proc, timeout)
         yield url
     finally:
-        proc.terminate()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # the auth app's server may linger on SIGTERM: nothing left to save
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 @pytest.fixture

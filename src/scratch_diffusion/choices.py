@@ -29,7 +29,7 @@ UNET_DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D")
 UNET_UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D")
 UNET_BLOCKS = (*UNET_DOWN_BLOCKS, *UNET_UP_BLOCKS)
 
-# training.py: the lr schedule -> diffusers.optimization.get_scheduler's name for it.
+# training.py: the lr schedule -> the name of diffusers.optimization.get_scheduler's schedule that lr_factor computes.
 LR_SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine"}
 # training.py: mixed precision -> Accelerate's name for it; hardware.choose resolves `auto`.
 MIXED_PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}

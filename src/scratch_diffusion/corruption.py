@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from diffusers import DDPMScheduler
+
+if TYPE_CHECKING:
+    from diffusers import DDPMScheduler
 
 
 def corrupt(x: torch.Tensor, amount: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -29,6 +33,8 @@ def ddpm_scheduler(
 
     Saved with the model so that samplers are built `from_config` of exactly what training used.
     """
+    from diffusers import DDPMScheduler  # here: importing diffusers takes seconds, the toy corruption needs none of it
+
     return DDPMScheduler(
         num_train_timesteps=num_train_timesteps,
         beta_schedule=beta_schedule,

@@ -37,7 +37,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from torchmetrics.image.kid import poly_mmd
 
 from scratch_diffusion.data import DataError, dataset_digest, describe, load_split, sha256_file
 from scratch_diffusion.models.classifier import CONFIG, Classifier
@@ -252,6 +251,9 @@ def frechet_distance_of_features(f1: torch.Tensor, f2: torch.Tensor) -> float:
 
 def kid_subsets(f_real: torch.Tensor, f_fake: torch.Tensor, subsets: int, size: int, seed: int = 0) -> np.ndarray:
     """KID (unbiased MMD^2, cubic polynomial kernel) on `subsets` random subsets of `size` from each side."""
+    # Imported here: torchmetrics takes seconds to import, and every stage that checks or trains imports this module.
+    from torchmetrics.image.kid import poly_mmd
+
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(subsets):

@@ -16,12 +16,17 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from scratch_diffusion.files import atomic_path, disk_full_reported, write_json
 from scratch_diffusion.models import UNet2DDenoiser
+
+# diffusers is imported where a UNet2DModel is saved or loaded: importing it takes seconds, and the BasicUNet's
+# stage needs none of it.
+if TYPE_CHECKING:
+    from diffusers import DDPMScheduler, UNet2DModel
 
 META = "scratch_diffusion.json"
 
@@ -36,6 +41,8 @@ def save_unet2d(path: str | Path, denoiser: UNet2DDenoiser, scheduler: DDPMSched
       (DDPMPipeline passes no class labels).
     - toy corruption: no model_index.json, so `DDPMPipeline.from_pretrained` refuses it; its sampler is the lesson's.
     """
+    from diffusers import DDPMPipeline
+
     path = Path(path)
     with disk_full_reported(path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -137,6 +144,8 @@ def load_unet2d(path: str | Path, device="cpu") -> tuple[UNet2DDenoiser, DDPMSch
     """The denoiser (conditioning applied), its training scheduler, and the metadata, from the pipeline folder that
     save_unet2d writes or from the same files side by side (as a logged MLflow model carries them in extra_files).
     Weights load from safetensors only: a folder holding pickled weights is refused rather than unpickled."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
     path = Path(path)
     if not (path / META).is_file():
         raise FileNotFoundError(f"{path}: no trained UNet2DModel here; run `dvc repro train-unet2d` first")

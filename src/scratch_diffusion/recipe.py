@@ -16,9 +16,9 @@ from collections.abc import Callable
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import DDPMScheduler
 
 from scratch_diffusion import files, tracking, tuning
 from scratch_diffusion.choices import PREDICTION_TYPES
@@ -43,6 +43,9 @@ from scratch_diffusion.training import (
     timing_step,
 )
 from scratch_diffusion.training_report import report_training
+
+if TYPE_CHECKING:
+    from diffusers import DDPMScheduler
 
 NETWORKS = ("basic", "unet2d")
 DATA_ROOT = "data/dataset"

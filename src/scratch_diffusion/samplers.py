@@ -14,14 +14,6 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerDiscreteScheduler,
-    HeunDiscreteScheduler,
-    UniPCMultistepScheduler,
-)
 
 from scratch_diffusion import tuning
 from scratch_diffusion.choices import SAMPLE_PRECISIONS
@@ -31,13 +23,15 @@ from scratch_diffusion.images import to_uint8
 from scratch_diffusion.models.unet2d import Guided
 from scratch_diffusion.tuning import Candidate
 
+# The sampler -> its diffusers scheduler class, by name: diffusers is imported when a scheduler is made (importing it
+# takes seconds, and the toy sampler needs none of it).
 SCHEDULERS = {
-    "ddpm": DDPMScheduler,
-    "ddim": DDIMScheduler,
-    "dpmsolver++": DPMSolverMultistepScheduler,
-    "euler": EulerDiscreteScheduler,
-    "heun": HeunDiscreteScheduler,
-    "unipc": UniPCMultistepScheduler,
+    "ddpm": "DDPMScheduler",
+    "ddim": "DDIMScheduler",
+    "dpmsolver++": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "unipc": "UniPCMultistepScheduler",
 }
 # Overrides on top of the trained config. DDIM with "linspace" spacing reads wrong alphas in current diffusers
 # releases; "trailing" ends exactly at t = T-1 (Lin et al. 2023, "Common Diffusion Noise Schedules ... are Flawed").
@@ -75,7 +69,10 @@ def make_scheduler(name: str, trained_config, **options):
     """
     if name not in SCHEDULERS:
         raise ValueError(f"unknown sampler {name!r}; allowed: {', '.join(SCHEDULERS)}, toy")
-    return SCHEDULERS[name].from_config(trained_config, **{**_OVERRIDES.get(name, {}), **options})
+    import diffusers
+
+    scheduler = getattr(diffusers, SCHEDULERS[name])
+    return scheduler.from_config(trained_config, **{**_OVERRIDES.get(name, {}), **options})
 
 
 @torch.inference_mode()

@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, set_seed
-from diffusers.optimization import get_scheduler
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 from tqdm.auto import tqdm
@@ -438,6 +437,25 @@ class _Display:
             )
 
 
+def lr_factor(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """The factor on the lr at optimizer step k: linear warm-up from 0 over `warmup_steps`, then 1 (`constant`) or a
+    half cosine down to 0 at `total_steps` (`cosine`). These are diffusers' get_scheduler schedules named in
+    choices.LR_SCHEDULES (a test compares every step); written here because importing diffusers takes seconds and
+    the BasicUNet's stage needs nothing else of it."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr schedule {schedule!r}; allowed: {', '.join(LR_SCHEDULES)}")
+
+    def factor(k: int) -> float:
+        if k < warmup_steps:
+            return k / max(1, warmup_steps)
+        if schedule == "constant":
+            return 1.0
+        progress = (k - warmup_steps) / max(1, total_steps - warmup_steps)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    return factor
+
+
 def fit(
     model: torch.nn.Module,
     loss_fn: Callable[..., torch.Tensor],
@@ -488,9 +506,7 @@ def fit(
     total = min(epochs * len(loader), max_steps or epochs * len(loader))
     # Warm-up then constant or cosine decay to 0, stepped once per optimizer step (not prepared: with several
     # processes Accelerate would step it once per process).
-    scheduler = get_scheduler(
-        LR_SCHEDULES[lr_schedule], optimizer, num_warmup_steps=warmup_steps, num_training_steps=total
-    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(lr_schedule, warmup_steps, total))
     progress = _Progress()
     # Not registered with Accelerate: it unpickles registered objects with weights_only=False. The lr schedule
     # and progress go to JSON, the EMA weights to safetensors (see _save / _resume).

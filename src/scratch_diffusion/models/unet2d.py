@@ -10,13 +10,17 @@ network or conditioning they hold:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import UNet2DModel
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
 from scratch_diffusion.choices import CONDITIONINGS
+
+# diffusers is imported where a UNet2DModel is built or wrapped: importing it takes seconds, and the stages that never
+# touch a UNet2DModel (train-basic, the judge's) import this module through the library.
+if TYPE_CHECKING:
+    from diffusers import UNet2DModel
 
 
 def build_unet(
@@ -36,6 +40,8 @@ def build_unet(
     With `num_classes` > 0 it is class-conditional: diffusers adds an embedding of `num_classes + 1` labels to the
     time embedding; the last label means "no label" (classifier-free guidance's unconditional model).
     """
+    from diffusers import UNet2DModel
+
     return UNet2DModel(
         sample_size=sample_size,
         in_channels=channels,
@@ -59,6 +65,8 @@ class CpuFp32Attention:
     """
 
     def __init__(self):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
         self.processor = AttnProcessor2_0()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
@@ -72,6 +80,8 @@ class CpuFp32Attention:
 
 class UNet2DDenoiser(nn.Module):
     def __init__(self, unet: UNet2DModel, conditioning: str = "timestep"):
+        from diffusers.models.attention_processor import Attention
+
         super().__init__()
         if conditioning not in CONDITIONINGS:
             raise ValueError(f"unknown conditioning {conditioning!r}; allowed: {', '.join(CONDITIONINGS)}")
