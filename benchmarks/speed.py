@@ -115,12 +115,12 @@ def stage_run(model_name: str, steps: int, seed: int = 0, **overrides) -> tuple[
     return result.images_per_s, [loss for _, loss in result.loss_curve]
 
 
-def peak_rss_mib(variant: str, model_name: str, steps: int) -> float:
-    """Peak resident memory of a fresh process that trains `steps` steps one way (imports included)."""
+def peak_rss_mib(call: str) -> float:
+    """Peak resident memory of a fresh process that runs `speed.<call>` (imports included)."""
     # VmHWM (via peak_rss_kib), not ru_maxrss: that one is inherited from this (large) process through fork.
     code = (
         f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import speed; "
-        f"from scratch_diffusion.stage import peak_rss_kib; speed.{variant}({model_name!r}, {steps}); "
+        f"from scratch_diffusion.stage import peak_rss_kib; speed.{call}; "
         "print(peak_rss_kib())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
@@ -135,6 +135,11 @@ def fresh(call: str):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def stage_call(model_name: str, steps: int, c) -> str:
+    """The stage_run call that trains with candidate or choice `c`'s precision and layout named."""
+    return f"stage_run({model_name!r}, {steps}, mixed_precision={c.precision!r}, channels_last={c.channels_last})"
 
 
 def bench_training(models: list[str], steps: int, repeats: int) -> None:
@@ -154,7 +159,8 @@ def bench_training(models: list[str], steps: int, repeats: int) -> None:
             a.append(lesson_loop(name, steps)[0])
             b.append(stage_run(name, steps, **chosen)[0])
         ma, mb = statistics.median(a), statistics.median(b)
-        mem_a, mem_b = peak_rss_mib("lesson_loop", name, 5), peak_rss_mib("stage_run", name, 5)
+        # The stage's memory with its chosen precision and layout (5 steps alone would take the rule's).
+        mem_a, mem_b = peak_rss_mib(f"lesson_loop({name!r}, 5)"), peak_rss_mib(stage_call(name, 5, choice))
         print(f"{name:7s} lesson loop {ma:7.1f} img/s (runs: {', '.join(f'{v:.0f}' for v in a)}), peak {mem_a:.0f} MiB")
         print(f"{name:7s} train stage {mb:7.1f} img/s (runs: {', '.join(f'{v:.0f}' for v in b)}), peak {mem_b:.0f} MiB")
         print(f"{name:7s} ratio stage / lesson: {mb / ma:.2f}x")
@@ -162,8 +168,7 @@ def bench_training(models: list[str], steps: int, repeats: int) -> None:
         # Accelerate keeps one mixed precision per process), against what `auto` chose.
         hand = {}
         for c in candidates(detect(DEVICE.type), "auto", "auto", training=True):
-            call = f"stage_run({name!r}, {steps}, mixed_precision={c.precision!r}, channels_last={c.channels_last})"
-            hand[c.label] = statistics.median(fresh(call)[0] for _ in range(repeats))
+            hand[c.label] = statistics.median(fresh(stage_call(name, steps, c))[0] for _ in range(repeats))
         best = max(hand, key=hand.get)
         rates = ", ".join(f"{label} {rate:.1f}" for label, rate in hand.items())
         print(f"{name:7s} by hand (img/s): {rates}; best {best}")
