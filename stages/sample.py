@@ -20,11 +20,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from scratch_diffusion import files, tracking
+from scratch_diffusion import files, serving, tracking
 from scratch_diffusion.choices import DIFFUSERS_SAMPLERS
 from scratch_diffusion.config import flatten, load_params
 from scratch_diffusion.images import class_columns, grid, save_png
-from scratch_diffusion.model_files import load_basic, load_unet2d
 from scratch_diffusion.samplers import expected_evaluations, generate, sampling_choice
 from scratch_diffusion.stage import StageError, duration, run_stage
 
@@ -37,19 +36,13 @@ def load_models(names: set[str], device) -> dict:
     loaded = {}
     for name in sorted(names):
         path = MODEL_DIRS[name]
-        try:
-            if name == "basic":
-                loaded[name] = (load_basic(path, device), "toy", None)
-                conditional = False
-            else:
-                model, scheduler, meta = load_unet2d(path, device)
-                loaded[name] = (model, meta["corruption"], scheduler.config)
-                conditional = model.null_label is not None
+        try:  # the loader of generate and the logged MLflow model
+            model = serving.load(path, device, name)
         except OSError as e:  # missing, or model_files.ModelFileError: truncated, corrupt, not ours
             raise StageError(str(e)) from None
         run_file = path / "run.json"
         run_id = json.loads(run_file.read_text())["run_id"] if run_file.is_file() else ""
-        loaded[name] = (*loaded[name], run_id, conditional)
+        loaded[name] = (model.net, model.corruption, model.trained_config, run_id, bool(model.classes))
     return loaded
 
 

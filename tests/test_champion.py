@@ -38,8 +38,9 @@ def champion(name="m") -> str | None:
 
 
 def register(tmp_path: Path, names: dict[str, int]) -> None:
-    """Register `count` versions of each name, each from a run that logged a real BasicUNet's folder where the
-    training stages put it (<model>/extra_files/: model.safetensors and its shape), so `generate` can load any."""
+    """Register `count` versions of each name, each from a run that logged a real BasicUNet's folder as the training
+    stages of earlier versions did (<model>/extra_files/: model.safetensors and its shape, beside a pickle not logged
+    here), which `generate` still loads (serving.logged_model_folder); a pyfunc model per version would cost more."""
     folder = tmp_path / "weights"
     if not folder.is_dir():  # the weights and the shape record, as train-basic saves and logs them
         save_basic(folder, BasicUNet(1, 1, 28), {"resolution": 28, "channels": 1})

@@ -54,7 +54,7 @@ def classifier(mnist):
         labels=train_y,
         batch_size=64,
         lr=2e-3,
-        epochs=1,
+        epochs=2,  # one epoch leaves the confident share near the bound below on some CPUs
         seed=0,
         lr_schedule="cosine",
     )

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -48,50 +49,38 @@ def free_port() -> int:
 
 
 def wait_until_up(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
+    """Until GET `url` answers 200 (a health check), or fail with what the process said."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"mlflow server exited with {proc.returncode}:\n{proc.stdout.read()[-3000:]}")
+            raise AssertionError(f"{proc.args} exited with {proc.returncode}:\n{proc.stdout.read()[-3000:]}")
         try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+            with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status == 200:
                     return
         except OSError:
             time.sleep(0.5)
-    raise AssertionError(f"mlflow server at {url} did not answer /health within {timeout} s")
+    raise AssertionError(f"{url} did not answer within {timeout} s")
 
 
 @contextlib.contextmanager
-def mlflow_server(backend_uri: str, *args: str, cwd=None, timeout: float = 90, env: dict | None = None):
-    """`mlflow server` on a free loopback port (plus `args`, and `env` over this process's environment); yields its URL
-    once /health answers, then stops it."""
+def mlflow_process(args: list[str], health: str, cwd=None, timeout: float = 90, env: dict | None = None):
+    """`mlflow <args>` listening on a free loopback port (`env` over this process's environment, whose Python's
+    scripts are on PATH); yields its URL once `health` answers, then stops it with its process group."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # `mlflow models serve` runs uvicorn
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            backend_uri,
-            *args,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
+        [sys.executable, "-m", "mlflow", *args, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, "MLFLOW_TRACKING_URI": backend_uri, **(env or {})},
+        env={**os.environ, "PATH": path, **(env or {})},
         start_new_session=True,  # its own process group: the web server's workers are stopped with it
     )
     try:
-        wait_until_up(url, proc, timeout)
+        wait_until_up(url + health, proc, timeout)
         yield url
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -102,6 +91,13 @@ def mlflow_server(backend_uri: str, *args: str, cwd=None, timeout: float = 90, e
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def mlflow_server(backend_uri: str, *args: str, cwd=None, timeout: float = 90, env: dict | None = None):
+    """`mlflow server` on a free loopback port (plus `args`); yields its URL once /health answers, then stops it."""
+    command = ["server", "--backend-store-uri", backend_uri, *args]
+    env = {"MLFLOW_TRACKING_URI": backend_uri, **(env or {})}
+    return mlflow_process(command, "/health", cwd=cwd, timeout=timeout, env=env)
 
 
 @pytest.fixture

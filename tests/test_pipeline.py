@@ -7,12 +7,17 @@ import hashlib
 import json
 import re
 import sys
+import urllib.error
+import urllib.request
 
+import mlflow
 import numpy as np
 import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import make_project, run, run_queue, write_params
+from tests.test_mlflow_ui import mlflow_process
+from tests.test_serving import assert_no_pickle
 
 pytestmark = pytest.mark.slow
 
@@ -58,11 +63,12 @@ STAGES = [
 
 @pytest.fixture(scope="module")
 def reproduced(tmp_path_factory, mnist_raw):
-    """The project after one `dvc repro`, and its stdout."""
+    """The project after one `dvc repro`, and what it printed (stdout, then stderr)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         project = make_project(tmp_path_factory.mktemp("pipeline") / "project", mnist_raw)
-        yield project, run(["dvc", "repro"], cwd=project).stdout
+        proc = run(["dvc", "repro"], cwd=project)
+        yield project, proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +98,11 @@ def test_repro_runs_every_stage_and_writes_its_outputs(reproduced, client):
     project, out = reproduced
     for stage in STAGES:
         assert f"Running stage '{stage}'" in out
+    # Quiet stages: each training stage names the version it registered in one line; no pickle warning, no bars.
+    for stage in ("train-basic", "train-unet2d"):
+        name = f"scratch-diffusion-{stage.removeprefix('train-')}"
+        assert f"{stage}: logged the model as registry version models:/{name}/1 " in out, out
+    assert "pickle" not in out.lower() and "Downloading artifacts" not in out and "Created version" not in out
     for path in OUTPUTS:
         assert (project / path).is_file(), path
     # The run id in the DVC output points into the default store.
@@ -150,6 +161,52 @@ def test_the_champion_alias_serves_generate(project, client):
     )
     assert f"generate: {model} is version {champion.version} (FID " in said.stdout
     assert (project / "out/ddim-2-seed0.npz").is_file()
+
+
+def test_the_champion_is_served_over_http_and_no_version_holds_a_pickle(project, client, monkeypatch):
+    """`mlflow models serve` from the alias a tiny `dvc repro` set: a request's images decode in one line and are the
+    images `generate` draws for it; each bad kind of request is HTTP 400 with one line naming the field, and the
+    server answers the next one. Every version the pipeline registered is built from code, without a pickle."""
+    store = {"MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store["MLFLOW_TRACKING_URI"])  # restored after the test, as set below
+    mlflow.set_tracking_uri(store["MLFLOW_TRACKING_URI"])
+    for version in client.search_model_versions(""):
+        assert_no_pickle(f"models:/{version.name}/{version.version}")
+    assert {v.name for v in client.search_model_versions("")} == {"scratch-diffusion-basic", "scratch-diffusion-unet2d"}
+    model = "models:/scratch-diffusion-unet2d@champion"
+    serve = ["models", "serve", "-m", model, "--env-manager", "local"]
+
+    def post(url: str, body: dict) -> tuple[int, dict]:
+        request = urllib.request.Request(
+            f"{url}/invocations", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=120) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    with mlflow_process(serve, "/ping", cwd=project, env=store, timeout=180) as url:
+        status, answer = post(url, {"inputs": {"n": 3, "seed": 2, "steps": 3, "eta": 0}})
+        assert status == 200, answer
+        images = np.asarray(answer["predictions"], dtype=np.uint8)
+        assert images.shape == (3, 28, 28)
+        bad = [
+            ({"sampler": "bogus"}, "sampler: got 'bogus', allowed: ddpm, ddim"),
+            ({"steps": 0}, "steps: got 0, allowed: 1..1000 for this model"),
+            ({"n": 65}, "n: got 65, allowed: 1..64 (the model's max_images)"),
+            ({"class": "7"}, "class: got '7', allowed: none: this model is not class-conditional"),
+            ({"guidance_scale": 3}, "guidance_scale: got 3, allowed: none: this model is not class-conditional"),
+            ({"seed": "zero"}, "seed: got 'zero', allowed: an integer 0..4294967295"),
+        ]
+        for body, line in bad:
+            status, answer = post(url, {"inputs": body})
+            assert status == 400 and answer["message"].splitlines()[-1].startswith(f"Error: {line}"), answer
+        status, answer = post(url, {"dataframe_records": [{"n": 1, "steps": 2}]})
+        assert status == 200 and np.asarray(answer["predictions"]).shape == (1, 28, 28)
+    cmd = ["scratch-diffusion", "generate", "--model", model, "--n", "3", "--seed", "2", "--steps", "3", "--out", "srv"]
+    run(cmd, cwd=project, env=store)
+    assert np.array_equal(np.load(project / "srv/ddim-3-seed2.npz")["images"], images)
 
 
 def test_ema_horizons_retrace_the_stage(project):

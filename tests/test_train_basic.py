@@ -11,6 +11,7 @@ import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
+from scratch_diffusion import serving
 from scratch_diffusion.hardware import choose, detect
 from scratch_diffusion.models import BasicUNet
 from tests.conftest import REPO, make_project, run, run_in_process, write_params
@@ -73,13 +74,12 @@ def test_mlflow_run_is_complete(trained):
     logged_steps = {int(p.split("+step+")[1].split("+")[0]) for p in images}
     assert logged_steps == {0, 3, 6}, logged_steps  # before training, every 3 steps, and the final model
 
+    # The logged model draws with the folder's weights what the loader of generate and sample draws from it.
     mlflow.set_tracking_uri(uri)
-    model = mlflow.pytorch.load_model(info["model_uri"])
-    x = torch.rand(2, 1, 28, 28)
-    reference = BasicUNet(1, 1, 28)
-    reference.load_state_dict(load_file(project / "models/basic/model.safetensors"))
-    with torch.no_grad():
-        np.testing.assert_allclose(model(x).numpy(), reference(x).numpy(), atol=1e-6)
+    assert info["registered_model"] == "scratch-diffusion-basic" and info["registered_version"] == 1
+    images = mlflow.pyfunc.load_model(info["model_uri"]).predict({"n": 2, "seed": 1, "steps": 3})
+    request = serving.Request(2, 1, "toy", 3, 0.0, None, None)
+    assert np.array_equal(images, serving.draw(serving.load(project / "models/basic"), request)[0])
 
 
 def test_bad_param_is_one_line_and_writes_nothing(project):

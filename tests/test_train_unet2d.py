@@ -107,7 +107,7 @@ def test_saved_model_loads_in_ddpm_pipeline_and_generates(downloaded, tmp_path):
     assert a.shape == (4, 28, 28) and (downloaded / "from_dvc/ddim-3-seed0.png").is_file()
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
 
-    # The logged model's requirements name every package its pickle imports, at the versions that wrote it.
+    # The logged model's requirements name every package its code imports, at the versions that wrote it.
     info = json.loads((downloaded / "models/unet2d/run.json").read_text())
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     requirements = Path(mlflow.pyfunc.get_model_dependencies(info["model_uri"])).read_text().split()

@@ -15,13 +15,13 @@ GENERATE_EXAMPLES = """examples:
 
 
 def _load_any(model: str, device: str):
-    """(denoiser, corruption, trained scheduler config or None) from a DVC output folder or an MLflow model URI.
+    """The model (serving.Drawable) in a DVC output folder or behind an MLflow model URI.
 
-    A registry model loads from the safetensors weights, configs and metadata logged beside it (extra_files),
-    never by unpickling the logged model: anyone who can register a version would otherwise run code here."""
+    A registry model loads from the safetensors weights and configs logged with it (serving.logged_model_folder),
+    never by unpickling anything: anyone who can register a version would otherwise run code here."""
     from pathlib import Path
 
-    from scratch_diffusion.model_files import META, load_basic, load_unet2d
+    from scratch_diffusion import serving
 
     path = Path(model)
     if model.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
@@ -34,25 +34,42 @@ def _load_any(model: str, device: str):
             pinned, resolved = tracking.resolve_alias(model)  # an alias names one version, said in one line
             if resolved:
                 print(f"generate: {resolved}", flush=True)
-            path = Path(mlflow.artifacts.download_artifacts(artifact_uri=pinned)) / "extra_files"
+            local = mlflow.artifacts.download_artifacts(artifact_uri=pinned)
         except Exception as e:  # MlflowException / RestException: unknown name, version or alias
             raise StageError(f"--model: cannot load {model!r} from {tracking.shown_uri(uri)}: {e}") from None
-        if not ((path / "model.safetensors").is_file() or (path / META).is_file()):
+        path = serving.logged_model_folder(local)
+        if path is None:
             raise StageError(
-                f"--model: {model!r} carries no safetensors weights and metadata beside its pickle; "
+                f"--model: {model!r} carries no safetensors weights and metadata, only a pickle; "
                 "refused (unpickling a registry model runs its code): use a model logged by this "
                 "project's training stages"
             )
     try:
-        if (path / "model.safetensors").is_file():
-            return load_basic(path, device), "toy", None
-        net, scheduler, meta = load_unet2d(path, device)
+        return serving.load(path, device)
     except OSError as e:  # missing, truncated or foreign files (model_files.ModelFileError)
         raise StageError(
             f"--model: {model!r} is neither a trained model folder (models/basic, models/unet2d) nor an MLflow "
             f"model URI (models:/<name>/<version> or models:/<name>@champion): {e}"
         ) from None
-    return net, meta["corruption"], scheduler.config
+
+
+# The request fields as generate's options name them.
+OPTIONS = {"guidance_scale": "--guidance-scale"}  # the others are --<field>
+
+
+def _writable_folder(out: str) -> str | None:
+    """Why folder `out` cannot take generate's files, or None. Creates nothing: a failed generate leaves no folder."""
+    from pathlib import Path
+
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        return f"{out!r} is a file; allowed: a folder (created if missing)"
+    if not path.exists():
+        parent = next(p for p in path.absolute().parents if p.exists())
+        if not parent.is_dir():
+            return f"cannot create {out!r} ({parent.name} is a file); allowed: a folder you can write to"
+        path = parent
+    return None if os.access(path, os.W_OK) else f"{out!r} is not writable; allowed: a folder you can write to"
 
 
 def generate_main(argv: list[str] | None = None) -> None:
@@ -62,15 +79,17 @@ def generate_main(argv: list[str] | None = None) -> None:
     import numpy as np
     import torch
 
-    from scratch_diffusion.choices import DIFFUSERS_SAMPLERS, SAMPLE_PRECISIONS, SAMPLERS
-    from scratch_diffusion.config import MAX_SEED, max_sample_steps
+    from scratch_diffusion.choices import SAMPLE_PRECISIONS, SAMPLERS
+    from scratch_diffusion.config import MAX_SEED
+    from scratch_diffusion.files import atomic_path
     from scratch_diffusion.images import class_columns, grid, save_png
-    from scratch_diffusion.samplers import expected_evaluations, generate, sampling_choice
+    from scratch_diffusion.serving import RequestError, check_request, draw
 
     parser = argparse.ArgumentParser(
         prog="scratch-diffusion generate",
         description="Sample images from a trained model and write a PNG grid and an npz (uint8, N x H x W for a "
-        "one-channel model, N x H x W x 3 for an RGB one; the image shape is the model's).",
+        "one-channel model, N x H x W x 3 for an RGB one; the image shape is the model's). The same request "
+        "draws the same images as the logged MLflow model's predict (mlflow models serve).",
         epilog=GENERATE_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -83,9 +102,10 @@ def generate_main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--sampler",
-        default="ddim",
+        default=None,
         choices=SAMPLERS,
-        help="toy for toy-corruption models; a diffusers scheduler for DDPM ones (default: ddim)",
+        help="toy for toy-corruption models; a diffusers scheduler for DDPM ones (default: toy for a toy-corruption "
+        "model, else ddim)",
     )
     parser.add_argument("--steps", type=int, default=50, help="sampling steps (default: 50)")
     parser.add_argument("--n", type=int, default=64, help="number of images (default: 64)")
@@ -93,12 +113,19 @@ def generate_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM only: 0 deterministic, 1 DDPM-like")
     parser.add_argument("--batch-size", type=int, default=250, help="images per model call (default: 250)")
     parser.add_argument(
+        "--class",
+        dest="classes",
+        action="append",
+        metavar="NAME",
+        help="class-conditional models: draw this class, by the dataset's name for it or its index (repeatable: "
+        "--class 3 --class 7 alternates; default: every class in turn)",
+    )
+    parser.add_argument(
         "--digit",
         type=int,
         action="append",
         metavar="D",
-        help="class-conditional models: draw this class, 0..K-1 for a model of K classes (MNIST: the digit; "
-        "repeatable: --digit 3 --digit 7 alternates; default: every class in turn)",
+        help="class-conditional models: draw this class by its index 0..K-1 (MNIST: the digit; repeatable)",
     )
     parser.add_argument(
         "--guidance-scale",
@@ -123,87 +150,63 @@ def generate_main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out", default="generated", help="output folder (default: generated/)")
     args = parser.parse_args(argv)
+    # What needs no model is checked before it loads.
     for name in ("steps", "n", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}: got {getattr(args, name)}, allowed: 1 or more")
     if not 0 <= args.seed <= MAX_SEED:  # torch's generator takes 64 bits, and each batch seeds with seed + i
         parser.error(f"--seed: got {args.seed}, allowed: 0..{MAX_SEED} (as params.yaml's sample.seed)")
-    if not 0 <= args.eta <= 1 or (args.eta and args.sampler != "ddim"):
+    if not 0 <= args.eta <= 1 or (args.eta and args.sampler not in (None, "ddim")):
         parser.error(f"--eta: got {args.eta}, allowed: 0..1 with --sampler ddim only")
-
+    if args.classes and args.digit:
+        parser.error("--class/--digit: got both, allowed: one of them (--digit D is --class D)")
+    if (why := _writable_folder(args.out)) is not None:
+        parser.error(f"--out: {why}")
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        parser.error(f"--out: {args.out!r} is a file; allowed: a folder (created if missing)")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        parser.error(f"--out: cannot create {args.out!r} ({e.strerror}); allowed: a folder you can write to")
-    if not os.access(out, os.W_OK):
-        parser.error(f"--out: {args.out!r} is not writable; allowed: a folder you can write to")
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    net, corruption, config = _load_any(args.model, device)
-    if (args.sampler == "toy") != (corruption == "toy"):
-        allowed = "toy" if corruption == "toy" else ", ".join(DIFFUSERS_SAMPLERS)
-        parser.error(
-            f"--sampler: got {args.sampler!r} for a model trained with the {corruption} corruption; allowed: {allowed}"
-        )
-    if config is not None and args.steps > (most := max_sample_steps(args.sampler, config.num_train_timesteps)):
-        why = "" if most == config.num_train_timesteps else f" ({args.sampler} fails or draws NaN at all of them)"
-        parser.error(f"--steps: got {args.steps}, allowed: 1..{most} for this model{why}")
-
-    conditional = getattr(net, "null_label", None) is not None
-    if not conditional and (args.digit or args.guidance_scale is not None):
-        parser.error(
-            f"--digit/--guidance-scale: {args.model!r} is not class-conditional; allowed only with a model "
-            "trained with unet2d.class_conditional: true"
-        )
-    num_classes = net.null_label if conditional else 0  # the null label follows the model's classes
-    bad = [d for d in args.digit or [] if not 0 <= d < num_classes]
-    if bad:
-        parser.error(f"--digit: got {bad[0]}, allowed: 0..{num_classes - 1} (the model's {num_classes} classes)")
-    if args.guidance_scale is not None and not 0 <= args.guidance_scale <= 50:
-        parser.error(f"--guidance-scale: got {args.guidance_scale}, allowed: 0..50")
-    guidance = {}
-    if conditional:
-        digits = args.digit or list(range(num_classes))
-        guidance = {
-            "labels": torch.tensor([digits[i % len(digits)] for i in range(args.n)]),
-            "guidance_scale": 2.0 if args.guidance_scale is None else args.guidance_scale,
-        }
+    model = _load_any(args.model, device)
+    # The same request as the logged model's predict, with generate's own defaults.
+    raw = {"n": args.n, "seed": args.seed, "steps": args.steps}
+    raw["sampler"] = args.sampler or ("toy" if model.corruption == "toy" else "ddim")
+    raw |= {"eta": args.eta} if args.eta or raw["sampler"] == "ddim" else {}
+    asked = args.classes or args.digit
+    raw |= {"class": asked} if asked else {}
+    raw |= {"guidance_scale": args.guidance_scale} if args.guidance_scale is not None else {}
+    try:
+        request = check_request(model, raw, {"guidance_scale": 2.0})
+    except RequestError as e:
+        option = "--digit" if e.field == "class" and args.digit else OPTIONS.get(e.field, f"--{e.field}")
+        if e.field in ("class", "guidance_scale") and not model.classes:
+            parser.error(
+                f"--class/--digit/--guidance-scale: {args.model!r} is not class-conditional; allowed only with a "
+                "model trained with unet2d.class_conditional: true"
+            )
+        parser.error(e.named(option))
 
     layout = {"auto": "auto", "true": True, "false": False}[args.channels_last]
-    calls = -(-args.n // args.batch_size) * expected_evaluations(args.sampler, args.steps)
-    choice = sampling_choice(net, args.precision, layout, device, batch=min(args.batch_size, args.n), evaluations=calls)
-    choice.announce("generate")
-    images, nfe = generate(
-        net,
-        args.sampler,
-        args.steps,
-        args.n,
+    images, nfe, labels = draw(
+        model,
+        request,
+        device,
+        precision=args.precision,
+        channels_last=layout,
         batch_size=args.batch_size,
-        seed=args.seed,
-        corruption=corruption,
-        trained_config=config,
-        device=device,
-        eta=args.eta,
-        precision=choice.precision,
-        channels_last=choice.channels_last,
-        **guidance,
+        announce="generate",
     )
-    stem = f"{args.sampler}-{args.steps}-seed{args.seed}"
-    if guidance:
+    stem = f"{request.sampler}-{request.steps}-seed{request.seed}"
+    if labels is not None:
+        classes = request.classes
         # The classes asked for (MNIST: -digits0123456789); every class of a model of many is "all", so that the
         # name stays short.
-        asked = "_".join(map(str, digits)) if max(digits) > 9 else "".join(map(str, digits))
-        asked = "all" if args.digit is None and num_classes > 10 else asked
-        stem += f"-digits{asked}-g{guidance['guidance_scale']:g}"
-    from scratch_diffusion.files import atomic_path
-
+        asked = "_".join(map(str, classes)) if max(classes) > 9 else "".join(map(str, classes))
+        asked = "all" if not (args.classes or args.digit) and len(model.classes) > 10 else asked
+        stem += f"-digits{asked}-g{request.guidance_scale:g}"
     with atomic_path(out / f"{stem}.npz") as tmp, open(tmp, "wb") as f:
-        np.savez_compressed(f, images=images, **({"labels": guidance["labels"].numpy()} if guidance else {}))
-    save_png(out / f"{stem}.png", grid(images, nrow=class_columns(len(digits), args.n)) if guidance else grid(images))
-    print(f"wrote {out / stem}.png and .npz: {args.n} images, {nfe} model evaluations each")
+        np.savez_compressed(f, images=images, **({"labels": labels.numpy()} if labels is not None else {}))
+    picture = grid(images, nrow=class_columns(len(request.classes), request.n)) if labels is not None else grid(images)
+    save_png(out / f"{stem}.png", picture)
+    print(f"wrote {out / stem}.png and .npz: {request.n} images, {nfe} model evaluations each")
 
 
 def main(argv: list[str] | None = None) -> None:

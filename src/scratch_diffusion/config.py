@@ -28,6 +28,7 @@ from scratch_diffusion.choices import (
     CORRUPTIONS,
     DATA_SOURCES,
     DATASETS,
+    DIFFUSERS_SAMPLERS,
     LOSS_WEIGHTINGS,
     LR_SCHEDULES,
     PREDICTION_TYPES,
@@ -155,6 +156,7 @@ class BasicParams:
     checkpoints_keep: int = field(default=2, metadata=_range(1, 100))
     sample_steps: int = field(default=40, metadata=_range(1, 1000))
     sample_n: int = field(default=64, metadata=_range(1, 1024))
+    registered_model: str = field(default="scratch-diffusion-basic", metadata=_name())
 
 
 UNET_NORM_GROUPS = 32  # diffusers' UNet2DModel default norm_num_groups
@@ -350,6 +352,35 @@ class SampleParams:
 
 
 @dataclass(frozen=True)
+class ServeParams:
+    """The MLflow model each training stage logs (mlflow_model.py): its request defaults and limit."""
+
+    max_images: int = field(default=64, metadata=_range(1, 10000))
+    n: int = field(default=16, metadata=_range(1, 10000))
+    sampler: str = field(default="ddim", metadata=_choice(*DIFFUSERS_SAMPLERS))
+    steps: int = field(default=50, metadata=_range(1, 10000))
+    eta: float = field(default=1.0, metadata=_range(0.0, 1.0))
+    toy_steps: int = field(default=40, metadata=_range(1, 10000))
+    guidance_scale: float = field(default=2.0, metadata=_range(0.0, 50.0))
+
+    def validate(self, key: str = "") -> None:
+        if self.n > self.max_images:
+            raise ParamsError(f"serve.n: got {self.n}, allowed: 1..{self.max_images} (serve.max_images)")
+        if self.eta and self.sampler != "ddim":
+            raise ParamsError(
+                f"serve.eta: got {self.eta!r} for sampler {self.sampler!r}; allowed: 0 (eta is for ddim only)"
+            )
+
+    def defaults(self, corruption: str, conditional: bool) -> dict:
+        """The request defaults of a logged model trained with `corruption` (serving.check_request's `defaults`)."""
+        if corruption == "toy":
+            setting = {"sampler": "toy", "steps": self.toy_steps}
+        else:
+            setting = {"sampler": self.sampler, "steps": self.steps, "eta": self.eta}
+        return {"n": self.n, "seed": 0, **setting, **({"guidance_scale": self.guidance_scale} if conditional else {})}
+
+
+@dataclass(frozen=True)
 class MlflowParams:
     experiment: str = field(default="scratch-diffusion", metadata=_name())
     log_model: bool = True
@@ -371,6 +402,7 @@ class Params:
     sample: SampleParams = field(default_factory=SampleParams)
     classifier: ClassifierParams = field(default_factory=ClassifierParams)
     mlflow: MlflowParams = field(default_factory=MlflowParams)
+    serve: ServeParams = field(default_factory=ServeParams)
     launch: str = "python"
 
     def validate(self, key: str = "") -> None:
@@ -388,6 +420,8 @@ class Params:
             )
         for i, s in enumerate(self.sample.settings):
             check_steps(s, self.unet2d.num_train_timesteps, f"sample.settings[{i}].steps", "unet2d.num_train_timesteps")
+        served = SampleSetting("unet2d", self.serve.sampler, self.serve.steps, self.serve.eta)
+        check_steps(served, self.unet2d.num_train_timesteps, "serve.steps", "unet2d.num_train_timesteps")
         _, resolution = self.data.image_shape
         halvings = max(FIXED_HALVINGS, len(self.unet2d.block_out_channels) - 1)
         if resolution % 2**halvings:

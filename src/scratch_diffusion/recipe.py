@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from scratch_diffusion import files, tracking, tuning
+from scratch_diffusion import files, serving, tracking, tuning
 from scratch_diffusion.choices import PREDICTION_TYPES
 from scratch_diffusion.config import Params, ParamsError, flatten, params_hash
 from scratch_diffusion.corruption import ddpm_scheduler
@@ -28,7 +28,7 @@ from scratch_diffusion.data import DatasetInfo, dataset_digest, describe, load_s
 from scratch_diffusion.hardware import Choice, choose, detect
 from scratch_diffusion.identity import digest, run_identity
 from scratch_diffusion.images import grid, to_uint8
-from scratch_diffusion.model_files import META, save_basic, save_unet2d
+from scratch_diffusion.model_files import save_basic, save_unet2d
 from scratch_diffusion.models import BasicUNet, Guided, UNet2DDenoiser, build_unet
 from scratch_diffusion.objectives import ddpm_loss, toy_loss
 from scratch_diffusion.samplers import fixed_noise, sample_images
@@ -73,11 +73,16 @@ def used_params(network: str, params: Params) -> dict:
     used = {"seed": params.seed}
     if network == "unet2d":
         used["objective"] = params.objective
+    # The logged model's request defaults: a toy-corruption BasicUNet has one sampler, so of its setting only steps.
+    serve = params.section("serve")
+    if network == "basic":
+        serve = {k: serve[k] for k in ("max_images", "n", "toy_steps")}
     return {
         **used,
         "data.n_train": params.data.n_train,
         network: params.section(network),
         "mlflow": params.section("mlflow"),
+        "serve": serve,
     }
 
 
@@ -86,7 +91,9 @@ def training_identity(
 ) -> dict:
     """What a training of `network` depends on (identity.run_identity): its params, the dataset's bytes, and every
     source file that this module reaches, plus `scripts` (a stage's own file)."""
-    return run_identity(flatten(used_params(network, params)), dataset_digest(data_root), [__file__, *scripts])
+    # Not the logged model's request defaults: they change what predict draws by default, never the weights.
+    used = {k: v for k, v in used_params(network, params).items() if k != "serve"}
+    return run_identity(flatten(used), dataset_digest(data_root), [__file__, *scripts])
 
 
 def noise_schedule(params: Params) -> DDPMScheduler:
@@ -355,35 +362,34 @@ def _save(network: str, params: Params, trained: Trained, out: Path, *, run, sam
     """The model folder; with a stage's run, also its DVC metrics and plots, the MLflow model and run.json."""
     net = trained.model
     if network == "basic":
+        corruption, conditional = "toy", False
         save_basic(out, net, dataset_meta(trained.info))
-        model_files = [out / "model.safetensors", out / META]
     else:
         meta = {**unet2d_meta(params), **dataset_meta(trained.info), "run_id": run.info.run_id if run else ""}
+        corruption, conditional = meta["corruption"], meta["class_conditional"]
         save_unet2d(out, net, trained.scheduler, meta)
-        model_files = [out / "unet/config.json", out / "unet/diffusion_pytorch_model.safetensors"]
-        model_files += [out / "scheduler/scheduler_config.json", out / META]
     if run is None:
         return
     name = stage.replace("-", "_")
     report_training(trained.result, sample_grid(net), f"metrics/{name}.json", f"plots/{name}")
-    registered = params.unet2d.registered_model if network == "unet2d" else None
-    # The weights beside the pickle: `generate` loads a registry model from them, without unpickling it.
-    info = (
-        tracking.log_torch_model(
-            net.cpu(),  # a plain forward (no mixed-precision wrapper): picklable for MLflow
+    registered = getattr(params, network).registered_model
+    info = None
+    if params.mlflow.log_model:
+        info = serving.log_model(
+            out,
+            image_shape=tuple(net.image_shape),
+            defaults=params.serve.defaults(corruption, conditional),
+            max_images=params.serve.max_images,
             registered_name=registered,
-            tags=flatten(used) if registered else None,
-            extra_files=model_files,
+            tags=flatten(used),
         )
-        if params.mlflow.log_model
-        else None
-    )
+        where = f"registry version models:/{registered}/{info.registered_model_version}" if registered else ""
+        print(f"{stage}: logged the model as {where or info.model_uri} (mlflow models serve -m ...)", flush=True)
     record = {
         "run_id": run.info.run_id,
         "experiment_id": run.info.experiment_id,
         "model_uri": info.model_uri if info else None,
+        "registered_model": registered if info else None,
+        "registered_version": info.registered_model_version if info else None,
     }
-    if registered:
-        record["registered_model"] = registered if info else None
-        record["registered_version"] = info.registered_model_version if info else None
     files.write_json(out / "run.json", record)

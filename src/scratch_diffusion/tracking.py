@@ -93,11 +93,17 @@ def _move_credentials(uri: str) -> str:
     return bare
 
 
+def no_progress_bars() -> None:
+    """A stage's output says what it did: no progress bar per artifact downloaded (generate, logging a model)."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
 def connect() -> str:
     """Point MLflow at the tracking store once it answers and takes our credentials; returns the URI MLflow now holds
     (credentials moved out of it: see _move_credentials)."""
     import mlflow
 
+    no_progress_bars()
     uri = tracking_uri()
     check_reachable(uri)
     bare = _move_credentials(uri)
@@ -150,7 +156,7 @@ def check_experiment(name: str) -> None:
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         return
     ensure_store(uri)
-    found = _with_retry(mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name, name)
+    found = with_retry(mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name, name)
     _refuse_deleted(found, "MLFLOW_TRACKING_URI" not in os.environ)
 
 
@@ -182,7 +188,7 @@ def git_commit(cwd: str | Path | None = None) -> str:
         return "unknown"
 
 
-def _with_retry(fn, *args, attempts: int = 8, **kwargs):
+def with_retry(fn, *args, attempts: int = 8, **kwargs):
     """SQLite allows one writer: parallel queued experiments can hit 'database is locked'. Back off and retry."""
     for i in range(attempts):
         try:
@@ -193,7 +199,7 @@ def _with_retry(fn, *args, attempts: int = 8, **kwargs):
             time.sleep(0.25 * 2**i)
 
 
-def _clean(d: Mapping[str, Any]) -> dict[str, str]:
+def clean(d: Mapping[str, Any]) -> dict[str, str]:
     return {k: scrubbed(str(v)) for k, v in d.items() if not _SECRET.search(k)}
 
 
@@ -264,7 +270,7 @@ def last_logged_step(run_id: str, key: str = "loss") -> int:
     """The highest step of `key` in a run (-1 if none): a resumed run logs only what comes after it."""
     import mlflow
 
-    history = _with_retry(mlflow.MlflowClient().get_metric_history, run_id, key)
+    history = with_retry(mlflow.MlflowClient().get_metric_history, run_id, key)
     return max((m.step for m in history), default=-1)
 
 
@@ -282,7 +288,7 @@ def start_run(
     # Decide before set_tracking_uri: MLflow exports the URI it is given to MLFLOW_TRACKING_URI.
     local_store = "MLFLOW_TRACKING_URI" not in os.environ
     connect()
-    _with_retry(_set_experiment, experiment, local_store)
+    with_retry(_set_experiment, experiment, local_store)
     all_tags = {
         "git_commit": git_commit(),
         "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
@@ -293,25 +299,25 @@ def start_run(
     if resume_run_id:
         try:
             mlflow.MlflowClient().get_run(resume_run_id)
-            run = _with_retry(mlflow.start_run, run_id=resume_run_id, tags=_clean(all_tags))
+            run = with_retry(mlflow.start_run, run_id=resume_run_id, tags=clean(all_tags))
         except Exception:  # not in this store (another URI, deleted): start a new run, linked by a tag
             all_tags["resumed_from_run"] = resume_run_id
     if run is None:
-        run = _with_retry(mlflow.start_run, run_name=run_name, tags=_clean(all_tags))
+        run = with_retry(mlflow.start_run, run_name=run_name, tags=clean(all_tags))
     try:
-        _with_retry(mlflow.log_params, _clean(params))
+        with_retry(mlflow.log_params, clean(params))
         yield run
     except BaseException as e:
         mlflow.end_run(status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     else:
-        _with_retry(mlflow.end_run)
+        with_retry(mlflow.end_run)
 
 
 def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
     import mlflow
 
-    _with_retry(mlflow.log_metrics, {k: float(v) for k, v in metrics.items()}, step=step)
+    with_retry(mlflow.log_metrics, {k: float(v) for k, v in metrics.items()}, step=step)
 
 
 def log_image(picture: np.ndarray, key: str, step: int, caption: str | None = None) -> None:
@@ -321,54 +327,13 @@ def log_image(picture: np.ndarray, key: str, step: int, caption: str | None = No
 
     from scratch_diffusion.images import captioned
 
-    _with_retry(mlflow.log_image, captioned(picture, caption or f"{key}, step {step}"), key=key, step=step)
+    with_retry(mlflow.log_image, captioned(picture, caption or f"{key}, step {step}"), key=key, step=step)
 
 
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
     import mlflow
 
-    _with_retry(mlflow.log_artifact, str(path), artifact_path=artifact_path)
-
-
-def pip_requirements() -> list[str]:
-    """Explicit requirements: MLflow's inference of them wants network access and a version check. What unpickling
-    a logged model imports: torch, and diffusers through the package source shipped with it (models/)."""
-    import importlib.metadata as md
-
-    return [f"{pkg}=={md.version(pkg)}" for pkg in ("torch", "diffusers", "numpy", "safetensors")]
-
-
-def log_torch_model(
-    model,
-    name: str = "model",
-    registered_name: str | None = None,
-    tags: Mapping | None = None,
-    extra_files: list[str | Path] | None = None,
-):
-    """Log a torch module with the package source shipped alongside, so loading needs no install of ours."""
-    import mlflow
-
-    package_dir = Path(__file__).resolve().parent
-    info = _with_retry(
-        mlflow.pytorch.log_model,
-        pytorch_model=model,
-        name=name,
-        pip_requirements=pip_requirements(),
-        code_paths=[str(package_dir)],
-        # pickle (with our source in code_paths) rather than pt2 export: export needs example inputs and
-        # cannot trace every model we log; load_model gives back the same nn.Module.
-        serialization_format="pickle",
-        # e.g. the scheduler config and metadata a sampler needs, so a registry URI alone can generate images
-        extra_files=[str(f) for f in extra_files or []] or None,
-        registered_model_name=registered_name,
-        tags=_clean(tags or {}),
-    )
-    if registered_name and tags:
-        # The registry shows version tags, not the logged model's: copy the params there too.
-        client = mlflow.MlflowClient()
-        for k, v in _clean(tags).items():
-            _with_retry(client.set_model_version_tag, registered_name, info.registered_model_version, k, v)
-    return info
+    with_retry(mlflow.log_artifact, str(path), artifact_path=artifact_path)
 
 
 CHAMPION = "champion"
@@ -456,10 +421,10 @@ def promote_champion(
     with _champion_lock():
         # Tags are set one by one; without a lock (remote store) another compare may read between them. Dropping the
         # old FID first makes a half-written version read as unmeasured, never as one judge's FID under another's.
-        if "compare.fid" in _with_retry(client.get_model_version, name, version).tags:
-            _with_retry(client.delete_model_version_tag, name, version, "compare.fid")
+        if "compare.fid" in with_retry(client.get_model_version, name, version).tags:
+            with_retry(client.delete_model_version_tag, name, version, "compare.fid")
         for tag, value in tags.items():
-            _with_retry(client.set_model_version_tag, name, version, tag, value)
+            with_retry(client.set_model_version_tag, name, version, tag, value)
         first = _champion(client, name)
         if first is not None and _judge_of(first) not in (None, key):
             differs = ", ".join(
@@ -479,13 +444,13 @@ def promote_champion(
         # each move lets the last compare to finish put it right.
         for _ in range(5):  # then give up: the alias names a version this judge measured, if not the best
             held_id = None if held is None else str(held.version)
-            peers = [v for v in _with_retry(client.search_model_versions, f"name='{name}'") if _judge_of(v) == key]
+            peers = [v for v in with_retry(client.search_model_versions, f"name='{name}'") if _judge_of(v) == key]
             # the lowest FID; on a tie the current champion, then the older version
             best = min(peers, key=lambda v: (float(v.tags["compare.fid"]), str(v.version) != held_id, int(v.version)))
             if str(best.version) == held_id:
                 break
             try:
-                _with_retry(client.set_registered_model_alias, name, CHAMPION, str(best.version))
+                with_retry(client.set_registered_model_alias, name, CHAMPION, str(best.version))
             except mlflow.exceptions.MlflowException as e:  # two first moves at once: one insert loses; read again
                 if "unique" not in str(e).lower():
                     raise
@@ -510,7 +475,7 @@ def _champion(client, name: str):
     import mlflow
 
     try:
-        return _with_retry(client.get_model_version_by_alias, name, CHAMPION)
+        return with_retry(client.get_model_version_by_alias, name, CHAMPION)
     except mlflow.exceptions.MlflowException:
         return None
 
@@ -524,7 +489,7 @@ def resolve_alias(model_uri: str) -> tuple[str, str | None]:
     if not model_uri.startswith("models:/") or "@" not in model_uri:
         return model_uri, None
     name, alias = model_uri.removeprefix("models:/").rstrip("/").rsplit("@", 1)
-    held = _with_retry(mlflow.MlflowClient().get_model_version_by_alias, name, alias)
+    held = with_retry(mlflow.MlflowClient().get_model_version_by_alias, name, alias)
     measured = _fid_line(held)
     if "compare.n" in held.tags:
         measured += f" at n {held.tags['compare.n']}"
