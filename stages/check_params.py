@@ -32,7 +32,7 @@ def main() -> None:
         params = load_params()
         d = params.data
         try:
-            listing = source_listing(d.dataset, d.source, d.channels, d.held_out)
+            listing = source_listing(d.dataset, d.source, d.channels, d.held_out, d.background)
         except DataError as e:
             raise ParamsError(str(e)) from None
         facts = DataFacts.listed(params, listing) if d.dataset == "folder" else None

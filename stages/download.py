@@ -4,7 +4,7 @@
     python stages/download.py
 
 Reads params `data.dataset`, `data.source` and, for an image folder, `data.resolution`, `data.channels`,
-`data.held_out`. Writes `data/dataset/<MNIST|FashionMNIST|ImageFolder>/raw/*-ubyte` and `data/dataset/manifest.json`
+`data.held_out`, `data.background`. Writes `data/dataset/<MNIST|FashionMNIST|ImageFolder>/raw/*-ubyte` and `data/dataset/manifest.json`
 (source used, md5 of every file, and of every source image). Nothing is left behind if every source fails.
 """
 
@@ -17,7 +17,15 @@ DATA_ROOT = "data/dataset"
 
 def main() -> None:
     d = load_params().data
-    download(d.dataset, d.source, DATA_ROOT, resolution=d.resolution, channels=d.channels, held_out=d.held_out)
+    download(
+        d.dataset,
+        d.source,
+        DATA_ROOT,
+        resolution=d.resolution,
+        channels=d.channels,
+        held_out=d.held_out,
+        background=d.background,
+    )
 
 
 if __name__ == "__main__":

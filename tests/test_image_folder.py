@@ -3,7 +3,11 @@ checks, the check-params stage): every bad input is one line naming the file or 
 
 import json
 import shutil
+import struct
+import zlib
+from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pytest
 from PIL import Image
@@ -200,3 +204,86 @@ def _merge(base: dict, over: dict) -> dict:
     for k, v in over.items():
         out[k] = _merge(out.get(k, {}), v) if isinstance(v, dict) else v
     return out
+
+
+# Real pictures nobody here made, shipped by a package the project installs: matplotlib's toolbar icons (RGBA, drawn
+# on a transparent ground) and its sample photograph.
+MPL = Path(matplotlib.get_data_path())
+ICONS = sorted((MPL / "images").glob("*_large.png"))
+PHOTO = MPL / "sample_data" / "grace_hopper.jpg"
+
+
+def test_transparent_pixels_show_the_background_not_the_colour_stored_under_them(tmp_path, recwarn):
+    icon = Image.open(ICONS[0])
+    rgba = np.asarray(icon.convert("RGBA"))
+    clear = rgba[..., 3] == 0
+    # Dropping the alpha (PIL's convert) shows the colour stored under the transparent pixels, whatever it is.
+    assert clear.any() and (np.asarray(icon.convert("RGB"))[clear] == rgba[clear][:, :3]).all()
+    for background, rgb in (("white", 255), ("black", 0), ("#336699", (0x33, 0x66, 0x99))):
+        picture, steps = data.decode_image(ICONS[0], 3, background)
+        assert (np.asarray(picture)[clear] == rgb).all() and steps == ("transparency flattened",)
+    # A palette picture with a transparent index (PNG tRNS), from the photograph: flattened too, and PIL's palette
+    # warning is not printed.
+    palette = Image.open(PHOTO).resize((40, 30)).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    key = palette.getpixel((0, 0))
+    palette.save(tmp_path / "p.png", transparency=key)
+    picture, steps = data.decode_image(tmp_path / "p.png", 3, "white")
+    assert steps == ("transparency flattened",) and np.asarray(picture)[0, 0].tolist() == [255, 255, 255]
+    assert not [w for w in recwarn if "PIL" in w.filename or "Palette" in str(w.message)]
+
+
+def test_orientation_bit_depth_and_animation_are_decoded_as_a_viewer_shows_them(tmp_path):
+    photo = Image.open(PHOTO).resize((60, 40))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    photo.save(tmp_path / "turned.jpg", exif=exif, quality=95)
+    picture, steps = data.decode_image(tmp_path / "turned.jpg", 3)
+    assert picture.size == (40, 60) and steps == ("EXIF orientation applied",)
+
+    grey = np.asarray(photo.convert("L"))
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "deep.png")  # 16-bit grey PNG
+    assert np.asarray(Image.open(tmp_path / "deep.png").convert("L")).mean() > 250  # PIL alone: nearly all white
+    picture, steps = data.decode_image(tmp_path / "deep.png", 1)
+    assert steps == ("16-bit scaled to 8",) and np.abs(np.asarray(picture).astype(int) - grey).max() <= 1
+
+    frames = [photo, photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+    frames[0].save(tmp_path / "moving.gif", save_all=True, append_images=frames[1:])
+    picture, steps = data.decode_image(tmp_path / "moving.gif", 3)
+    assert steps == ("first frame of an animation",)
+    first = np.asarray(Image.open(tmp_path / "moving.gif").convert("RGB")).astype(int)
+    assert np.abs(np.asarray(picture).astype(int) - first).max() == 0
+
+
+def test_an_oversized_picture_is_one_line_before_it_is_decoded(tmp_path):
+    # A PNG header that claims 12000 x 12000 pixels: refused from the header, nothing decoded, no PIL warning.
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    for side in (12000, 20000):  # above PIL's warning, and above its own refusal
+        header = chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+        (tmp_path / "huge.png").write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", b"") + chunk(b"IEND", b""))
+        size = f"{side} x {side} pixels" if side == 12000 else "over 178,956,970 pixels"
+        with pytest.raises(data.DataError, match=rf"huge.png: {size}; allowed: at most 50,000,000 pixels \(resize"):
+            data.decode_image(tmp_path / "huge.png", 3)
+
+
+def test_a_folder_of_real_icons_records_how_its_pictures_were_decoded(tmp_path):
+    """Class names with spaces and '&'; every icon has a transparent ground, flattened on the background."""
+    src = tmp_path / "icons"
+    for i, icon in enumerate(ICONS[:8]):
+        target = src / ("arrows & moves" if i % 2 else "file ops") / icon.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(icon, target)
+    listing = data.source_listing("folder", str(src), 3, 0.25, "black")
+    assert listing["background"] == "black" and listing["decoding"] == {"transparency flattened": 8}
+    manifest = data.download("folder", str(src), tmp_path / "ds", resolution=16, channels=3, held_out=0.25)
+    assert manifest["background"] == "white" and manifest["decoding"] == {"transparency flattened": 8}
+    x, _ = data.load_split(tmp_path / "ds")
+    assert (x[:, :, 0, 0] == 255).all()  # the corners of the icons are transparent: white now
+    assert data.describe(tmp_path / "ds").classes == ("arrows & moves", "file ops")
+
+
+@pytest.mark.parametrize("background", ["pink", "#12345", "#gg0000", ""])
+def test_a_background_that_is_no_colour_is_refused_with_the_key(tmp_path, background):
+    with pytest.raises(ParamsError, match=rf"^data.background: got '{background}', allowed: 'white', 'black' or a"):
+        _params(make_shapes(tmp_path / "s", per_class=4), data={"background": background})

