@@ -39,6 +39,8 @@ def main() -> None:
         notes = check_runnable(params, facts)
     except ParamsError as e:
         raise ParamsError(f"{e} ({back})") from None
+    if "note" in listing:  # what the folder's layout means, e.g. one class folder read as unlabelled
+        notes.insert(0, listing["note"])
     for note in notes:
         print(f"check-params: {note}", flush=True)
     write_json(SOURCE, listing)

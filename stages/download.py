@@ -4,8 +4,9 @@
     python stages/download.py
 
 Reads params `data.dataset`, `data.source` and, for an image folder, `data.resolution`, `data.channels`,
-`data.held_out`, `data.background`. Writes `data/dataset/<MNIST|FashionMNIST|ImageFolder>/raw/*-ubyte` and `data/dataset/manifest.json`
-(source used, md5 of every file, and of every source image). Nothing is left behind if every source fails.
+`data.held_out`, `data.background`. Writes `data/dataset/<MNIST|FashionMNIST|ImageFolder>/raw/*-ubyte` and
+`data/dataset/manifest.json` (source used, md5 of every file, and of every source image, and for a folder what was
+skipped and how its pictures were decoded). Nothing is left behind if every source fails.
 """
 
 from scratch_diffusion.config import load_params

@@ -31,7 +31,7 @@ def test_a_labelled_folder_becomes_shuffled_splits_of_its_shape(tmp_path):
     info = data.describe(tmp_path / "ds")
     assert info.shape == (3, 16, 16) and info.classes == ("circle", "square", "triangle")
     assert (info.n_train, info.n_test) == (18, 6)  # 2 of each 8 held out
-    assert manifest["skipped"] == 1 and len(manifest["images"]) == 24
+    assert manifest["skipped"] == {"not an image": ["square/notes.txt"]} and len(manifest["images"]) == 24
     x, y = data.load_split(tmp_path / "ds")
     assert x.shape == (18, 3, 16, 16) and x.dtype.is_floating_point is False
     assert sorted(np.bincount(y.numpy()).tolist()) == [6, 6, 6]
@@ -109,7 +109,9 @@ def test_bad_folders_are_one_line_naming_the_file(tmp_path, damage, says):
         ({"data": {"channels": 2}}, "data.channels", "1 (grey) or 3 (RGB)"),
         ({"data": {"resolution": 0}}, "data.resolution", "4..1024"),
         ({"data": {"resolution": 30}}, "data.resolution divisible by 4", "e.g. 32"),
-        ({"data": {"held_out": 0}}, "data.held_out", "(0, 0.5)"),
+        ({"data": {"held_out": 0}}, "data.held_out", "allowed range (0.0, 0.5)"),
+        ({"data": {"channels": 0}}, "data.channels", "1 (grey) or 3 (RGB)"),
+        ({"data": {"resolution": 2000}}, "data.resolution", "4..1024"),
         ({"data": {"source": "auto"}}, "data.source", "no folder"),
         ({"data": {"dataset": "mnist", "resolution": 32}}, "data.resolution", "0 (as stored) or 28"),
         ({"data": {"dataset": "mnist", "resolution": 0, "channels": 3}}, "data.channels", "0 (as stored) or 1"),
@@ -287,3 +289,47 @@ def test_a_folder_of_real_icons_records_how_its_pictures_were_decoded(tmp_path):
 def test_a_background_that_is_no_colour_is_refused_with_the_key(tmp_path, background):
     with pytest.raises(ParamsError, match=rf"^data.background: got '{background}', allowed: 'white', 'black' or a"):
         _params(make_shapes(tmp_path / "s", per_class=4), data={"background": background})
+
+
+def test_every_skipped_file_is_named_with_its_reason(tmp_path):
+    src = make_shapes(tmp_path / "shapes", per_class=4)
+    (src / "README.txt").write_text("about these pictures")
+    (src / ".DS_Store").write_bytes(b"\0")
+    (src / "circle" / ".thumbs.db").write_bytes(b"\0")
+    (src / "circle" / ".cache").mkdir()
+    (src / "circle" / ".cache" / "index.json").write_text("{}")  # a non-image in a hidden folder: skipped too
+    (src / "square" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (src / "triangle" / "loop").symlink_to(src)  # a link back up the tree: listed once, never walked in circles
+    listing = data.source_listing("folder", str(src), 3, 0.25)
+    assert listing["skipped"] == {
+        "hidden": [".DS_Store", "circle/.cache/index.json", "circle/.thumbs.db"],
+        "not an image": ["README.txt"],
+        "dangling link": ["square/gone.png"],
+    }
+    assert len(listing["images"]) == 12 and listing["classes"] == ["circle", "square", "triangle"]
+    said = []
+    data.download("folder", str(src), tmp_path / "ds", resolution=8, channels=3, held_out=0.25, log=said.append)
+    skipped = "skipped: 3 hidden (.DS_Store, ...), 1 not an image (README.txt), 1 dangling link (square/gone.png)"
+    assert said[-1].endswith(f"(12 images; {skipped})"), said
+    with pytest.raises(data.DataError, match=r"README.txt: cannot be read \(Not a directory\); allowed: folders you"):
+        data._entries(src / "README.txt")
+
+
+def test_class_sizes_and_one_class_folders_follow_the_stated_rules(tmp_path):
+    src = make_shapes(tmp_path / "shapes", per_class=2)  # 2 images per class: one to test, one to train on
+    assert data.source_listing("folder", str(src), 3, 0.1)["n_test"] == 3
+    for extra in sorted((src / "circle").iterdir())[1:]:
+        extra.unlink()
+    with pytest.raises(data.DataError, match=r"circle: 1 image, too few .* allowed: at least 2 images per class"):
+        data.source_listing("folder", str(src), 3, 0.1)
+    one = make_shapes(tmp_path / "one", per_class=6, classes=("leaf",))
+    listing = data.source_listing("folder", str(one), 3, 0.25)
+    assert listing["classes"] == [] and listing["note"].startswith("one class folder (leaf): read as unlabelled")
+    manifest = data.download("folder", str(one), tmp_path / "ds", resolution=8, channels=3, held_out=0.25)
+    assert data.describe(tmp_path / "ds").num_classes == 0 and len(manifest["images"]) == 6
+
+
+def test_a_relative_source_that_is_not_there_says_where_it_was_read(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ParamsError, match=r"which is no folder under .* \(a relative path is read from where the"):
+        _params("pictures")

@@ -75,15 +75,27 @@ NAMED_DATASETS = {"mnist": (1, 28, 60000, 10000, 10), "fashion_mnist": (1, 28, 6
 CHANNELS = (1, 3)
 
 
+def _relative_hint(source: str) -> str:
+    """Why a relative folder may be missing: `dvc exp run --temp` and `--queue` run in a copy of the repository
+    under .dvc/tmp/exps, which holds only what git and DVC track."""
+    if Path(source).expanduser().is_absolute():
+        return ""
+    return (
+        f" under {Path.cwd()} (a relative path is read from where the stage runs, which for `dvc exp run --temp` or "
+        "--queue is a copy of the repository holding only what git and DVC track: give an absolute path)"
+    )
+
+
 @dataclass(frozen=True)
 class DataParams:
     dataset: str = field(default="mnist", metadata=_choice(*DATASETS))
     source: str = "auto"
     # More than the split holds would silently train on the whole split (checked against the dataset's size).
     n_train: int = field(default=0, metadata=_range(0))
-    resolution: int = field(default=0, metadata=_range(0, 1024))
-    channels: int = field(default=0, metadata=_range(0, 3))
-    held_out: float = field(default=0.1, metadata=_range(0.0, 0.5, hi_open=True))
+    # Their allowed values depend on the dataset: validate() states and applies them.
+    resolution: int = 0
+    channels: int = 0
+    held_out: float = field(default=0.1, metadata=_range(0.0, 0.5, lo_open=True, hi_open=True))
     background: str = "white"
 
     @property
@@ -108,10 +120,11 @@ class DataParams:
         if self.dataset == "folder":
             if self.source in DATA_SOURCES or not Path(self.source).expanduser().is_dir():
                 raise ParamsError(
-                    f"data.source: got {self.source!r}, which is no folder; data.dataset 'folder' reads images "
-                    "from a folder (one subfolder per class, or a flat folder for unlabelled images)"
+                    f"data.source: got {self.source!r}, which is no folder{_relative_hint(self.source)}; "
+                    "data.dataset 'folder' reads images from a folder (one subfolder per class, or a flat folder "
+                    "for unlabelled images)"
                 )
-            if self.resolution < 4:
+            if not 4 <= self.resolution <= 1024:
                 raise ParamsError(
                     f"data.resolution: got {self.resolution} with data.dataset=folder; allowed: the side in pixels "
                     "that every image is resized and centre-cropped to, 4..1024 (e.g. 32)"
@@ -119,11 +132,6 @@ class DataParams:
             if self.channels not in CHANNELS:
                 raise ParamsError(
                     f"data.channels: got {self.channels} with data.dataset=folder; allowed: 1 (grey) or 3 (RGB)"
-                )
-            if self.held_out == 0:
-                raise ParamsError(
-                    "data.held_out: got 0 with data.dataset=folder; allowed: (0, 0.5), the share of each class kept "
-                    "out of training as the test split (the judge's accuracy, the FID reference, memorisation)"
                 )
             return
         native_channels, native_resolution, size, *_ = NAMED_DATASETS[self.dataset]
@@ -145,7 +153,7 @@ class DataParams:
             )
         if self.source not in DATA_SOURCES and not Path(self.source).is_dir():
             raise ParamsError(
-                f"data.source: got {self.source!r}, which is no folder; allowed: "
+                f"data.source: got {self.source!r}, which is no folder{_relative_hint(self.source)}; allowed: "
                 f"{', '.join(repr(s) for s in DATA_SOURCES)} or a folder holding the four IDX files"
             )
 

