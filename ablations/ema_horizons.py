@@ -36,6 +36,7 @@ from safetensors.torch import load_file
 from scratch_diffusion import files
 from scratch_diffusion.choices import DIFFUSERS_SAMPLERS
 from scratch_diffusion.config import MAX_SEED, ParamsError, SampleSetting, Unet2dParams, load_params, sample_setting
+from scratch_diffusion.data import describe
 from scratch_diffusion.hardware import machine
 from scratch_diffusion.identity import what_changed
 from scratch_diffusion.metrics import Judge, seed_verdict
@@ -133,7 +134,7 @@ def refuse_stale(seed: int) -> None:
 def measure_seed(seed: int, setting: SampleSetting, judge: Judge) -> dict:
     """Every EMA copy of one training seed, sampled and measured as compare does."""
     params = load_params(ROOT / "params.yaml")
-    sp = params.sample
+    sp = dataclasses.replace(params.sample, n=params.sample.size(describe(DATA).n_test))  # sample.n auto, as the stage
     dirs = sorted(
         (d for d in seed_dir(seed).glob("w*") if (d / "scratch_diffusion.json").is_file()),
         key=lambda d: -int(d.name[1:]),
@@ -198,7 +199,8 @@ def measure(setting: SampleSetting, seeds: list[int] | None, replace: bool) -> d
     classifier_file = ROOT / "models" / "classifier" / "model.safetensors"
     if not classifier_file.is_file():
         sys.exit(f"error: {classifier_file.relative_to(ROOT)}: missing; run `dvc repro train-classifier` first")
-    judge = Judge.from_files(classifier_file, DATA, params.sample.n)  # compare's own yardstick
+    n = params.sample.size(describe(DATA).n_test)  # sample.n auto, as the stage
+    judge = Judge.from_files(classifier_file, DATA, n)  # compare's own yardstick
     if judge.classifier is None:  # every verdict here is on FID
         sys.exit(f"error: the EMA ablation ranks horizons by FID, which needs a classifier: {judge.no_classifier}")
     yardstick = {"n": judge.n, "floor_fid": judge.floor, "sampler": setting.name.removeprefix("unet2d/")}

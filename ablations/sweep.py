@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ import yaml
 
 from scratch_diffusion import files
 from scratch_diffusion.config import MAX_SEED, ParamsError, params_from_dict
-from scratch_diffusion.data import load_split
+from scratch_diffusion.data import describe, load_split
 from scratch_diffusion.hardware import machine
 from scratch_diffusion.metrics import Judge, seed_verdict
 from scratch_diffusion.model_files import load_unet2d, save_unet2d
@@ -120,7 +121,7 @@ def measure_samplers(judge: Judge, params, folder: Path, device, lead_only: bool
     Read back from disk, a scheduler config has no `_use_default_values`, so samplers inherit all of DDPM's values
     (e.g. its timestep spacing) as the sample stage's do; the in-memory config would give them their own defaults.
     """
-    sp = params.sample
+    sp = replace(params.sample, n=params.sample.size(describe(DATA).n_test))  # sample.n auto, as the stage
     net, scheduler, _ = load_unet2d(folder, device)
     settings = [s for s in sp.settings if s.model == "unet2d"]
     out = {}
@@ -149,7 +150,8 @@ def measure_samplers(judge: Judge, params, folder: Path, device, lead_only: bool
 
 
 def judge_for(params) -> Judge:
-    judge = Judge.from_files(ROOT / "models" / "classifier" / "model.safetensors", DATA, params.sample.n)
+    n = params.sample.size(describe(DATA).n_test)  # sample.n auto, as the stage
+    judge = Judge.from_files(ROOT / "models" / "classifier" / "model.safetensors", DATA, n)
     if judge.classifier is None:  # every verdict here is on FID
         sys.exit(f"error: the sweep ranks settings by FID, which needs a classifier: {judge.no_classifier}")
     return judge
@@ -167,7 +169,7 @@ def one(text: str, out: Path | None) -> None:
     best = min(samplers, key=lambda k: samplers[k]["fid"])
     row = {
         "setting": text,
-        "n": params.sample.n,
+        "n": judge.n,
         "steps": result.steps,
         "train_s": round(train_s, 1),
         "final_loss": result.final_loss,

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from scratch_diffusion.choices import PREDICTION_TYPES
 from scratch_diffusion.config import load_params
 from scratch_diffusion.corruption import corrupt, ddpm_scheduler
+from scratch_diffusion.data import describe
 from scratch_diffusion.files import write_text
 from scratch_diffusion.hardware import cpu_class, cpu_flags, cpu_name, detect
 from scratch_diffusion.models import BasicUNet
@@ -188,7 +189,7 @@ def bench_loss(models: list[str], steps: int) -> None:
 
 def bench_sampling(repeats: int) -> None:
     params = load_params(ROOT / "params.yaml")
-    sp, u = params.sample, params.unet2d
+    sp, u = replace(params.sample, n=params.sample.size(describe(DATA).n_test)), params.unet2d  # as the stage
     bs = sp.batch_size
     print(f"\n## Sampling: one batch of {bs} per default setting (untrained weights)")
     torch.manual_seed(0)

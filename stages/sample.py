@@ -14,6 +14,7 @@ grid of one class per column. Logs one MLflow run named `sample`, tagged with th
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +24,12 @@ from tqdm.auto import tqdm
 from scratch_diffusion import files, serving, tracking
 from scratch_diffusion.choices import DIFFUSERS_SAMPLERS
 from scratch_diffusion.config import flatten, load_params
+from scratch_diffusion.data import describe
 from scratch_diffusion.images import class_columns, grid, save_png
 from scratch_diffusion.samplers import expected_evaluations, generate, sampling_choice
 from scratch_diffusion.stage import StageError, duration, run_stage
 
+DATA_ROOT = "data/dataset"
 MODEL_DIRS = {"basic": Path("models/basic"), "unet2d": Path("models/unet2d")}
 GRID_N = 64
 
@@ -48,9 +51,10 @@ def load_models(names: set[str], device) -> dict:
 
 def main() -> None:
     params = load_params()
-    sp = params.sample
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    models = load_models({s.model for s in sp.settings}, device)
+    models = load_models({s.model for s in params.sample.settings}, device)
+    # sample.n `auto` takes its value from the test split's size: one n for this run, resolved once.
+    sp = replace(params.sample, n=params.sample.size(describe(DATA_ROOT).n_test))
     # Every setting must fit its model before any sampling starts.
     for i, s in enumerate(sp.settings):
         model, corruption = models[s.model][:2]

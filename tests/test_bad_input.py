@@ -62,7 +62,8 @@ CASES = [
     (
         "check_params",
         {"sample": {"n": 6000}},
-        "sample.n: got 6000; compare needs 2 * n real test images and the test split holds 10000 (allowed: 2..5000)",
+        "sample.n: got 6000; compare needs 2 * n real test images and the test split holds 10000 (allowed: auto or "
+        "2..5000)",
     ),
     (
         "sample",

@@ -2,6 +2,7 @@
 checks, the check-params stage): every bad input is one line naming the file or key, before anything is written."""
 
 import json
+import re
 import shutil
 import struct
 import zlib
@@ -333,3 +334,22 @@ def test_a_relative_source_that_is_not_there_says_where_it_was_read(tmp_path, mo
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ParamsError, match=r"which is no folder under .* \(a relative path is read from where the"):
         _params("pictures")
+
+
+def test_sample_n_auto_fits_a_small_test_split_and_says_so_first(tmp_path):
+    """The README's own-images command on a folder whose test split holds 24 images: n auto is 12, said in
+    check-params' first line; an explicit n that does not fit is refused as before."""
+    src = make_shapes(tmp_path / "shapes", per_class=32)
+    listing = data.source_listing("folder", str(src), 3, 0.25)
+    small = {f: {"batch_size": 8} for f in ("basic", "unet2d", "classifier")}
+    params = _params(src, **small)
+    assert params.sample.n == "auto" and params.sample.size(listing["n_test"]) == 12
+    notes = check_runnable(params, DataFacts.listed(params, listing))
+    assert notes[0].startswith("sample.n auto: 12 images per setting, half the 24 test images"), notes
+    big = _params(src, sample={"n": 13}, **small)
+    with pytest.raises(ParamsError, match=r"^sample.n: got 13; compare needs 2 \* n .* \(allowed: auto or 2..12"):
+        check_runnable(big, DataFacts.listed(big, listing))
+    assert params_from_dict({}).sample.size(10000) == 1000  # MNIST's 10000 test images: n as before
+    for bad, says in (("many", "allowed: auto or an integer >= 2"), (1, "allowed range [2, inf]")):
+        with pytest.raises(ParamsError, match=re.escape(f"sample.n: got {bad!r}, {says}")):
+            _params(src, sample={"n": bad})

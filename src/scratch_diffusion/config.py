@@ -63,6 +63,11 @@ def _name() -> dict:
     return {"name": True}
 
 
+def _auto_int(lo: int) -> dict:
+    """A count that `auto` lets the data decide (see its group's method), or an integer >= lo."""
+    return {"auto_int": True, **_range(lo)}
+
+
 def _auto_bool() -> dict:
     """A switch that hardware.choose can set: true, false or auto."""
     return {"auto_bool": True}
@@ -342,11 +347,15 @@ DEFAULT_SETTINGS = (
 )
 
 
+# Images per sample set by default: FIDs at n = 1000 have intervals narrow enough to rank the default settings.
+DEFAULT_SAMPLE_N = 1000
+
+
 @dataclass(frozen=True)
 class SampleParams:
     # At most half the test split: compare draws a reference and a floor set of n real test images each from it
-    # (checked against the dataset's test split by preflight.py).
-    n: int = field(default=1000, metadata=_range(2))
+    # (checked against the dataset's test split by preflight.py). `auto`: see size().
+    n: int | str = field(default="auto", metadata=_auto_int(2))
     seed: int = field(default=0, metadata=_range(0, MAX_SEED))
     batch_size: int = field(default=250, metadata=_range(1, 10000))
     precision: str = field(default="auto", metadata=_choice(*SAMPLE_PRECISIONS))
@@ -355,6 +364,11 @@ class SampleParams:
     # Checked against the dataset's classes by preflight.py (a folder's are known once it is listed).
     digits: tuple[int, ...] = field(default=tuple(range(10)), metadata=_range(0, 254))
     guidance_scales: tuple[float, ...] = field(default=(0.0, 1.0, 3.0), metadata=_range(0.0, 50.0))
+
+    def size(self, n_test: int) -> int:
+        """Images per sample set on a dataset whose test split holds `n_test`: `n` as set, or for `auto`
+        DEFAULT_SAMPLE_N, or where the split is smaller than twice that, the largest n it allows (half of it)."""
+        return self.n if self.n != "auto" else min(DEFAULT_SAMPLE_N, n_test // 2)
 
     def validate(self, key: str = "") -> None:
         for name in ("digits", "guidance_scales"):
@@ -483,6 +497,11 @@ class Params:
 
 
 def _check_value(key: str, value: Any, tp: Any, meta: typing.Mapping) -> Any:
+    if meta.get("auto_int"):
+        if value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(f"{key}: got {value!r}, allowed: auto or an integer >= {meta['range'][0]}")
     if meta.get("auto_bool"):
         if value != "auto" and not isinstance(value, bool):
             raise ParamsError(f"{key}: got {value!r}, allowed: auto, true or false")
@@ -552,7 +571,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
                     _check_value(f"{prefix}{name}[{i}]", v, item_tp, f.metadata) for i, v in enumerate(value)
                 )
         else:
-            if isinstance(tp, types.UnionType) and not f.metadata.get("auto_bool"):
+            if isinstance(tp, types.UnionType) and not (f.metadata.get("auto_bool") or f.metadata.get("auto_int")):
                 raise TypeError(f"{prefix}{name}: union types are not supported in params")
             kwargs[name] = _check_value(f"{prefix}{name}", raw[name], tp, f.metadata)
     params = cls(**kwargs)

@@ -27,7 +27,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from scratch_diffusion.choices import DIFFUSERS_SAMPLERS, PREDICTION_TYPES
-from scratch_diffusion.config import NAMED_DATASETS, Params, ParamsError, SampleSetting
+from scratch_diffusion.config import DEFAULT_SAMPLE_N, NAMED_DATASETS, Params, ParamsError, SampleSetting
 from scratch_diffusion.corruption import ddpm_scheduler
 from scratch_diffusion.metrics import InceptionFeatures
 from scratch_diffusion.models import BasicUNet, UNet2DDenoiser, build_unet
@@ -40,6 +40,14 @@ def check_runnable(params: Params, data: DataFacts | None = None) -> list[str]:
     the named dataset is known to be). Returns what the user should know before any training (one line each)."""
     data = data or DataFacts.named(params)
     notes = check_data(params, data)
+    s = params.sample
+    if s.n == "auto" and s.size(data.n_test) < DEFAULT_SAMPLE_N:  # first: it sizes every FID of this run
+        n = s.size(data.n_test)
+        notes.insert(
+            0,
+            f"sample.n auto: {n} images per setting, half the {data.n_test} test images (compare draws two real "
+            f"sets of n; {DEFAULT_SAMPLE_N} where the test split holds {2 * DEFAULT_SAMPLE_N} or more)",
+        )
     check_networks(params, data)
     trained = check_noise_schedule(params)
     check_samplers(params, trained)
@@ -81,11 +89,12 @@ def check_data(params: Params, data: DataFacts) -> list[str]:
             raise ParamsError(
                 f"{name}.batch_size: got {batch}, more than the {size} training images; allowed: 1..{size}"
             )
-    if 2 * s.n > data.n_test:
+    if 2 * s.size(data.n_test) > data.n_test:
         raise ParamsError(
             f"sample.n: got {s.n}; compare needs 2 * n real test images and the test split holds {data.n_test} "
-            f"(allowed: 2..{data.n_test // 2}{'; or a larger data.held_out' if d.dataset == 'folder' else ''})"
+            f"(allowed: auto or 2..{data.n_test // 2}{'; or a larger data.held_out' if d.dataset == 'folder' else ''})"
         )
+
     if not data.num_classes:
         if params.unet2d.class_conditional:
             raise ParamsError(
