@@ -31,7 +31,7 @@ import numpy as np
 import yaml
 
 from scratch_diffusion import files
-from scratch_diffusion.config import MAX_SEED, ParamsError, params_from_dict
+from scratch_diffusion.config import MAX_SEED, ParamsError, params_from_dict, training_epochs
 from scratch_diffusion.data import describe, load_split
 from scratch_diffusion.hardware import machine
 from scratch_diffusion.metrics import Judge, seed_verdict
@@ -523,7 +523,9 @@ def main(argv: list[str] | None = None) -> None:
             one((args.setting or [""])[0], args.out)
         elif args.command == "budget":
             text = (args.setting or [""])[0]
-            epochs = setting_params(text).unet2d.epochs
+            p = setting_params(text)
+            data = describe(DATA)
+            epochs = training_epochs(p.unet2d.epochs, data.name, p.data.n_train or data.n_train)  # auto as the stage
             if not 1 <= args.every <= epochs:
                 parser.error(f"--every: got {args.every}; allowed: 1..{epochs} (the setting's unet2d.epochs)")
             out = args.out or BUDGET

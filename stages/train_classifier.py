@@ -21,12 +21,12 @@ import torch
 from safetensors.torch import save_file
 
 from scratch_diffusion import files, tracking
-from scratch_diffusion.config import flatten, load_params
+from scratch_diffusion.config import flatten, load_params, training_epochs
 from scratch_diffusion.data import dataset_digest, describe, load_split
 from scratch_diffusion.metrics import accuracy, classifier_loss
 from scratch_diffusion.models.classifier import CONFIG, Classifier, channel_stats
 from scratch_diffusion.stage import run_stage
-from scratch_diffusion.training import fit, make_accelerator
+from scratch_diffusion.training import budget_line, fit, make_accelerator
 
 DATA = "data/dataset"
 FOLDER = Path("models/classifier")
@@ -68,6 +68,8 @@ def main() -> None:
     test_images, test_labels = load_split(DATA, train=False)
     mean, std = channel_stats(images)  # the whole training split's: on MNIST exactly 0.1307 and 0.3081
 
+    epochs = training_epochs(c.epochs, info.name, len(images))
+    print(budget_line("train-classifier", c, epochs, len(images)), flush=True)
     accelerator = make_accelerator("fp32")
     torch.manual_seed(c.seed)
     model = Classifier(info.channels, info.resolution, info.num_classes, mean, std)
@@ -80,7 +82,7 @@ def main() -> None:
             labels=labels,
             batch_size=c.batch_size,
             lr=c.lr,
-            epochs=c.epochs,
+            epochs=epochs,
             seed=c.seed,
             max_steps=c.max_steps,
             lr_schedule="cosine",

@@ -26,7 +26,7 @@ def test_repo_params_are_valid_and_match_the_defaults():
         ({"basic": {"lr": 0}}, "basic.lr: got 0.0, allowed range (0.0, 1.0]"),
         ({"basic": {"batch_size": 0}}, "basic.batch_size: got 0, allowed range [1, inf]"),
         ({"basic": {"batch_size": 12.5}}, "basic.batch_size: got 12.5, expected an integer"),
-        ({"basic": {"epochs": True}}, "basic.epochs: got True, expected an integer"),
+        ({"basic": {"epochs": True}}, "basic.epochs: got True, allowed: auto or an integer >= 1"),
         ({"basic": {"mixed_precision": "fp8"}}, "basic.mixed_precision: got 'fp8', allowed: 'auto', 'fp32', 'bf16'"),
         ({"data": {"dataset": "cifar"}}, "data.dataset: got 'cifar', allowed: 'mnist', 'fashion_mnist'"),
         ({"data": {"source": "/no/such/folder"}}, "data.source: got '/no/such/folder', which is no folder"),
@@ -113,3 +113,16 @@ def test_a_scripts_sampler_arguments_are_checked_as_params_are(raw, message):
         sample_setting({"model": "unet2d", **raw}, "--", num_train_timesteps=1000)
     assert message in str(err.value)
     assert sample_setting({"model": "unet2d", "sampler": "unipc", "steps": 999}, "--", 1000).steps == 999
+
+
+def test_auto_epochs_keep_the_lessons_3_on_mnist_and_its_images_seen_on_a_folder():
+    from scratch_diffusion.config import LESSON_IMAGES_SEEN, training_epochs
+
+    assert LESSON_IMAGES_SEEN == 3 * 60_000
+    assert training_epochs("auto", "mnist", 60_000) == training_epochs("auto", "mnist", 2_000) == 3
+    assert training_epochs("auto", "fashion_mnist", 60_000) == 3
+    assert training_epochs("auto", "folder", 3_408) == 53  # 53 x 3,408 = 180,624 images seen
+    assert training_epochs("auto", "folder", 200_000) == 3  # never fewer than the lesson's epochs
+    assert training_epochs(7, "folder", 100) == 7  # a number wins
+    with pytest.raises(ParamsError, match=r"^unet2d.epochs: got 'many', allowed: auto or an integer >= 1$"):
+        params_from_dict({"unet2d": {"epochs": "many"}})

@@ -134,3 +134,21 @@ def test_ema_warmup_sets_the_mean_age_of_the_averaged_weights(warmup):
 def test_ema_warmup_below_2_is_refused():
     with pytest.raises(ValueError, match="EMA warmup: got 1, allowed: >= 2"):
         EMA(torch.nn.Linear(1, 1), decay=0.995, warmup=1)
+
+
+def test_the_budget_line_says_the_steps_and_the_time_the_timed_rate_gives():
+    from scratch_diffusion.config import BasicParams
+    from scratch_diffusion.hardware import Choice, detect
+    from scratch_diffusion.training import budget_line, planned_steps
+
+    section = BasicParams(batch_size=10, max_steps=0)
+    capped = BasicParams(batch_size=10, max_steps=7)
+    assert planned_steps(section, 3, 95) == 30 and planned_steps(capped, 3, 95) == 7
+    assert budget_line("train-basic", capped, 3, 95).startswith(
+        "train-basic: 7 steps (max_steps; 3 epochs of 95 images at batch 10 would be more)"
+    )
+    assert budget_line("train-basic", section, 3, 95) == (
+        "train-basic: 30 steps (3 epochs of 95 images at batch 10); the time left is said after the first steps"
+    )
+    timed = Choice("fp32", False, detect("cpu"), chosen_by="timed", timings=(("fp32 NCHW", 5.0), ("fp32 NHWC", 3.0)))
+    assert budget_line("train-basic", section, 3, 95, choice=timed).endswith("; about 60 s at the timed 5 img/s")

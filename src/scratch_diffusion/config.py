@@ -163,11 +163,28 @@ class DataParams:
             )
 
 
+# The lesson's training budget as images seen: 3 epochs of MNIST's 60,000 training images (about 1,400 steps at
+# batch 128). `epochs: auto` keeps the 3 epochs on the named datasets and gives a folder this many images.
+LESSON_IMAGES_SEEN = 3 * 60_000
+LESSON_EPOCHS = 3
+
+
+def training_epochs(epochs: int | str, dataset: str, n_train: int) -> int:
+    """The epochs a training runs on `n_train` images of `dataset`: `epochs` as set, or for `auto` the lesson's 3 on
+    MNIST and FashionMNIST and, on a folder, as many as see the lesson's LESSON_IMAGES_SEEN images (at least 3): a
+    folder of 3,000 images would otherwise get a twentieth of the lesson's compute."""
+    if epochs != "auto":
+        return epochs
+    if dataset in NAMED_DATASETS:
+        return LESSON_EPOCHS
+    return max(LESSON_EPOCHS, round(LESSON_IMAGES_SEEN / max(1, n_train)))
+
+
 @dataclass(frozen=True)
 class BasicParams:
     batch_size: int = field(default=128, metadata=_range(1))
     lr: float = field(default=1e-3, metadata=_range(0.0, 1.0, lo_open=True))
-    epochs: int = field(default=3, metadata=_range(1))
+    epochs: int | str = field(default="auto", metadata=_auto_int(1))  # training_epochs()
     max_steps: int = field(default=0, metadata=_range(0))
     mixed_precision: str = field(default="auto", metadata=_choice(*TRAIN_PRECISIONS))
     channels_last: bool | str = field(default="auto", metadata=_auto_bool())
@@ -211,7 +228,7 @@ class Unet2dParams:
     lr: float = field(default=1e-3, metadata=_range(0.0, 1.0, lo_open=True))
     lr_schedule: str = field(default="constant", metadata=_choice(*LR_SCHEDULES))
     lr_warmup_steps: int = field(default=0, metadata=_range(0))
-    epochs: int = field(default=3, metadata=_range(1))
+    epochs: int | str = field(default="auto", metadata=_auto_int(1))  # training_epochs()
     max_steps: int = field(default=0, metadata=_range(0))
     grad_clip: float = field(default=1.0, metadata=_range(0.0))
     mixed_precision: str = field(default="auto", metadata=_choice(*TRAIN_PRECISIONS))
@@ -275,7 +292,7 @@ class Unet2dParams:
 @dataclass(frozen=True)
 class ClassifierParams:
     seed: int = field(default=42, metadata=_range(0, MAX_SEED))
-    epochs: int = field(default=3, metadata=_range(1))
+    epochs: int | str = field(default="auto", metadata=_auto_int(1))  # training_epochs()
     batch_size: int = field(default=128, metadata=_range(1))
     lr: float = field(default=2e-3, metadata=_range(0.0, 1.0, lo_open=True))
     max_steps: int = field(default=0, metadata=_range(0))

@@ -22,7 +22,7 @@ import torch
 
 from scratch_diffusion import files, serving, tracking, tuning
 from scratch_diffusion.choices import PREDICTION_TYPES
-from scratch_diffusion.config import Params, ParamsError, flatten, params_hash
+from scratch_diffusion.config import Params, ParamsError, flatten, params_hash, training_epochs
 from scratch_diffusion.corruption import ddpm_scheduler
 from scratch_diffusion.data import DatasetInfo, dataset_digest, describe, load_split
 from scratch_diffusion.hardware import Choice, choose, detect
@@ -36,8 +36,10 @@ from scratch_diffusion.training import (
     EMA,
     Checkpointing,
     TrainResult,
+    budget_line,
     claim_checkpoints,
     fit,
+    planned_steps,
     resumable_run_id,
     stage_accelerator,
     timing_step,
@@ -176,10 +178,10 @@ def _tuner(network: str, params: Params, model, loss_fn, images, labels, info: D
     (its network, loss, batch size and data) where the run is long enough to pay for it (tuning.resolve)."""
     section = getattr(params, network)
     batch = images[: section.batch_size]
+    epochs = training_epochs(section.epochs, info.name, len(images))
 
     def tune(rule: Choice, device: torch.device, processes: int) -> Choice:
-        per_epoch = -(-len(images) // (section.batch_size * processes))
-        steps = min(section.epochs * per_epoch, section.max_steps or section.epochs * per_epoch)
+        steps = planned_steps(section, epochs, len(images), processes)
         key = {
             **tuning.machine_key(device, processes),
             "network": network,
@@ -269,6 +271,9 @@ def train_model(
 
     tune = _tuner(network, params, model, loss_fn, images, labels if conditional else None, info)
     accelerator, choice = stage_accelerator(desc, network, section.mixed_precision, section.channels_last, tune)
+    epochs = training_epochs(section.epochs, info.name, len(images))
+    if stage is not None and accelerator.is_main_process:
+        print(budget_line(stage, section, epochs, len(images), accelerator.num_processes, choice), flush=True)
     averaging = ema(model) if ema is not None else own_ema
     main = accelerator.is_main_process
 
@@ -334,7 +339,7 @@ def train_model(
             accelerator,
             batch_size=section.batch_size,
             lr=section.lr,
-            epochs=section.epochs,
+            epochs=epochs,
             seed=params.seed,
             max_steps=section.max_steps,
             ema=averaging,

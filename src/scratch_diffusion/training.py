@@ -18,7 +18,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -454,6 +454,28 @@ def lr_factor(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[i
         return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
     return factor
+
+
+def planned_steps(section, epochs: int, n_images: int, processes: int = 1) -> int:
+    """The optimizer steps a training of `section` (its batch size and max_steps) runs for `epochs` epochs."""
+    total = epochs * -(-n_images // (section.batch_size * processes))
+    return min(total, section.max_steps or total)
+
+
+def budget_line(
+    stage: str, section, epochs: int, n_images: int, processes: int = 1, choice: Choice | None = None
+) -> str:
+    """What a training stage says first of its budget: 'train-unet2d: 1407 steps (3 epochs of 60000 images at batch
+    128); about 45 min at the timed 64 img/s' (the estimate where `choice` timed the step on this machine)."""
+    steps = planned_steps(section, epochs, n_images, processes)
+    batch = f"batch {section.batch_size}" + (f" x {processes} processes" if processes > 1 else "")
+    line = f"{stage}: {steps} steps ({epochs} epochs of {n_images} images at {batch})"
+    if steps < planned_steps(replace(section, max_steps=0), epochs, n_images, processes):
+        line = f"{stage}: {steps} steps (max_steps; {epochs} epochs of {n_images} images at {batch} would be more)"
+    rate = dict(choice.timings).get(choice.label, math.nan) * processes if choice is not None else math.nan
+    if math.isfinite(rate) and rate > 0:
+        return f"{line}; about {duration(steps * section.batch_size * processes / rate)} at the timed {rate:.0f} img/s"
+    return f"{line}; the time left is said after the first steps"
 
 
 def fit(
