@@ -35,6 +35,7 @@ from scratch_diffusion.compare_report import (
     plot_montage,
     settings_metrics,
     summarise,
+    weak_judge,
     write_report,
 )
 from scratch_diffusion.config import load_params
@@ -185,6 +186,7 @@ def main() -> None:
         "real_recognised": judge.real_recognised,
         "no_classifier": judge.no_classifier,
         "fid_features": fid_features,
+        "weak_judge": weak_judge(classifier_accuracy if judged else None, tracking.MIN_JUDGE_ACCURACY),
     }
     write_report(rows, summary, context, figures, REPORTS / "compare.md", REPORTS / "compare.html")
 
@@ -248,6 +250,8 @@ def main() -> None:
             step = round(10 * r["guidance_scale"])
             tracking.log_metrics({f"{key}.cond_accuracy": r["cond_accuracy"], f"{key}.fid": r["fid"]}, step=step)
         tracking.log_artifact(REPORTS / "compare.md", "report")
+    if context["weak_judge"]:  # said last, where a user reads first
+        print(f"compare: {context['weak_judge']}", flush=True)
         tracking.log_artifact(REPORTS / "compare.html", "report")
         for fig in figures.values():
             tracking.log_artifact(fig, "report/figures")

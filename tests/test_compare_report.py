@@ -153,3 +153,24 @@ def test_the_report_speaks_of_the_datasets_classes_and_the_judges_accuracy(tmp_p
     report = (tmp_path / "compare.md").read_text()
     assert "classifier of the dataset's 3 classes (test accuracy 87.50%)" in report
     assert "1.10 = one class only" in report and "digit" not in report
+
+
+def test_a_weak_judge_is_said_first_and_marks_every_verdict(tmp_path):
+    from scratch_diffusion.compare_report import weak_judge
+    from scratch_diffusion.tracking import MIN_JUDGE_ACCURACY
+
+    rows = [row("ddim-50", 60.0, 3.0, 0.05), row("heun-15", 90.0, 1.0, 0.02)]
+    reps = {"ddim-50": {"fid": np.linspace(58, 62, 10)}, "heun-15": {"fid": np.linspace(88, 92, 10)}}
+    summary = summarise(rows, reps, floor=12.0)
+    said = weak_judge(0.74, MIN_JUDGE_ACCURACY)
+    assert said.startswith("A weak judge: the classifier behind FID, recognised and coverage has test accuracy 74.0%")
+    assert weak_judge(0.99, MIN_JUDGE_ACCURACY) == "" and weak_judge(None, MIN_JUDGE_ACCURACY) == ""
+    context = {"n": 6, "classifier_accuracy": 0.74, "num_classes": 3, "real_recognised": 0.9, "no_classifier": None}
+    write_report(rows, summary, {**context, "weak_judge": said}, {}, tmp_path / "compare.md", tmp_path / "c.html")
+    lines = (tmp_path / "compare.md").read_text().splitlines()
+    assert lines[2] == f"**{said}**" and lines[4].startswith("Best setting: **ddim-50**")
+    assert [line.count("(weak judge)") for line in lines if line.startswith("| ddim-50 |")] == [1]
+    assert "(weak judge)" in (tmp_path / "c.html").read_text()
+    # A judge above the bound (MNIST's): the report as it was, no mark anywhere.
+    write_report(rows, summary, {**context, "classifier_accuracy": 0.99}, {}, tmp_path / "ok.md", tmp_path / "ok.html")
+    assert "weak" not in (tmp_path / "ok.md").read_text()

@@ -101,11 +101,29 @@ def summary_text(summary: dict) -> str:
     return text
 
 
-def markdown_table(rows: list[dict]) -> str:
+def weak_judge(accuracy: float | None, bound: float) -> str:
+    """The sentence a report and a stage open with when the classifier behind FID is below the accuracy a judge
+    needs ('' when it is not, or there is no classifier)."""
+    if accuracy is None or accuracy >= bound:
+        return ""
+    return (
+        f"A weak judge: the classifier behind FID, recognised and coverage has test accuracy {accuracy:.1%}, below the "
+        f"{bound:.0%} a judge needs, so its FIDs rank little and every verdict below rests on it (no champion is "
+        "promoted); train it longer (classifier.epochs or classifier.max_steps)."
+    )
+
+
+def _cells(r: dict, cols: list[tuple[str, str, str]], weak: bool) -> list[str]:
+    """A row's cells; on a `weak` judge each verdict says that it rests on one."""
+    on = " (weak judge)" if weak else ""
+    return [_cell(r, key, fmt) + (on if key == "verdict" and r.get(key) else "") for key, _, fmt in cols]
+
+
+def markdown_table(rows: list[dict], weak: bool = False) -> str:
     cols = columns(rows)
     head = "| " + " | ".join(label for _, label, _ in cols) + " |"
     sep = "|" + "|".join("---" for _ in cols) + "|"
-    body = ["| " + " | ".join(_cell(r, key, fmt) for key, _, fmt in cols) + " |" for r in rows]
+    body = ["| " + " | ".join(_cells(r, cols, weak)) + " |" for r in rows]
     return "\n".join([head, sep, *body])
 
 
@@ -248,14 +266,16 @@ def write_report(
             f"subsets). {verdicts}"
         )
     title = "Which design choice makes better samples"
+    weak = context.get("weak_judge", "")
     md = [
         f"# {title}",
         "",
+        *([f"**{weak}**", ""] if weak else []),
         summary_text(summary),
         "",
         intro,
         "",
-        markdown_table(rows),
+        markdown_table(rows, weak=bool(weak)),
         "",
     ]
     for title, fig in figures.items():
@@ -269,7 +289,7 @@ def write_report(
     cols = columns(rows)
     table = "<table><tr>" + cells([label for _, label, _ in cols], "th") + "</tr>"
     for r in rows:
-        table += "<tr>" + cells([_cell(r, key, fmt) for key, _, fmt in cols], "td") + "</tr>"
+        table += "<tr>" + cells(_cells(r, cols, bool(weak)), "td") + "</tr>"
     table += "</table>"
     bold = lambda s: html.escape(s).replace("**", "")  # noqa: E731
     page = [
@@ -277,6 +297,7 @@ def write_report(
         "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px}img{max-width:100%}</style></head><body>",
         f"<h1>{title}</h1>",
+        *([f"<p><strong>{html.escape(weak)}</strong></p>"] if weak else []),
         f"<p>{bold(summary_text(summary))}</p><p>{bold(intro)}</p>",
         table,
     ]
