@@ -4,6 +4,7 @@ never by a judge below the accuracy bound, and stays right when compares finish 
 experiment is one line with the way back."""
 
 import contextlib
+import math
 import multiprocessing
 import os
 import subprocess
@@ -27,7 +28,7 @@ RANDOM_JUDGE = {**JUDGE, "classifier": "0bad0bad0bad0bad"}  # another classifier
 
 
 def promote(version, fid, judge=JUDGE, accuracy=0.99, name="m"):
-    return promote_champion(name, version, fid, (fid - 2, fid + 2), judge, accuracy)
+    return promote_champion(name, version, fid, (max(0.0, fid - 2), fid + 2), judge, accuracy)
 
 
 def champion(name="m") -> str | None:
@@ -221,3 +222,11 @@ def test_a_stage_on_a_deleted_experiment_says_so_before_any_work(store, tmp_path
         f"it (MLflow UI, or `MLFLOW_TRACKING_URI={store} mlflow experiments restore --experiment-id "
         f"{experiment_id}`), or set another `mlflow.experiment` in params.yaml"
     ], proc.stderr
+
+
+@pytest.mark.parametrize("fid, interval", [(math.nan, (1.0, 2.0)), (-1.0, (0.0, 2.0)), (5.0, (4.0, math.inf))])
+def test_an_fid_that_is_no_distance_is_never_recorded(store, tmp_path, fid, interval):
+    register(tmp_path, {"m": 1})
+    said = promote_champion("m", "1", fid, interval, JUDGE, 0.99)
+    assert said.startswith("version 1 not promoted, nothing recorded: its FID") and "not a finite number >= 0" in said
+    assert champion() is None and mlflow.MlflowClient().get_model_version("m", "1").tags == {}

@@ -126,3 +126,34 @@ def test_auto_epochs_keep_the_lessons_3_on_mnist_and_its_images_seen_on_a_folder
     assert training_epochs(7, "folder", 100) == 7  # a number wins
     with pytest.raises(ParamsError, match=r"^unet2d.epochs: got 'many', allowed: auto or an integer >= 1$"):
         params_from_dict({"unet2d": {"epochs": "many"}})
+
+
+@pytest.mark.parametrize(
+    "launch, allowed",
+    [
+        ("torchrun --nproc_per_node 0", "--nproc_per_node is '0'; allowed: a number of processes >= 1 or auto, cpu"),
+        ("torchrun --nproc-per-node=two", "--nproc-per-node is 'two'; allowed: a number of processes >= 1 or auto"),
+        ("accelerate launch --num_processes", "--num_processes is ''; allowed: a number of processes >= 1"),
+        ("accelerate launch --num_processes=auto", "--num_processes is 'auto'; allowed: a number of processes >= 1"),
+    ],
+)
+def test_a_launcher_asked_for_no_processes_is_refused_before_any_stage(launch, allowed):
+    with pytest.raises(ParamsError) as e:
+        params_from_dict({"launch": launch})
+    assert str(e.value).startswith(f"launch: got {launch!r}, whose {allowed}")
+    for fine in (
+        "torchrun --nproc_per_node 2",
+        "torchrun --nproc_per_node=auto",
+        "accelerate launch --num_processes 2",
+    ):
+        assert params_from_dict({"launch": fine}).launch == fine
+
+
+def test_a_key_given_twice_is_refused_in_one_line_as_dvc_refuses_it(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("seed: 1\nbasic:\n  lr: 1.0e-3\n  lr: 2.0e-3\n")
+    with pytest.raises(ParamsError) as e:
+        load_params(path)
+    assert str(e.value) == (
+        f"{path}: not valid YAML at line 4, column 3: key 'lr' appears twice in one mapping; allowed: each key once"
+    )

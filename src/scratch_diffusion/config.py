@@ -436,6 +436,25 @@ class MlflowParams:
 # `launch` is pasted into the stage commands of dvc.yaml, which a shell runs: no separators, redirections,
 # substitutions or quotes.
 SHELL_CHARACTERS = set(";&|<>$`\\\"'(){}*?!#~\n")
+# The launchers' process-count flags, and the words torchrun takes there besides a number.
+PROCESS_FLAGS = {"--nproc_per_node", "--nproc-per-node", "--num_processes", "--num-processes"}
+TORCHRUN_PROCESSES = ("auto", "cpu", "gpu", "xpu")
+
+
+def _check_process_counts(launch: str) -> None:
+    """A launcher asked for no processes (`torchrun --nproc_per_node 0`) would fail inside the training stage, after
+    DVC deleted its outputs: refuse it here."""
+    words = launch.split()
+    for i, word in enumerate(words):
+        flag, eq, value = word.partition("=")
+        if flag not in PROCESS_FLAGS:
+            continue
+        value = value if eq else (words[i + 1] if i + 1 < len(words) else "")
+        words_too = f" or {', '.join(TORCHRUN_PROCESSES)}" if words[0] == "torchrun" else ""
+        if not ((value.isdecimal() and int(value) >= 1) or (words_too and value in TORCHRUN_PROCESSES)):
+            raise ParamsError(
+                f"launch: got {launch!r}, whose {flag} is {value!r}; allowed: a number of processes >= 1{words_too}"
+            )
 
 
 @dataclass(frozen=True)
@@ -465,6 +484,7 @@ class Params:
                 f"launch: got {self.launch!r}, allowed: a command starting with 'python', 'accelerate launch' or "
                 "'torchrun' (e.g. 'accelerate launch --num_processes 2', 'torchrun --nproc_per_node 2')"
             )
+        _check_process_counts(self.launch)
         for i, s in enumerate(self.sample.settings):
             check_steps(s, self.unet2d.num_train_timesteps, f"sample.settings[{i}].steps", "unet2d.num_train_timesteps")
         served = SampleSetting("unet2d", self.serve.sampler, self.serve.steps, self.serve.eta)
@@ -603,12 +623,33 @@ def params_from_dict(raw: Any) -> Params:
     return _build(Params, raw, "")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last silently, while DVC
+    refuses the file, so the stages and DVC would read two different params.yaml."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping; allowed: each key once", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: file not found (run from the repository root)")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except yaml.MarkedYAMLError as e:  # one line: where, and what
+        mark = e.problem_mark
+        raise ParamsError(
+            f"{path}: not valid YAML at line {mark.line + 1}, column {mark.column + 1}: {e.problem}"
+        ) from None
     except yaml.YAMLError as e:
         raise ParamsError(f"{path}: not valid YAML: {e}") from None
     return params_from_dict(raw)

@@ -8,6 +8,7 @@ Only the main process logs; all calls here assume that.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
@@ -408,6 +409,11 @@ def promote_champion(
         return (
             f"version {version} not promoted, nothing recorded: the judge's test accuracy {judge_accuracy:.3f} is "
             f"below {MIN_JUDGE_ACCURACY} (its FIDs rank nothing); train the classifier longer (classifier.max_steps)"
+        )
+    if not all(math.isfinite(v) and v >= 0 for v in (fid, *fid_interval)):  # an FID is a distance: 0 or more
+        return (
+            f"version {version} not promoted, nothing recorded: its FID {fid} [{fid_interval[0]}, {fid_interval[1]}] "
+            "is not a finite number >= 0 (a failed measurement ranks nothing)"
         )
     version, key = str(version), tuple(str(judge[k]) for k in JUDGE_TAGS)
     tags = {
