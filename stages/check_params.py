@@ -12,18 +12,22 @@ unreadable file is named now), and builds what the stages will build on data of 
 networks on the meta device, the noise schedule, every sampler of sample.settings run on a stand-in model).
 
 Writes checks/params.ok, whose content never changes (downstream stages rerun for their own params, never because
-this one ran), and checks/source.json, the source's listing with checksums: DVC cannot see a folder that params
-name, so the stage runs every time (always_changed) and download reruns exactly when the listing changed.
+this one ran), checks/source.json, the source's listing with checksums: DVC cannot see a folder that params
+name, so the stage runs every time (always_changed) and download reruns exactly when the listing changed; and
+checks/versions.json, the versions of the libraries that compute (identity.COMPUTING_LIBRARIES), a dependency of
+every stage that computes: another torch or diffusers reruns them, as it restarts training from scratch.
 """
 
 from scratch_diffusion.config import ParamsError, load_params
 from scratch_diffusion.data import DataError, source_listing
 from scratch_diffusion.files import write_json, write_text
+from scratch_diffusion.identity import library_versions
 from scratch_diffusion.preflight import DataFacts, check_runnable
 from scratch_diffusion.stage import run_stage
 
 OUT = "checks/params.ok"
 SOURCE = "checks/source.json"
+VERSIONS = "checks/versions.json"
 
 
 def main() -> None:
@@ -44,6 +48,7 @@ def main() -> None:
     for note in notes:
         print(f"check-params: {note}", flush=True)
     write_json(SOURCE, listing)
+    write_json(VERSIONS, library_versions())
     write_text(OUT, "params.yaml is valid\n")
 
 

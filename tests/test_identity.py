@@ -39,3 +39,15 @@ def test_a_changed_source_file_changes_the_code_digest(tmp_path, monkeypatch):
     (copy / "objectives.py").write_text((copy / "objectives.py").read_text() + "\n# edited\n")
     after = code_digests([copy / "recipe.py"])
     assert what_changed({"code": before}, {"code": after}) == "objectives.py changed"
+
+
+def test_another_version_of_a_computing_library_is_another_identity():
+    """A checkpoint of another torch (or diffusers, accelerate, numpy) is not resumed: the same params, data and
+    code may compute other numbers there. check-params writes the same versions for DVC (checks/versions.json)."""
+    from importlib import metadata
+
+    base = run_identity({"seed": 42}, "d1", [PACKAGE / "recipe.py"])
+    assert base["versions"] == {name: metadata.version(name) for name in ("torch", "diffusers", "accelerate", "numpy")}
+    other = {**base, "versions": {**base["versions"], "torch": "9.9.9"}}
+    assert what_changed(base, other) == f"versions.torch {base['versions']['torch']} -> 9.9.9"
+    assert digest(base) != digest(other)

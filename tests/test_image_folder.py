@@ -192,6 +192,9 @@ def test_check_params_names_a_truncated_image_and_writes_nothing(tmp_path):
     proc = run(["python", "stages/check_params.py"], cwd=project)
     listing = json.loads((project / "checks/source.json").read_text())
     assert len(listing["images"]) == 23 and listing["classes"] == ["circle", "square", "triangle"]
+    from scratch_diffusion.identity import library_versions  # what every computing stage depends on
+
+    assert json.loads((project / "checks/versions.json").read_text()) == library_versions()
 
 
 def _raw(params) -> dict:

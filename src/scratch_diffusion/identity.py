@@ -1,7 +1,8 @@
 """What a training result depends on, written down so that saved progress is reused only by the run that made it.
 
 A run's identity is the params it reads (flattened, so a difference names its key), the dataset's digest (the
-file checksums its manifest lists, which `data.load_split` verifies), and the digest of every source file of the
+file checksums its manifest lists, which `data.load_split` verifies), the versions of the libraries that compute
+(torch, diffusers, accelerate, numpy), and the digest of every source file of the
 project that its code can reach: the library modules imported, directly or through one another, from the entry
 points given (function-level imports included, as they run when the function does), plus scripts such as the
 stage's own file. A checkpoint carries the identity of its run; a rerun with any other identity starts fresh and
@@ -16,6 +17,10 @@ import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+# The libraries whose arithmetic a result depends on: another version may compute other numbers from the same params,
+# data and code. check-params writes them to checks/versions.json, a dependency of every stage that computes.
+COMPUTING_LIBRARIES = ("torch", "diffusers", "accelerate", "numpy")
 
 PACKAGE = Path(__file__).resolve().parent
 _NAME = PACKAGE.name  # scratch_diffusion
@@ -78,10 +83,18 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
+def library_versions() -> dict[str, str]:
+    """{library: installed version} of COMPUTING_LIBRARIES."""
+    import importlib.metadata as md
+
+    return {name: md.version(name) for name in COMPUTING_LIBRARIES}
+
+
 def run_identity(params: Mapping[str, Any], data: str, entries: Iterable[str | Path]) -> dict:
-    """The identity of a training run: `params` flattened ({'unet2d.lr': 1e-3, ...}), the dataset digest and the
-    code reachable from `entries`."""
-    return _plain({"params": dict(params), "data": data, "code": code_digests(entries)})
+    """The identity of a training run: `params` flattened ({'unet2d.lr': 1e-3, ...}), the dataset digest, the code
+    reachable from `entries` and the versions of the libraries that compute."""
+    code = code_digests(entries)
+    return _plain({"params": dict(params), "data": data, "code": code, "versions": library_versions()})
 
 
 def digest(identity: Mapping) -> str:
