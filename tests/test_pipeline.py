@@ -209,6 +209,24 @@ def test_the_champion_is_served_over_http_and_no_version_holds_a_pickle(project,
     assert np.array_equal(np.load(project / "srv/ddim-3-seed2.npz")["images"], images)
 
 
+def test_undoing_an_edit_restores_the_training_from_the_run_cache(project):
+    """Edit a file the training depends on, repro (it trains), undo the edit, repro: DVC restores the earlier result
+    from its run-cache instead of training again, and run.json still names the MLflow run that made it."""
+    made = {p: (project / p).read_bytes() for p in ("models/basic/model.safetensors", "models/basic/run.json")}
+    source = project / "src/scratch_diffusion/objectives.py"
+    original = source.read_text()
+    source.write_text(original + "\n# an edit\n")
+    try:
+        assert "Running stage 'train-basic'" in run(["dvc", "repro", "train-basic"], cwd=project).stdout
+    finally:
+        source.write_text(original)
+    undone = run(["dvc", "repro", "train-basic"], cwd=project).stdout
+    # DVC's words for a restore from its run-cache
+    assert "Stage 'train-basic' is cached - skipping run, checking out outputs" in undone, undone
+    assert "Running stage 'train-basic'" not in undone
+    assert all((project / p).read_bytes() == content for p, content in made.items())
+
+
 def test_ema_horizons_retrace_the_stage(project):
     """The EMA axis from one run per seed: the script retraces the stage's trajectory, so its copy at params.yaml's
     own ema_warmup and seed is the stage's model, bit for bit; each copy gets the compare stage's metrics, and two
