@@ -9,7 +9,6 @@ what is allowed) before anything is drawn; `draw` turns a checked request into u
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -52,13 +51,12 @@ class RequestError(ValueError):
 @dataclass(frozen=True)
 class Drawable:
     """A trained model ready to draw: the denoiser, its corruption, its trained scheduler config (None for the toy
-    corruption), the names of its classes (empty unless class-conditional) and its folder's metadata."""
+    corruption) and the names of its classes (empty unless class-conditional)."""
 
     net: torch.nn.Module
     corruption: str
     trained_config: Any
     classes: tuple[str, ...]
-    meta: dict
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -74,14 +72,13 @@ def load(path: str | Path, device="cpu", network: str | None = None) -> Drawable
     FileNotFoundError or model_files.ModelFileError (both OSError)."""
     path = Path(path)
     if network == "basic" or (network is None and (path / "model.safetensors").is_file()):
-        net = load_basic(path, device)  # validates the folder's metadata first
-        return Drawable(net, "toy", None, (), json.loads((path / META).read_text()))
+        return Drawable(load_basic(path, device), "toy", None, ())
     net, scheduler, meta = load_unet2d(path, device)
     classes = ()
     if net.null_label is not None:  # names as the dataset has them; indices for folders that do not record them
         recorded = meta.get("classes") or []
         classes = tuple(recorded) if len(recorded) == net.null_label else tuple(map(str, range(net.null_label)))
-    return Drawable(net, meta["corruption"], scheduler.config, classes, meta)
+    return Drawable(net, meta["corruption"], scheduler.config, classes)
 
 
 def logged_model_folder(local: str | Path) -> Path | None:
@@ -288,7 +285,7 @@ def log_model(
     # own schema check would answer a wrong type with a dump of the request instead).
     inputs = Schema([ColSpec(AnyType(), field, required=False) for field in FIELDS])
     outputs = Schema([TensorSpec(np.dtype(np.uint8), (-1, height, width) + ((3,) if channels == 3 else ()))])
-    example = {k: v for k, v in defaults.items() if k != "n"} | {"n": 2}
+    example = {**defaults, "n": min(2, max_images)}  # MLflow draws it once at logging: a few images suffice
     config = {"defaults": dict(defaults), "max_images": int(max_images)}
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / ARTIFACT  # the files that make the model, not the run's record beside them
