@@ -524,8 +524,9 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "budget":
             text = (args.setting or [""])[0]
             p = setting_params(text)
-            data = describe(DATA)
-            epochs = training_epochs(p.unet2d.epochs, data.name, p.data.n_train or data.n_train)  # auto as the stage
+            # epochs auto as the stage resolves it; only a folder's size needs the data
+            size = p.data.n_train or (describe(DATA).n_train if p.data.dataset == "folder" else 0)
+            epochs = training_epochs(p.unet2d.epochs, p.data.dataset, size)
             if not 1 <= args.every <= epochs:
                 parser.error(f"--every: got {args.every}; allowed: 1..{epochs} (the setting's unet2d.epochs)")
             out = args.out or BUDGET
