@@ -308,7 +308,9 @@ def train_model(
         tags = {"params_hash": params_hash(used), "inputs": digest(identity), "model": _MODEL_TAG[network]}
         if network == "unet2d":
             tags["objective"] = params.objective
-        logged_params = {**flatten(used), **choice.as_params()}
+        # Not `serve`: it is the logged model's (its params and registry tags), and a run resumed from its final
+        # checkpoint after a change of serve (the same identity) may not change the values its params hold.
+        logged_params = {**flatten({k: v for k, v in used.items() if k != "serve"}), **choice.as_params()}
         if main:
             run = tracking.start_run(params.mlflow.experiment, stage, logged_params, tags, resume_run_id=resume_id)
 

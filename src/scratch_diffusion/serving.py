@@ -33,7 +33,7 @@ MAX_GUIDANCE = 50.0
 # The folder of a logged model that holds the trained model's files (the artifact's name in mlflow_model.py).
 ARTIFACT = "model"
 # What MLflow prints on registering a model version (eprint, to stderr): the stage says it in its own line.
-_REGISTERED = re.compile(r"(Successfully registered model|Created version) '")
+_REGISTERED = re.compile(r"(Successfully registered model|Created version|Registered model) '")
 
 
 class RequestError(ValueError):
