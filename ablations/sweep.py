@@ -31,6 +31,7 @@ import numpy as np
 import yaml
 
 from scratch_diffusion import files
+from scratch_diffusion.cli import ScriptParser, refuse
 from scratch_diffusion.config import MAX_SEED, ParamsError, params_from_dict, training_epochs
 from scratch_diffusion.data import describe, load_split
 from scratch_diffusion.hardware import machine
@@ -153,7 +154,7 @@ def judge_for(params) -> Judge:
     n = params.sample.size(describe(DATA).n_test)  # sample.n auto, as the stage
     judge = Judge.from_files(ROOT / "models" / "classifier" / "model.safetensors", DATA, n)
     if judge.classifier is None:  # every verdict here is on FID
-        sys.exit(f"error: the sweep ranks settings by FID, which needs a classifier: {judge.no_classifier}")
+        refuse(f"the sweep ranks settings by FID, which needs a classifier: {judge.no_classifier}")
     return judge
 
 
@@ -244,7 +245,7 @@ def run(settings: list[str], jobs: int, out: Path) -> None:
         params_from_dict(apply(yaml.safe_load((ROOT / "params.yaml").read_text()), parse_setting(text)))
     for need in (DATA / "manifest.json", ROOT / "models" / "classifier" / "model.safetensors"):
         if not need.is_file():
-            sys.exit(f"error: {need.relative_to(ROOT)}: missing; run `dvc repro train-classifier` first")
+            refuse(f"{need.relative_to(ROOT)}: missing; run `dvc repro train-classifier` first")
     work = Path(tempfile.mkdtemp(prefix="sweep-"))  # one row file per process, merged into `out`
     env = dict(os.environ)
     if jobs > 1:  # the cores shared out (one job keeps the stage's own thread count, hence its arithmetic)
@@ -505,7 +506,7 @@ def refuse_out(parser: argparse.ArgumentParser, out: Path, key: str, command: st
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ScriptParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["run", "one", "budget", "table"])
     parser.add_argument("--setting", action="append", help="overrides as `dvc exp run -S` takes them (repeatable)")
     parser.add_argument("--seeds", type=int, nargs="+", help="run: train each setting once per training seed")
@@ -557,10 +558,10 @@ def main(argv: list[str] | None = None) -> None:
             read = lambda p: json.loads(p.read_text()) if p.is_file() else None  # noqa: E731
             results, budget_, seeds = read(args.out or RESULTS), read(BUDGET), read(SEEDS)
             if not (results or budget_ or seeds):
-                sys.exit("error: no results yet; run `python ablations/sweep.py run` first")
+                refuse("no results yet; run `python ablations/sweep.py run` first")
             table(results, budget_, seeds)
     except ParamsError as e:
-        sys.exit(f"error: {e}")
+        refuse(f"{e}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Not part of the test suite: timings belong here, never in a test.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -34,6 +33,7 @@ import torch
 from speed import Tee, machine, machine_class
 
 from scratch_diffusion import serving, tracking
+from scratch_diffusion.cli import ScriptParser, refuse
 from scratch_diffusion.config import load_params
 from scratch_diffusion.files import write_text
 from scratch_diffusion.model_files import save_unet2d
@@ -83,7 +83,7 @@ def served(model_uri: str, env: dict):
                     break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    sys.exit(f"error: mlflow models serve did not start (exit {proc.poll()})")
+                    refuse(f"mlflow models serve did not start (exit {proc.poll()})")
                 time.sleep(0.5)
         yield url
     finally:
@@ -147,7 +147,7 @@ def run(args) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ScriptParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="a trained model folder (default: models/unet2d if present)")
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--sampler", default="ddim")

@@ -20,7 +20,6 @@ Not part of the test suite: timings belong here, never in a test.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import io
@@ -36,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from scratch_diffusion.choices import PREDICTION_TYPES
+from scratch_diffusion.cli import ScriptParser, refuse
 from scratch_diffusion.config import load_params
 from scratch_diffusion.corruption import corrupt, ddpm_scheduler
 from scratch_diffusion.data import describe
@@ -291,7 +291,7 @@ def bench_end_to_end() -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ScriptParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--only",
         choices=("train", "loss", "sample", "end-to-end"),
@@ -310,7 +310,7 @@ def main() -> None:
         if not lo <= getattr(args, name) <= hi:
             parser.error(f"--{name.replace('_', '-')}: got {getattr(args, name)}; allowed: {lo}..{hi}")
     if not (DATA / "MNIST/raw").is_dir():
-        sys.exit(f"error: {DATA}/MNIST/raw not found: run `dvc repro download` first")
+        refuse(f"{DATA}/MNIST/raw not found: run `dvc repro download` first")
     parts = args.only or ["train", "sample", "end-to-end"]
     if args.report:
         report = io.StringIO()

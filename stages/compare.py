@@ -3,9 +3,10 @@
     dvc repro compare
     python stages/compare.py
 
-Reads params `mlflow.experiment` and `classifier.inception_weights`; samples/ and metrics/sample.json (sample), the
-training metrics and loss curves, models/*/ metadata, models/classifier and data/dataset. Every number comes with its
-95% interval (metrics.Judge) and each setting with its verdict against the best (better / within noise / worse).
+Reads params `mlflow.experiment` and `classifier.{inception_weights,epochs,batch_size,max_steps}`; samples/ and
+metrics/sample.json (sample), the training metrics and loss curves, models/*/ metadata, models/classifier and
+data/dataset. Every number comes with its 95% interval (metrics.Judge) and each setting with its verdict against the
+best (better / within noise / worse).
 Writes reports/compare.md, reports/compare.html (images inline), reports/figures/*.png, metrics/compare.json
 (headline FID and KID with intervals, for `dvc exp show` / `dvc metrics diff`) and plots/compare/fid_vs_nfe.tsv (for
 `dvc plots diff`). Logs an MLflow run named `compare`, and records the best UNet2DModel FID on its registered version,
@@ -24,10 +25,12 @@ import hashlib
 import json
 from pathlib import Path
 
+import _src  # noqa: F401 (first: this checkout's src/, see stages/_src.py)
 import numpy as np
 
 from scratch_diffusion import files, tracking
 from scratch_diffusion.compare_report import (
+    best_conditional,
     plot_class_grid,
     plot_fid_vs_nfe,
     plot_guidance,
@@ -38,8 +41,8 @@ from scratch_diffusion.compare_report import (
     weak_judge,
     write_report,
 )
-from scratch_diffusion.config import load_params
-from scratch_diffusion.data import dataset_digest, load_split
+from scratch_diffusion.config import ClassifierParams, SampleParams, images_seen, load_params
+from scratch_diffusion.data import dataset_digest, describe, load_split
 from scratch_diffusion.metrics import Judge
 from scratch_diffusion.stage import StageError, run_stage
 
@@ -73,6 +76,7 @@ def main() -> None:
     classifier_file = Path("models/classifier/model.safetensors")
     classifier_accuracy = _read_json("metrics/classifier.json", "train-classifier")["test_accuracy"]  # None: none
     test_images, test_labels = load_split("data/dataset", train=False)
+    classes = describe("data/dataset").classes  # the names the report gives the classes asked for
     if 2 * n > len(test_images):
         raise StageError(
             f"sample.n: got {n}; compare needs 2 * n real test images (allowed: n <= {len(test_images) // 2})"
@@ -113,9 +117,9 @@ def main() -> None:
         quality = judge.measure(images[name])
         replicates[name] = quality.pop("replicates")
         if name in labels:
-            conditional = judge.conditional(images[name], labels[name], spare_images, spare_labels)
-            replicates[name] |= conditional.pop("replicates")
-            quality |= conditional | {"guidance_scale": t["guidance_scale"]}
+            per_class = judge.conditional(images[name], labels[name], spare_images, spare_labels, classes)
+            replicates[name] |= per_class.pop("replicates")
+            quality |= per_class | {"guidance_scale": t["guidance_scale"]}
         meta = metas[model]
         rows.append(
             {
@@ -162,13 +166,13 @@ def main() -> None:
             curves[name] = _loss_curve(f"plots/train_{name}/loss.tsv")
     plot_losses(curves, figures["Training loss"])
     plot_montage(rows, images, figures["Samples, in table order"])
-    conditional = [r for r in rows if r.get("cond_accuracy") is not None]
-    if conditional:
-        best_cond = max(conditional, key=lambda r: (r["cond_accuracy"], -r["fid"]))
+    conditional_rows = [r for r in rows if r.get("cond_accuracy") is not None]
+    best_cond = best_conditional(rows)
+    if best_cond is not None:
         figures["Conditional accuracy and FID against guidance scale"] = REPORTS / "figures/guidance.png"
-        figures["Ten of each class"] = REPORTS / "figures/digits.png"
+        figures["Ten of each class"] = REPORTS / "figures/classes.png"
         plot_guidance(
-            conditional,
+            conditional_rows,
             figures["Conditional accuracy and FID against guidance scale"],
             chance=1 / judge.classifier.num_classes,
         )
@@ -176,6 +180,7 @@ def main() -> None:
             images[best_cond["setting"]],
             labels[best_cond["setting"]],
             figures["Ten of each class"],
+            [classes[c] for c in sorted(set(labels[best_cond["setting"]].tolist()))],
             f"{best_cond['setting']}: one row per class asked for "
             f"(conditional accuracy {best_cond['cond_accuracy']:.3f})",
         )
@@ -198,7 +203,7 @@ def main() -> None:
         best = min((r for r in rows if r["model"] == model), key=lambda r: r["fid"]) if ranked else {}
         for key in ("fid", "fid_lo", "fid_hi", "kid", "kid_lo", "kid_hi", "recognised"):
             headline[f"best_{key}_{model}"] = best.get(key)
-    if conditional:
+    if conditional_rows:
         headline["best_cond_accuracy_unet2d"] = best_cond["cond_accuracy"]
     files.write_json("metrics/compare.json", {**headline, "settings": settings_metrics(rows)})
     fid_columns = ["setting", "sampler", "nfe", "fid", "fid_lo", "fid_hi"]
@@ -211,7 +216,7 @@ def main() -> None:
         ["setting", "sampler", "guidance", "cond_accuracy", "fid"],
         [
             (r["setting"], f"{r['sampler']}-{r['steps']}", r["guidance_scale"], r["cond_accuracy"], r["fid"])
-            for r in conditional
+            for r in conditional_rows
         ],
     )
 
@@ -240,12 +245,24 @@ def main() -> None:
                 "n": n,
             }
             interval = (headline["best_fid_lo_unet2d"], headline["best_fid_hi_unet2d"])
+            # tracking.SCALE_RULE: this measurement's scale against the one params.yaml's defaults give on this data.
+            data = describe("data/dataset")
+            judge_images = images_seen(params.classifier, data.name, data.n_train)
+            default_scale = (SampleParams().size(data.n_test), images_seen(ClassifierParams(), data.name, data.n_train))
             said = tracking.promote_champion(
-                name, version, headline["best_fid_unet2d"], interval, judge_id, classifier_accuracy
+                name,
+                version,
+                headline["best_fid_unet2d"],
+                interval,
+                judge_id,
+                classifier_accuracy,
+                judge_images=judge_images,
+                default_scale=default_scale,
             )
             print(f"compare: {said}", flush=True)
         tracking.log_metrics({k: v for k, v in headline.items() if k not in ("n", "fid_features") and v is not None})
-        for r in conditional:  # the accuracy/FID trade-off, one step per guidance scale x 10 (MLflow steps are ints)
+        # The accuracy/FID trade-off, one step per guidance scale x 10 (MLflow steps are ints).
+        for r in conditional_rows:
             key = f"{r['sampler']}-{r['steps']}".replace("+", "p")
             step = round(10 * r["guidance_scale"])
             tracking.log_metrics({f"{key}.cond_accuracy": r["cond_accuracy"], f"{key}.fid": r["fid"]}, step=step)

@@ -5,9 +5,12 @@
 
 Reads params `data.dataset`, `data.source` and, for an image folder, `data.resolution`, `data.channels`,
 `data.held_out`, `data.background`. Writes `data/dataset/<MNIST|FashionMNIST|ImageFolder>/raw/*-ubyte` and
-`data/dataset/manifest.json` (source used, md5 of every file, and of every source image, and for a folder what was
-skipped and how its pictures were decoded). Nothing is left behind if every source fails.
+`data/dataset/manifest.json` (md5 of every file, and of every source image, and for a folder what was skipped and how
+its pictures were decoded) and, in metrics/cost/download.json, the source the files came from. Nothing is left behind
+if every source fails.
 """
+
+import _src  # noqa: F401 (first: this checkout's src/, see stages/_src.py)
 
 from scratch_diffusion.config import load_params
 from scratch_diffusion.data import download
@@ -16,9 +19,9 @@ from scratch_diffusion.stage import run_stage
 DATA_ROOT = "data/dataset"
 
 
-def main() -> None:
+def main() -> dict:
     d = load_params().data
-    download(
+    manifest = download(
         d.dataset,
         d.source,
         DATA_ROOT,
@@ -27,6 +30,9 @@ def main() -> None:
         held_out=d.held_out,
         background=d.background,
     )
+    # Where the files came from is provenance (metrics/cost/download.json), not part of the dataset: the same bytes
+    # from another folder or mirror are the same data/dataset, and nothing downstream reruns for them.
+    return {"source": manifest["source"]}
 
 
 if __name__ == "__main__":

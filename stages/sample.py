@@ -7,8 +7,9 @@ Reads params `sample.*`, `mlflow.experiment`, and models/basic, models/unet2d (o
 Writes samples/<model>/<sampler>-<steps>.npz (uint8, key `images`: N x H x W for one-channel data, N x H x W x 3 for
 RGB, the shape the model was trained on), plots/sample/<model>-<sampler>-<steps>.png (a grid of the first 64),
 metrics/sample.json (NFE, seconds per image per setting). A class-conditional UNet2DModel is sampled once per
-guidance scale: <sampler>-<steps>-g<scale>.npz, with the classes asked for (sample.digits) under key `labels` and a
-grid of one class per column. Logs one MLflow run named `sample`, tagged with the ids of the training runs it used.
+guidance scale: <sampler>-<steps>-g<scale>.npz, with the classes asked for (sample.classes, as indices) under key
+`labels` and a grid of one class per column. Logs one MLflow run named `sample`, tagged with the ids of the training
+runs it used.
 """
 
 import json
@@ -17,6 +18,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import _src  # noqa: F401 (first: this checkout's src/, see stages/_src.py)
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -35,7 +37,8 @@ GRID_N = 64
 
 
 def load_models(names: set[str], device) -> dict:
-    """{name: (denoiser, corruption, trained scheduler config or None, training run id, class-conditional)}"""
+    """{name: (denoiser, corruption, trained scheduler config or None, training run id, class names: empty unless
+    class-conditional)}"""
     loaded = {}
     for name in sorted(names):
         path = MODEL_DIRS[name]
@@ -45,7 +48,7 @@ def load_models(names: set[str], device) -> dict:
             raise StageError(str(e)) from None
         run_file = path / "run.json"
         run_id = json.loads(run_file.read_text())["run_id"] if run_file.is_file() else ""
-        loaded[name] = (model.net, model.corruption, model.trained_config, run_id, bool(model.classes))
+        loaded[name] = (model.net, model.corruption, model.trained_config, run_id, model.classes)
     return loaded
 
 
@@ -54,15 +57,18 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     models = load_models({s.model for s in params.sample.settings}, device)
     # sample.n `auto` takes its value from the test split's size: one n for this run, resolved once.
-    sp = replace(params.sample, n=params.sample.size(describe(DATA_ROOT).n_test))
+    data = describe(DATA_ROOT)
+    sp = replace(params.sample, n=params.sample.size(data.n_test))
+    asked = sp.class_indices(data.classes) if data.classes else ()
     # Every setting must fit its model before any sampling starts.
     for i, s in enumerate(sp.settings):
-        model, corruption = models[s.model][:2]
-        # The classes asked for must be the model's (preflight checks them against the data; the model may be older).
-        if models[s.model][4] and (bad := [c for c in sp.digits if c >= model.null_label]):
+        corruption = models[s.model][1]
+        # A class-conditional model must have the data's classes (preflight checked the asked ones against the data;
+        # the model may be older than it).
+        if (mine := models[s.model][4]) and mine != data.classes:
             raise StageError(
-                f"sample.digits: got {bad[0]}; {MODEL_DIRS[s.model]} was trained on {model.null_label} classes "
-                f"(allowed: 0..{model.null_label - 1})"
+                f"{MODEL_DIRS[s.model]}: trained on the classes {list(mine)!r}, but {DATA_ROOT} has "
+                f"{list(data.classes)!r}; retrain it (`dvc repro -f train-{s.model}`)"
             )
         if (s.sampler == "toy") != (corruption == "toy"):
             allowed = "'toy'" if corruption == "toy" else ", ".join(DIFFUSERS_SAMPLERS)
@@ -75,8 +81,8 @@ def main() -> None:
     used["sample"]["settings"] = [s.name for s in sp.settings]
     tags = {f"train_run_{name}": m[3] for name, m in models.items()}
     # One sample set per setting; a class-conditional model's settings once per guidance scale, asking for
-    # sample.digits cycled over the n images (so that each grid column holds one class: images.class_columns).
-    labels = torch.tensor([sp.digits[i % len(sp.digits)] for i in range(sp.n)])
+    # sample.classes cycled over the n images (so that each grid column holds one class: images.class_columns).
+    labels = torch.tensor([asked[i % len(asked)] for i in range(sp.n)]) if asked else None
     jobs = []
     for s in sp.settings:
         if models[s.model][4]:
@@ -129,7 +135,7 @@ def main() -> None:
             if scale is None:
                 picture = grid(images[:GRID_N])
             else:
-                picture = grid(images[:100], nrow=class_columns(len(sp.digits), len(images[:100])))
+                picture = grid(images[:100], nrow=class_columns(len(asked), len(images[:100])))
             save_png(f"plots/sample/{name.replace('/', '-')}.png", picture)
             key = name.replace("/", "-").replace("+", "p")  # MLflow metric/image keys: no '+'
             tracking.log_image(picture, key=f"samples-{key}", step=0)

@@ -10,6 +10,8 @@ plots/train_basic/ (loss curve TSV, sample grid PNG). Logs one MLflow run named 
 checkpoints/train-basic/ only a run of the same params, data and code.
 """
 
+import _src  # noqa: F401 (first: this checkout's src/, see stages/_src.py)
+
 from scratch_diffusion.config import load_params
 from scratch_diffusion.recipe import train_model
 from scratch_diffusion.stage import run_stage

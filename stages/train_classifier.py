@@ -17,6 +17,7 @@ their weights file.
 
 from pathlib import Path
 
+import _src  # noqa: F401 (first: this checkout's src/, see stages/_src.py)
 import torch
 from safetensors.torch import save_file
 

@@ -12,6 +12,8 @@ registers the model under `unet2d.registered_model`. Resumes from checkpoints/tr
 params, data and code.
 """
 
+import _src  # noqa: F401 (first: this checkout's src/, see stages/_src.py)
+
 from scratch_diffusion.config import load_params
 from scratch_diffusion.recipe import train_model
 from scratch_diffusion.stage import run_stage

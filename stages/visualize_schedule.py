@@ -9,6 +9,8 @@ channels) and the BasicUNet in models/basic, sampled at the image shape it was t
 Writes plots/schedule/{schedules,corruption,sampling_steps}.png and logs them to an MLflow run of the same name.
 """
 
+import _src  # noqa: F401 (first: this checkout's src/, see stages/_src.py)
+
 from scratch_diffusion import tracking
 from scratch_diffusion.config import load_params
 from scratch_diffusion.corruption import ddpm_scheduler

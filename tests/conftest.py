@@ -16,6 +16,9 @@ import yaml
 from scratch_diffusion.data import make_shapes  # noqa: F401 (tests import it from here)
 
 REPO = Path(__file__).resolve().parents[1]
+# Stages run in this process (runpy, run_in_process) import stages/_src.py first, as `python stages/x.py` finds it
+# beside the script; appended, so that no stage module shadows anything.
+sys.path.append(str(REPO / "stages"))
 
 # Under pytest-xdist, each worker computes with its share of the cores (torch would otherwise start a thread per
 # core in every worker and in every stage it runs, and they would fight over the cores); the stages it starts

@@ -153,7 +153,6 @@ CASES = [
         {"unet2d": {"num_train_timesteps": 3, "sample_steps": 3}},  # the tiny params sample with dpmsolver++-3
         "sample.settings[3].steps: unet2d/dpmsolver++-3 has 3 steps, all of unet2d.num_train_timesteps (3)",
     ),
-    ("check_params", {"classifier": {"batch_size": 60001}}, "classifier.batch_size: got 60001, more than the 60000"),
 ]
 
 
@@ -220,3 +219,27 @@ def test_dvc_repro_stops_at_check_params_and_keeps_the_last_model(project):
     assert "error: unet2d.up_block_types[1]: got 'DownBlock2D', allowed: 'UpBlock2D', 'AttnUpBlock2D'" in out, out
     assert "Traceback" not in out and "Running stage 'train-unet2d'" not in out
     assert last_good.read_text() == "the last good model\n"
+
+
+def test_check_params_says_a_store_that_cannot_take_the_runs_before_any_stage_runs(project, monkeypatch, capsys):
+    """A tracking server that does not answer, and an experiment deleted in the UI, are check-params' one line, so
+    that DVC never deletes a training stage's outputs for a fault it could know before."""
+    import mlflow
+
+    checks = (
+        sorted(p.relative_to(project) for p in (project / "checks").rglob("*")) if (project / "checks").is_dir() else []
+    )
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://user:s3cret@127.0.0.1:9/")
+    code, err = _run_stage("check_params", project, monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1 and "s3cret" not in err, err
+    assert "MLFLOW_TRACKING_URI=http://127.0.0.1:9/: the tracking server does not answer" in err
+    assert err.rstrip().endswith("(nothing else ran)"), err
+    uri = f"sqlite:///{project / 'elsewhere.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    client.delete_experiment(client.create_experiment("scratch-diffusion"))
+    capsys.readouterr()  # MLflow's lines on making the store
+    code, err = _run_stage("check_params", project, monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: mlflow.experiment 'scratch-diffusion' is deleted in the MLflow store"), err
+    assert sorted(p.relative_to(project) for p in (project / "checks").rglob("*")) == checks  # nothing written

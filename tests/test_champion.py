@@ -230,3 +230,42 @@ def test_an_fid_that_is_no_distance_is_never_recorded(store, tmp_path, fid, inte
     said = promote_champion("m", "1", fid, interval, JUDGE, 0.99)
     assert said.startswith("version 1 not promoted, nothing recorded: its FID") and "not a finite number >= 0" in said
     assert champion() is None and mlflow.MlflowClient().get_model_version("m", "1").tags == {}
+
+
+DEFAULT_SCALE = (1000, 180_000)  # what params.yaml's defaults give on MNIST: n, and the judge's 3 x 60,000 images
+SMOKE = {**JUDGE, "classifier": "5e0ce5e0ce5e0ce5", "n": 100}  # the README's smoke run: n 100, 100 judge steps
+
+
+def scaled(version, fid, judge=JUDGE, images=180_000):
+    return promote_champion(
+        "m", version, fid, (max(0.0, fid - 2), fid + 2), judge, 0.99, judge_images=images, default_scale=DEFAULT_SCALE
+    )
+
+
+def test_a_smoke_run_records_its_fid_but_never_holds_the_alias(store, tmp_path):
+    """The README's smoke command first on a fresh clone: its FID is recorded on the version, no champion is made;
+    the default pipeline's measurement then takes the alias, and a later smoke run's lower FID never moves it."""
+    register(tmp_path, {"m": 3})
+    said = scaled("1", 304.29, judge=SMOKE, images=12_800)
+    assert said == (
+        "version 1 measured FID 304.29 [302.29, 306.29] by a smaller judge than the default pipeline's (n 100 < 1000, "
+        f"judge trained on 12,800 images < 180,000): recorded, not promoted; {tracking.SCALE_RULE}"
+    )
+    assert champion() is None
+    assert mlflow.MlflowClient().get_model_version("m", "1").tags["compare.judge.images"] == "12800"
+    assert "is now version 2" in scaled("2", 60.0) and champion() == "2"
+    assert "not promoted" in scaled("3", 5.0, judge={**JUDGE, "classifier": "0ddba11"}, images=9000)
+    assert champion() == "2"
+
+
+def test_a_judge_at_the_default_scale_supersedes_a_smaller_champion(store, tmp_path):
+    """A registry whose alias a smoke run took before the rule: the default pipeline's judge replaces it and says
+    the rule; two judges at the default scale still never compare."""
+    register(tmp_path, {"m": 3})
+    promote("1", 304.29, judge=SMOKE)  # as compare promoted before the scale was known
+    said = scaled("2", 60.0)
+    assert champion() == "2" and said == (
+        f"models:/m@{CHAMPION} is now version 2 (FID 60.00 [58.00, 62.00]), replacing version 1 (FID 304.29 "
+        f"[302.29, 306.29]), measured by a smaller judge (n 100 < 1000); {tracking.SCALE_RULE}"
+    )
+    assert "stays version 2: it was measured by another judge" in scaled("3", 1.0, judge=RANDOM_JUDGE)

@@ -69,6 +69,7 @@ def conditional_row(setting: str) -> dict:
         "cond_accuracy_hi": 0.95,
         "fid_per_class": {"3": 70.0},
         "fid_class_mean": 70.0,
+        "cond_accuracy_per_class": {"3": 0.9},
     }
 
 
@@ -174,3 +175,27 @@ def test_a_weak_judge_is_said_first_and_marks_every_verdict(tmp_path):
     # A judge above the bound (MNIST's): the report as it was, no mark anywhere.
     write_report(rows, summary, {**context, "classifier_accuracy": 0.99}, {}, tmp_path / "ok.md", tmp_path / "ok.html")
     assert "weak" not in (tmp_path / "ok.md").read_text()
+
+
+def test_classes_are_named_as_the_dataset_names_them_in_the_report_and_the_grid(tmp_path):
+    from PIL import Image
+
+    from scratch_diffusion.compare_report import plot_class_grid
+
+    cond = conditional_row("ddim-50-g3") | {
+        "fid_per_class": {"Food & Drink": 70.0, "été": 81.5},
+        "cond_accuracy_per_class": {"Food & Drink": 0.9, "a|b": 0.25, "été": 0.5},  # a|b: too few real images
+    }
+    summary = summarise([cond], {"ddim-50-g3": {"fid": np.full(10, 70.0)}}, floor=12.0)
+    context = {"n": 6, "classifier_accuracy": 0.95, "num_classes": 3, "real_recognised": 0.9, "no_classifier": None}
+    write_report([cond], summary, context, {}, tmp_path / "compare.md", tmp_path / "compare.html")
+    report = (tmp_path / "compare.md").read_text()
+    assert "## Per class: ddim-50-g3" in report
+    assert "| Food & Drink | 0.900 | 70.00 |" in report and "| a\\|b | 0.250 |  |" in report
+    assert "| été | 0.500 | 81.50 |" in report
+    assert "<td>Food &amp; Drink</td>" in (tmp_path / "compare.html").read_text(encoding="utf-8")
+    images = np.random.default_rng(0).integers(0, 256, (12, 8, 8, 3), dtype=np.uint8)
+    labels = np.array([0, 2] * 6)
+    plot_class_grid(images, labels, tmp_path / "classes.png", ["Food & Drink", "été"], "two classes asked for")
+    with Image.open(tmp_path / "classes.png") as img:
+        assert img.width > img.height > 0

@@ -209,7 +209,7 @@ def test_a_tiny_conditional_model_draws_the_digit_asked_for(project, tmp_path):
     with np.load(project / "samples/unet2d/ddim-10-g3.npz") as npz:
         assert npz["images"].shape == (100, 28, 28) and list(npz["labels"][:12]) == [*range(10), 0, 1]
     report = (project / "reports/compare.md").read_text()
-    assert "cond. accuracy" in report and "figures/digits.png" in report and "figures/guidance.png" in report
+    assert "cond. accuracy" in report and "figures/classes.png" in report and "figures/guidance.png" in report
     rows = (project / "plots/compare/guidance.tsv").read_text().splitlines()
     assert rows[0] == "setting\tsampler\tguidance\tcond_accuracy\tfid" and len(rows) == 4
 

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from scratch_diffusion.config import (
@@ -48,11 +50,6 @@ def test_repo_params_are_valid_and_match_the_defaults():
         ),
         ({"unet2d": {"beta_end": 1.0}}, "unet2d.beta_end: got 1.0, allowed range (0.0, 1.0)"),
         ({"data": {"n_train": 70000}}, "data.n_train: got 70000; mnist has 60000 training images"),
-        (
-            {"data": {"n_train": 256}, "basic": {"batch_size": 512}},
-            "basic.batch_size: got 512, more than the 256 training images (data.n_train); allowed: 1..256",
-        ),
-        ({"classifier": {"batch_size": 100000}}, "classifier.batch_size: got 100000, more than the 60000 training"),
         (
             {"unet2d": {"corruption": "toy", "conditioning": "amount", "loss_weighting": "min_snr"}},
             "unet2d.loss_weighting: got 'min_snr' with unet2d.corruption=toy",
@@ -157,3 +154,28 @@ def test_a_key_given_twice_is_refused_in_one_line_as_dvc_refuses_it(tmp_path):
     assert str(e.value) == (
         f"{path}: not valid YAML at line 4, column 3: key 'lr' appears twice in one mapping; allowed: each key once"
     )
+
+
+def test_sample_classes_by_name_or_index_resolve_against_the_datas_classes():
+    names = ("Smileys & Emotion", "Flags", "été")
+    sample = lambda **over: params_from_dict({"sample": over}).sample  # noqa: E731
+    assert sample().class_indices(names) == (0, 1, 2)  # all: every class, in the data's order
+    assert sample(classes=["Flags", 0]).class_indices(names) == (1, 0)
+    assert sample(classes="été").class_indices(names) == (2,)  # one name
+    assert sample(digits=[7, 3]).class_indices(tuple(map(str, range(10)))) == (7, 3)  # MNIST: a digit is its name
+    for over, says in (
+        ({"classes": ["Flags", 1]}, "sample.classes: got ['Flags', 1], which asks for a class twice"),
+        ({"classes": ["Food"]}, "sample.classes[0]: got 'Food'; allowed: a class name ('Smileys & Emotion', 'Flags',"),
+        ({"digits": [3]}, "sample.digits[0]: got 3; allowed: a class name ("),
+    ):
+        with pytest.raises(ParamsError, match=re.escape(says)):
+            sample(**over).class_indices(names)
+    for over, says in (
+        ({"classes": []}, "sample.classes: got [], allowed: all, or a non-empty list"),
+        ({"classes": [1.5]}, "sample.classes[0]: got 1.5, allowed: a class name or an index >= 0"),
+        ({"classes": [-1]}, "sample.classes[0]: got -1, allowed"),
+        ({"classes": ["a", "a"]}, "sample.classes: got ['a', 'a'], allowed"),
+        ({"classes": [1], "digits": [1]}, "sample.digits: got [1] with sample.classes [1]; allowed: one of the two"),
+    ):
+        with pytest.raises(ParamsError, match=re.escape(says)):
+            sample(**over)

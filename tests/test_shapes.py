@@ -193,8 +193,11 @@ def test_model_folders_say_their_shape(folders, tmp_path):
     assert model.image_shape == (3, 16, 16) and model.null_label == 3
     assert saved["classes"] == ["circle", "square", "triangle"]
     card = (tmp_path / "unet2d/README.md").read_text()
-    assert "`folder` images, 16 x 16, 3 channels (RGB)" in card and "classes 0-2; label 3 = no label" in card
-    assert "--digit 2" in card
+    assert (
+        "`folder` images, 16 x 16, 3 channels (RGB)" in card
+        and "labels 0 `circle`, 1 `square`, 2 `triangle`; label 3 = no label" in card
+    )
+    assert "--class triangle" in card
 
 
 def test_a_basic_folder_without_its_shape_is_refused_in_one_line(tmp_path):
@@ -245,5 +248,5 @@ def test_generate_command_draws_the_models_shape_and_classes(folders, tmp_path, 
         cli_main([*common, "--digit", "3"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.splitlines()[-1].endswith(
-        "--digit: got 3, allowed: 0..2 (the model's 3 classes)"
+        "--digit: got 3, allowed: a class name ('circle', 'square', 'triangle') or an index 0..2"
     ), err

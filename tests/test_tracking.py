@@ -8,6 +8,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
+from scratch_diffusion import tracking
 from tests.conftest import run, run_queue
 
 RACER = """
@@ -61,3 +62,43 @@ def test_two_queued_experiments_on_a_fresh_store_both_log(project):
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("scratch-diffusion").experiment_id])
     assert sorted(r.data.params["classifier.seed"] for r in runs) == ["1", "2"]
+
+
+def test_a_moved_or_copied_project_keeps_its_registry_and_logs_where_it_is(tmp_path, monkeypatch, capfd):
+    """MLflow records absolute artifact paths: after `mv project elsewhere` every registry version was `No such
+    artifact` and the next run logged into the old folder. The project's own store follows the folder, once."""
+    import shutil
+    from pathlib import Path
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    made = tmp_path / "made here"
+    (made / ".dvc").mkdir(parents=True)
+    monkeypatch.chdir(made)
+    tracking.connect()
+    tracking._set_experiment("e", local_store=True)
+    (made / "weights.txt").write_text("the trained weights")
+    with mlflow.start_run() as run:
+        mlflow.log_artifact(str(made / "weights.txt"), "model")
+    client = MlflowClient()
+    client.create_registered_model("m")
+    client.create_model_version("m", f"runs:/{run.info.run_id}/model", run.info.run_id)
+
+    for where, keep in (("moved", False), ("copied", True)):
+        here = tmp_path / where
+        (shutil.copytree if keep else shutil.move)(made if not keep else tmp_path / "moved", here)
+        monkeypatch.chdir(here)
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # as a new process: connect() exported the last one
+        capfd.readouterr()
+        tracking.connect()
+        said = capfd.readouterr().err
+        assert f"mlflow.db: the project was made in {made if not keep else tmp_path / 'moved'}" in said, said
+        got = mlflow.artifacts.download_artifacts("models:/m/1", dst_path=str(tmp_path / f"{where}-download"))
+        assert (Path(got) / "weights.txt").read_text() == "the trained weights"
+        tracking._set_experiment("e", local_store=True)
+        with mlflow.start_run():
+            mlflow.log_artifact(str(here / "weights.txt"), "again")
+        logged = {p.relative_to(here).parts[0] for p in here.rglob("again/weights.txt")}
+        assert logged == {"mlartifacts"}, logged  # into this folder, not the one it was made in
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        tracking.connect()
+        assert "mlflow.db:" not in capfd.readouterr().err  # once

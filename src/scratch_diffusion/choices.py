@@ -45,3 +45,18 @@ SAMPLERS = ("toy", *DIFFUSERS_SAMPLERS)
 SAMPLE_PRECISIONS = ("auto", "fp32", "bf16")
 # stages/sample.py: the networks that the sample and compare stages load.
 SAMPLE_MODELS = ("basic", "unet2d")
+
+
+# The one set that comes from the data: a dataset's classes (a folder's class folders, MNIST's "0".."9"), asked for
+# by name or by index in sample.classes, generate --class and a served model's `class` field.
+def class_index(classes: tuple[str, ...], value) -> int:
+    """The index of a class asked for by its name or its index; ValueError says what is allowed."""
+    if isinstance(value, str) and value in classes:
+        return classes.index(value)
+    if isinstance(value, str) and value.strip().isdecimal():
+        value = int(value)
+    integral = isinstance(value, int | float) and not isinstance(value, bool) and float(value).is_integer()
+    if integral and 0 <= value < len(classes):
+        return int(value)
+    shown = ", ".join(map(repr, classes[:20])) + (f", ... ({len(classes)} in all)" if len(classes) > 20 else "")
+    raise ValueError(f"a class name ({shown}) or an index 0..{len(classes) - 1}")

@@ -2,10 +2,28 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+from typing import NoReturn
 
 from scratch_diffusion.stage import StageError, run_stage
+
+
+class ScriptParser(argparse.ArgumentParser):
+    """argparse with the convention of every command and script here: a bad argument is one line on stderr,
+    `error: <what>` (naming the option, the value and what is allowed), and exit code 2; `--help` shows the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message}\n")
+
+
+def refuse(message: str) -> NoReturn:
+    """The same for what a script finds before any work that argparse cannot see (a missing input file): one line,
+    exit code 2."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
 
 GENERATE_EXAMPLES = """examples:
   scratch-diffusion generate --model models/unet2d --sampler dpmsolver++ --steps 20 --n 64
@@ -73,7 +91,6 @@ def _writable_folder(out: str) -> str | None:
 
 
 def generate_main(argv: list[str] | None = None) -> None:
-    import argparse
     from pathlib import Path
 
     import numpy as np
@@ -85,7 +102,7 @@ def generate_main(argv: list[str] | None = None) -> None:
     from scratch_diffusion.images import class_columns, grid, save_png
     from scratch_diffusion.serving import RequestError, check_request, draw
 
-    parser = argparse.ArgumentParser(
+    parser = ScriptParser(
         prog="scratch-diffusion generate",
         description="Sample images from a trained model and write a PNG grid and an npz (uint8, N x H x W for a "
         "one-channel model, N x H x W x 3 for an RGB one; the image shape is the model's). The same request "

@@ -196,13 +196,38 @@ def plot_guidance(rows: list[dict], path: Path, chance: float) -> None:
     _save(fig, path)
 
 
-def plot_class_grid(images: np.ndarray, labels: np.ndarray, path: Path, title: str, per_class: int = 10) -> None:
-    """One row per class asked for: the first `per_class` samples asked to be that class."""
-    rows = [images[labels == c][:per_class] for c in sorted(set(labels.tolist()))]
-    fig, ax = plt.subplots(figsize=(6, 6))
+def best_conditional(rows: list[dict]) -> dict | None:
+    """The class-conditional set drawn most often as the classes asked for (lower FID breaks a tie); None: none."""
+    conditional = [r for r in rows if r.get("cond_accuracy") is not None]
+    return max(conditional, key=lambda r: (r["cond_accuracy"], -r["fid"])) if conditional else None
+
+
+def class_table(row: dict) -> tuple[list[str], list[list[str]]]:
+    """Per class asked for in one class-conditional set, by the dataset's name for it: the share the judge reads as
+    that class and its FID against as many real images of it (blank where the test split has too few)."""
+    fids = row.get("fid_per_class") or {}
+    body = [
+        [name, f"{share:.3f}", f"{fids[name]:.2f}" if name in fids else ""]
+        for name, share in row["cond_accuracy_per_class"].items()
+    ]
+    return ["class", "read as asked", "FID of the class"], body
+
+
+def plot_class_grid(
+    images: np.ndarray, labels: np.ndarray, path: Path, names: list[str], title: str, per_class: int = 10
+) -> None:
+    """One row per class asked for, captioned with its name: the first `per_class` samples asked to be that class."""
+    asked = sorted(set(labels.tolist()))
+    rows = [images[labels == c][:per_class] for c in asked]
+    side = images.shape[1] + 2  # grid() pads each image by 2 pixels
+    fig, ax = plt.subplots(figsize=(7.5, 0.3 + 0.6 * len(asked)))
     ax.imshow(grid(np.concatenate(rows), nrow=per_class), cmap="gray", vmin=0, vmax=255)
     ax.set_title(title, fontsize=9)
-    ax.axis("off")
+    ax.set_xticks([])
+    ax.set_yticks([side * (i + 0.5) for i in range(len(asked))], names, fontsize=8)
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
     _save(fig, path)
 
 
@@ -278,6 +303,11 @@ def write_report(
         markdown_table(rows, weak=bool(weak)),
         "",
     ]
+    best = best_conditional(rows)
+    if best is not None:
+        head, body = class_table(best)
+        md += [f"## Per class: {best['setting']}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        md += ["| " + " | ".join(cell.replace("|", "\\|") for cell in line) + " |" for line in body] + [""]
     for title, fig in figures.items():
         md += [f"## {title}", "", f"![{title}]({fig.relative_to(out_md.parent).as_posix()})", ""]
     write_text(out_md, "\n".join(md))
@@ -301,6 +331,9 @@ def write_report(
         f"<p>{bold(summary_text(summary))}</p><p>{bold(intro)}</p>",
         table,
     ]
+    if best is not None:
+        page.append(f"<h2>Per class: {html.escape(best['setting'])}</h2><table><tr>{cells(head, 'th')}</tr>")
+        page += [f"<tr>{cells(line, 'td')}</tr>" for line in body] + ["</table>"]
     for title, fig in figures.items():
         page.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='{inline(fig)}'>")
     page.append("</body></html>")

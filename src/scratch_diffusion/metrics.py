@@ -70,7 +70,8 @@ METRICS = (
     Metric("guidance_scale", "guidance", "{:g}", conditional=True),
     Metric("cond_accuracy", "cond. accuracy [95%]", "{:.3f}", lower_is_better=False, bounds=SHARE, conditional=True),
     Metric("fid_class_mean", "FID per class (mean)", "{:.2f}", lower_is_better=True, conditional=True),
-    Metric("fid_per_class", conditional=True, to_json=False),  # {class: FID}; the table shows their mean
+    Metric("fid_per_class", conditional=True, to_json=False),  # {class name: FID}; the table shows their mean
+    Metric("cond_accuracy_per_class", conditional=True, to_json=False),  # {class name: share read as asked}
     Metric("fid", "FID [95%]", "{:.2f}", lower_is_better=True, bounds=NON_NEGATIVE),
     Metric("verdict", "FID vs best"),  # best / within noise / worse: set by compare_report.summarise
     Metric("kid", "KID [95%]", "{:.3g}", lower_is_better=True),
@@ -407,22 +408,25 @@ class Judge:
         point |= {key: None for key in NEEDS_CLASSIFIER if key not in point}
         return {**point, "replicates": replicates}
 
-    def conditional(self, images, labels, real_images, real_labels) -> dict:
+    def conditional(self, images, labels, real_images, real_labels, classes: tuple[str, ...] = ()) -> dict:
         """For a class-conditional sample set: the share that the classifier reads as the class asked for (with its
-        bootstrap interval), and FID per class against as many real images of that class (a small-n FID: compare
-        classes and scales, not papers)."""
+        bootstrap interval), and per class asked for, keyed by its name in `classes` (its index where not given),
+        that share and the FID against as many real images of that class (a small-n FID: compare classes and
+        scales, not papers)."""
         classifier = self._classifier("conditional accuracy")
         labels, real_labels = np.asarray(labels), np.asarray(real_labels)
         hit = (predict_proba(classifier, images).argmax(-1).numpy() == labels).astype(float)
         g = np.random.default_rng(0)
         reps = np.array([hit[g.integers(0, len(hit), len(hit))].mean() for _ in range(self.resamples)])
-        per_class = {}
+        per_class, accuracy = {}, {}
         for c in sorted(set(labels.tolist())):
+            name = classes[c] if classes else str(c)
+            accuracy[name] = float(hit[labels == c].mean())
             mine = images[labels == c]
             real = real_images[real_labels == c][: len(mine)]
             if len(mine) >= 2 and len(real) == len(mine):
                 ours, theirs = features(classifier, mine), features(classifier, real)
-                per_class[str(c)] = frechet_distance(*gaussian(ours), *gaussian(theirs))
+                per_class[name] = frechet_distance(*gaussian(ours), *gaussian(theirs))
         lo, hi = _interval(reps, float(hit.mean()), "cond_accuracy")
         return {
             "cond_accuracy": float(hit.mean()),
@@ -430,6 +434,7 @@ class Judge:
             "cond_accuracy_hi": hi,
             "fid_per_class": per_class,
             "fid_class_mean": float(np.mean(list(per_class.values()))) if per_class else None,
+            "cond_accuracy_per_class": accuracy,
             "replicates": {"cond_accuracy": reps},
         }
 

@@ -10,9 +10,11 @@ channels and classes: the weights alone do not say which image side the network 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
+import shlex
 import shutil
 import tempfile
 from pathlib import Path
@@ -104,8 +106,12 @@ def model_card(meta: dict, unet_config, prediction_type: str) -> str:
         f"`{meta['corruption']}`, timestep conditioning `{meta['conditioning']}`"
     )
     num_classes = (unet_config.num_class_embeds or 1) - 1
+    # The dataset's names for the classes, in label order (older folders record none: their indices stand in).
+    names = list(meta.get("classes") or []) if len(meta.get("classes") or []) == num_classes else []
+    names = names or [str(c) for c in range(num_classes)]
     if conditional:
-        recipe += f", class-conditional (classes 0-{num_classes - 1}; label {num_classes} = no label)"
+        listed = ", ".join(f"{i} `{name}`" for i, name in enumerate(names))
+        recipe += f", class-conditional (labels {listed}; label {num_classes} = no label)"
     if toy:
         ours = "scratch-diffusion generate --model models/unet2d --sampler toy --steps 40"
         plain = (
@@ -116,7 +122,7 @@ def model_card(meta: dict, unet_config, prediction_type: str) -> str:
     elif conditional:
         ours = (
             "scratch-diffusion generate --model models/unet2d --sampler ddim --steps 50 "
-            f"--digit {min(7, num_classes - 1)} --guidance-scale 2"
+            f"--class {shlex.quote(names[min(7, num_classes - 1)])} --guidance-scale 2"
         )
         plain = (
             "`DDPMPipeline` passes no class labels, so diffusers refuses to run this class-conditional UNet; sample "
@@ -153,14 +159,84 @@ def load_unet2d(path: str | Path, device="cpu") -> tuple[UNet2DDenoiser, DDPMSch
     scheduler_dir = path / "scheduler" if (path / "scheduler").is_dir() else path
     try:
         meta = json.loads((path / META).read_text())
-        unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True).to(device).eval()
+        with _diffusers_quiet():  # what disagrees is said in one line below, not as diffusers' list of names
+            unet, loading = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True, output_loading_info=True)
         scheduler = DDPMScheduler.from_pretrained(scheduler_dir)
-        return UNet2DDenoiser(unet, meta["conditioning"]).eval(), scheduler, meta
+        check_unet2d_folder(unet_dir, scheduler_dir, unet.config, loading, scheduler.config, meta)
+        return UNet2DDenoiser(unet.to(device).eval(), meta["conditioning"]).eval(), scheduler, meta
+    except ModelFileError:
+        raise
     except Exception as e:  # whatever the damage, one message that names the folder
         raise ModelFileError(
             f"{path}: not a readable trained model ({type(e).__name__}: {str(e)[:200]}); "
             "rerun `dvc repro train-unet2d` (or `dvc checkout models/unet2d`)"
         ) from None
+
+
+@contextlib.contextmanager
+def _diffusers_quiet():
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
+def check_unet2d_folder(unet_dir: Path, scheduler_dir: Path, unet_config, loading: dict, scheduler_config, meta):
+    """The files of a UNet2DModel folder agree with each other and with its scratch_diffusion.json, or ModelFileError
+    names what disagrees and in which file: diffusers itself only warns of weights its config has no place for (a
+    config that lost its attention blocks) and draws with any prediction_type the scheduler config says."""
+    from scratch_diffusion.choices import PREDICTION_TYPES
+
+    weights = unet_dir / "diffusion_pytorch_model.safetensors"
+    said = {
+        "unexpected_keys": "{} of its weights have no place in the network the config builds",
+        "missing_keys": "the network the config builds needs {} weights it lacks",
+        "mismatched_keys": "{} of its weights differ in shape from the network the config builds",
+    }
+    for key, why in said.items():
+        found = sorted(k if isinstance(k, str) else k[0] for k in loading.get(key) or [])
+        if found:
+            raise ModelFileError(
+                f"{unet_dir / 'config.json'}: disagrees with {weights.name}: {why.format(len(found))} (first: "
+                f"{found[0]}); the folder's files are not one model's"
+            )
+    shape = {
+        "channels": ("in_channels", unet_config.in_channels),
+        "resolution": ("sample_size", unet_config.sample_size),
+    }
+    for key, (field, value) in shape.items():
+        if key in meta and value != meta[key]:
+            raise ModelFileError(
+                f"{unet_dir / 'config.json'}: {field} {value!r}, but {META} says {key} {meta[key]!r}; the folder's "
+                "files are not one model's"
+            )
+    if "class_conditional" in meta:
+        # One embedding per class and one for "no label"; none for an unconditional model. Folders that do not
+        # record their classes are checked for having embeddings at all.
+        embeds, recorded = unet_config.num_class_embeds, meta.get("classes") or []
+        if not meta["class_conditional"]:
+            agrees, allowed = embeds is None, "null"
+        else:
+            agrees = embeds == len(recorded) + 1 if recorded else embeds is not None
+            allowed = str(len(recorded) + 1) if recorded else "a number"
+        if not agrees:
+            conditional = "class_conditional true" if meta["class_conditional"] else "class_conditional false"
+            raise ModelFileError(
+                f"{unet_dir / 'config.json'}: num_class_embeds {embeds!r}, but {META} says {conditional} with "
+                f"{len(recorded)} classes (allowed: {allowed}); the folder's files are not one model's"
+            )
+    if "objective" in meta:
+        wanted = PREDICTION_TYPES[meta["objective"]]
+        if scheduler_config.prediction_type != wanted:
+            raise ModelFileError(
+                f"{scheduler_dir / 'scheduler_config.json'}: prediction_type {scheduler_config.prediction_type!r}, "
+                f"but {META} says objective {meta['objective']!r} (prediction_type {wanted!r}); sampled with it, "
+                "every image would be wrong"
+            )
 
 
 def save_basic(path: str | Path, net, meta: dict) -> None:

@@ -60,20 +60,25 @@ class DataFacts:
 
     channels: int
     resolution: int
-    num_classes: int  # 0: unlabelled
+    classes: tuple[str, ...]  # empty: unlabelled
     n_train: int
     n_test: int
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
 
     @classmethod
     def named(cls, params: Params) -> DataFacts:
         channels, resolution, n_train, n_test, num_classes = NAMED_DATASETS[params.data.dataset]
-        return cls(channels, resolution, num_classes, n_train, n_test)
+        # Their classes are named by their labels' values, as data.describe names them once downloaded.
+        return cls(channels, resolution, tuple(map(str, range(num_classes))), n_train, n_test)
 
     @classmethod
     def listed(cls, params: Params, listing: dict) -> DataFacts:
         """From a folder's listing (data.source_listing) and the conversion params."""
         d = params.data
-        return cls(d.channels, d.resolution, len(listing["classes"]), listing["n_train"], listing["n_test"])
+        return cls(d.channels, d.resolution, tuple(listing["classes"]), listing["n_train"], listing["n_test"])
 
 
 def check_data(params: Params, data: DataFacts) -> list[str]:
@@ -81,14 +86,6 @@ def check_data(params: Params, data: DataFacts) -> list[str]:
     d, s = params.data, params.sample
     if d.n_train > data.n_train:
         raise ParamsError(f"data.n_train: got {d.n_train}; the training split holds {data.n_train} images")
-    n = d.n_train or data.n_train
-    for name in ("basic", "unet2d", "classifier"):
-        batch = getattr(params, name).batch_size
-        size = data.n_train if name == "classifier" else n  # the classifier trains on the whole split
-        if batch > size:
-            raise ParamsError(
-                f"{name}.batch_size: got {batch}, more than the {size} training images; allowed: 1..{size}"
-            )
     if 2 * s.size(data.n_test) > data.n_test:
         raise ParamsError(
             f"sample.n: got {s.n}; compare needs 2 * n real test images and the test split holds {data.n_test} "
@@ -114,12 +111,7 @@ def check_data(params: Params, data: DataFacts) -> list[str]:
             "one subfolder per class); for an Inception FID and KID, set classifier.inception_weights to the FID "
             "Inception-v3 weights file (torch-fidelity's weights-inception-2015-12-05-6726825d.pth)"
         ]
-    bad = [c for c in s.digits if c >= data.num_classes]
-    if bad and params.unet2d.class_conditional:
-        raise ParamsError(
-            f"sample.digits: got {bad[0]}; the dataset has {data.num_classes} classes "
-            f"(allowed: 0..{data.num_classes - 1})"
-        )
+    s.class_indices(data.classes)  # ParamsError names a class the data lacks
     if params.classifier.inception_weights:
         return [
             f"classifier.inception_weights is set but unused: {d.source if d.dataset == 'folder' else d.dataset} is "

@@ -11,6 +11,7 @@ retrace a stage and drift from it.
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
 from contextlib import ExitStack, nullcontext
@@ -381,6 +382,8 @@ def _save(network: str, params: Params, trained: Trained, out: Path, *, run, sam
     report_training(trained.result, sample_grid(net), f"metrics/{name}.json", f"plots/{name}")
     registered = getattr(params, network).registered_model
     info = None
+    # A class-conditional model's classes, by the dataset's names in label order (what a request's `class` names).
+    classes = {"classes": json.dumps(list(trained.info.classes), ensure_ascii=False)} if conditional else {}
     if params.mlflow.log_model:
         info = serving.log_model(
             out,
@@ -388,7 +391,7 @@ def _save(network: str, params: Params, trained: Trained, out: Path, *, run, sam
             defaults=params.serve.defaults(corruption, conditional),
             max_images=params.serve.max_images,
             registered_name=registered,
-            tags=flatten(used),
+            tags=flatten(used) | classes,
         )
         where = f"registry version models:/{registered}/{info.registered_model_version}" if registered else ""
         print(f"{stage}: logged the model as {where or info.model_uri} (mlflow models serve -m ...)", flush=True)

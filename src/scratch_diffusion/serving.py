@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from scratch_diffusion import tracking
-from scratch_diffusion.choices import DIFFUSERS_SAMPLERS
+from scratch_diffusion.choices import DIFFUSERS_SAMPLERS, class_index
 from scratch_diffusion.config import MAX_SEED, max_sample_steps
 from scratch_diffusion.model_files import META, load_basic, load_unet2d
 from scratch_diffusion.samplers import expected_evaluations, generate, sampling_choice
@@ -140,19 +140,10 @@ def _number(field: str, value: Any, lo: float, hi: float, why: str = "") -> floa
 
 def _class_index(model: Drawable, value: Any) -> int:
     """A class by its name (as the dataset names it) or its index."""
-    names = model.classes
-    allowed = f"a class name ({', '.join(map(repr, names))}) or an index 0..{len(names) - 1}"
-    if isinstance(value, str):
-        if value in names:
-            return names.index(value)
-        if value.strip().isdecimal() and int(value) < len(names):
-            return int(value)
-        raise RequestError("class", value, allowed)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not float(value).is_integer():
-        raise RequestError("class", value, allowed)
-    if not 0 <= value < len(names):
-        raise RequestError("class", value, f"0..{len(names) - 1} (the model's {len(names)} classes)")
-    return int(value)
+    try:
+        return class_index(model.classes, value)
+    except ValueError as e:
+        raise RequestError("class", value, str(e)) from None
 
 
 def check_request(

@@ -13,10 +13,11 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import time
 import urllib.parse
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +180,55 @@ def ensure_store(uri: str) -> None:
         if fcntl is not None:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         mlflow.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        if db.resolve() == (repo_root() / "mlflow.db").resolve():
+            _follow_the_project(db)
+
+
+# Where MLflow keeps absolute artifact paths (file:// URIs, or a bare path for the Default experiment): they name the
+# project folder the store was made in.
+_PATH_COLUMNS = {
+    "experiments": ("artifact_location",),
+    "runs": ("artifact_uri",),
+    "logged_models": ("artifact_location",),
+    "model_versions": ("source", "storage_location"),
+}
+
+
+def _follow_the_project(db: Path) -> None:
+    """The project's own store (<repo>/mlflow.db) after the project folder was moved or copied: MLflow recorded every
+    artifact path under the folder the store was made in, so each registry version would be `No such artifact`
+    and the next run would log into the old folder. Rewrite the paths under that folder to this one, once, and say
+    so in one line. Paths outside the old project folder (a team server's, an artifact store's) are left as they
+    are. Runs under ensure_store's lock, before this process uses the store."""
+    import sqlite3
+
+    root = db.resolve().parent
+    with closing(sqlite3.connect(db)) as con:
+        rows = con.execute("SELECT artifact_location FROM experiments").fetchall()
+        # The folders our experiments were made in: <project>/mlartifacts (tracking._set_experiment).
+        old = {
+            Path(urllib.parse.unquote(urllib.parse.urlsplit(loc).path)).parent
+            for (loc,) in rows
+            if loc and loc.startswith("file://") and loc.rstrip("/").endswith("/mlartifacts")
+        } - {root}
+        if not old:
+            return
+        changed = 0
+        with con:
+            for before in sorted(old):
+                pairs = [(before.as_uri() + "/", root.as_uri() + "/"), (f"{before}/", f"{root}/")]
+                for table, columns in _PATH_COLUMNS.items():
+                    present = {r[1] for r in con.execute(f"PRAGMA table_info({table})")}
+                    for column in (c for c in columns if c in present):
+                        prefix = f"UPDATE {table} SET {column} = ? || substr({column}, ?)"
+                        for was, now in pairs:
+                            changed += con.execute(
+                                f"{prefix} WHERE substr({column}, 1, ?) = ?", (now, len(was) + 1, len(was), was)
+                            ).rowcount
+    moved = ", ".join(map(str, sorted(old)))
+    print(
+        f"mlflow.db: the project was made in {moved}; {changed} artifact paths now point into {root}", file=sys.stderr
+    )
 
 
 def git_commit(cwd: str | Path | None = None) -> str:
@@ -346,6 +396,15 @@ MIN_JUDGE_ACCURACY = 0.9
 # What makes one FID scale: the classifier's weights, the reference images (the first n test images of the dataset,
 # named by its digest) and n. FIDs measured with different values of any of them never compare.
 JUDGE_TAGS = {"classifier": "compare.judge.classifier", "reference": "compare.judge.reference", "n": "compare.n"}
+# The scale a champion is decided at, stated once (promote_champion prints it where it applies): a quick try (the
+# README's smoke run: a small n, a judge trained briefly) must never take the alias from, or leave it before, the
+# default pipeline's judge.
+SCALE_RULE = (
+    "the champion is decided at the default pipeline's scale or above (n and the judge's training images at least "
+    "what params.yaml's defaults give on this data): a smaller measurement records its FID but never holds the "
+    "alias, and a judge at that scale supersedes a smaller one"
+)
+JUDGE_IMAGES_TAG = "compare.judge.images"
 
 
 @contextmanager
@@ -388,6 +447,8 @@ def promote_champion(
     fid_interval: tuple[float, float],
     judge: Mapping[str, str | int],
     judge_accuracy: float,
+    judge_images: int | None = None,
+    default_scale: tuple[int, int] | None = None,
 ) -> str:
     """Record compare's measurement of a registered version and move the alias `champion` to the best version
     measured by the same judge; returns one line saying what happened.
@@ -400,6 +461,9 @@ def promote_champion(
       adopt the new judge, or re-measure the champion with it: the version then carries the new judge);
     - a champion with no judge recorded (promoted before judges were) is replaced by the best version of this judge;
     - otherwise the alias goes to the lowest FID among the versions measured by this judge (a tie keeps it).
+    With `judge_images` (the images the classifier trained on) and `default_scale` (the n and judge images that
+    params.yaml's defaults give on this data), SCALE_RULE applies first: a measurement below that scale is recorded
+    and promotes nothing, and one at that scale supersedes a champion recorded below it.
     """
     import mlflow
 
@@ -421,8 +485,12 @@ def promote_champion(
         "compare.judge.accuracy": f"{judge_accuracy:.4f}",
         "compare.fid_lo": f"{fid_interval[0]:.4f}",
         "compare.fid_hi": f"{fid_interval[1]:.4f}",
+        **({JUDGE_IMAGES_TAG: str(judge_images)} if judge_images is not None else {}),
         "compare.fid": f"{fid:.4f}",  # last: a version counts as measured once it has it (see _judge_of)
     }
+    measured = f"FID {fid:.2f} [{fid_interval[0]:.2f}, {fid_interval[1]:.2f}]"
+    scaled = judge_images is not None and default_scale is not None
+    smaller = scaled and _below(int(judge["n"]), judge_images, default_scale)
     client = mlflow.MlflowClient()
     with _champion_lock():
         # Tags are set one by one; without a lock (remote store) another compare may read between them. Dropping the
@@ -431,8 +499,20 @@ def promote_champion(
             with_retry(client.delete_model_version_tag, name, version, "compare.fid")
         for tag, value in tags.items():
             with_retry(client.set_model_version_tag, name, version, tag, value)
+        if smaller:
+            return (
+                f"version {version} measured {measured} by a smaller judge than the default pipeline's ({smaller}): "
+                f"recorded, not promoted; {SCALE_RULE}"
+            )
         first = _champion(client, name)
-        if first is not None and _judge_of(first) not in (None, key):
+        held_smaller = (
+            scaled
+            and first is not None
+            and _below(
+                int(first.tags.get(JUDGE_TAGS["n"], 0)), int(first.tags.get(JUDGE_IMAGES_TAG, 0) or 0), default_scale
+            )
+        )
+        if first is not None and _judge_of(first) not in (None, key) and not held_smaller:
             differs = ", ".join(
                 f"{k} {held} vs {here}"
                 for k, held, here in zip(JUDGE_TAGS, _judge_of(first), key, strict=True)
@@ -461,7 +541,6 @@ def promote_champion(
                 if "unique" not in str(e).lower():
                     raise
             held = _champion(client, name)
-    measured = f"FID {fid:.2f} [{fid_interval[0]:.2f}, {fid_interval[1]:.2f}]"
     first_id = None if first is None else str(first.version)
     if str(best.version) == first_id:
         if first_id == version:
@@ -473,7 +552,19 @@ def promote_champion(
     replaced = "" if first is None else f", replacing version {first_id} ({_fid_line(first)})"
     if first is not None and _judge_of(first) is None:
         replaced += ", whose judge was never recorded"
+    elif held_smaller and _judge_of(first) != key:
+        replaced += f", measured by a smaller judge ({held_smaller}); {SCALE_RULE}"
     return f"models:/{name}@{CHAMPION} is now version {best.version} ({_fid_line(best)}){replaced}"
+
+
+def _below(n: int, judge_images: int, default_scale: tuple[int, int]) -> str:
+    """What falls short of the default scale (n, judge images), said as 'n 100 < 1000, ...'; '' when nothing does.
+    A version recorded without its judge's images (0) is judged by its n alone."""
+    default_n, default_images = default_scale
+    short = [f"n {n} < {default_n}"] if n < default_n else []
+    if 0 < judge_images < default_images:
+        short.append(f"judge trained on {judge_images:,} images < {default_images:,}")
+    return ", ".join(short)
 
 
 def _champion(client, name: str):

@@ -469,12 +469,16 @@ def budget_line(
     128); about 45 min at the timed 64 img/s' (the estimate where `choice` timed the step on this machine)."""
     steps = planned_steps(section, epochs, n_images, processes)
     batch = f"batch {section.batch_size}" + (f" x {processes} processes" if processes > 1 else "")
+    # A split smaller than a batch is one batch of all of it per epoch (the DataLoader's last batch is kept).
+    per_step = min(section.batch_size * processes, n_images)
+    if per_step < section.batch_size * processes:
+        batch = f"batch {per_step}, all of them ({section.batch_size} asked)"
     line = f"{stage}: {steps} steps ({epochs} epochs of {n_images} images at {batch})"
     if steps < planned_steps(replace(section, max_steps=0), epochs, n_images, processes):
         line = f"{stage}: {steps} steps (max_steps; {epochs} epochs of {n_images} images at {batch} would be more)"
     rate = dict(choice.timings).get(choice.label, math.nan) * processes if choice is not None else math.nan
     if math.isfinite(rate) and rate > 0:
-        return f"{line}; about {duration(steps * section.batch_size * processes / rate)} at the timed {rate:.0f} img/s"
+        return f"{line}; about {duration(steps * per_step / rate)} at the timed {rate:.0f} img/s"
     return f"{line}; the time left is said after the first steps"
 
 
