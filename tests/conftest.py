@@ -41,6 +41,7 @@ PROJECT_FILES = [
     ".gitignore",
     "ablations",
     "README.md",
+    "pyproject.toml",  # stages/_src.py checks the interpreter against its dependencies
 ]
 
 

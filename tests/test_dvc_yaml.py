@@ -62,8 +62,23 @@ def test_a_stage_runs_the_code_of_the_checkout_it_runs_in(tmp_path):
     copy = tmp_path / "copy"
     for name in ("stages", "src"):
         shutil.copytree(REPO / name, copy / name)
+    shutil.copy(REPO / "pyproject.toml", copy)
     marker = copy / "src/scratch_diffusion/__init__.py"
     marker.write_text(marker.read_text() + "\nprint('the copy\\'s library', flush=True)\n")
     probe = "import _src, scratch_diffusion; print(scratch_diffusion.__file__)"
     out = run([sys.executable, "-c", probe], cwd=copy / "stages").stdout
     assert out.splitlines() == ["the copy's library", str(marker)], out
+
+
+def test_a_stage_run_by_an_interpreter_without_the_dependencies_is_one_line(tmp_path):
+    """`python` on PATH is not the project's (no environment activated): one line naming what is missing and the way
+    to run it, exit 2, before any import of the library; not a ModuleNotFoundError traceback."""
+    import shutil
+
+    for name in ("stages", "src", "pyproject.toml"):
+        (shutil.copytree if (REPO / name).is_dir() else shutil.copy)(REPO / name, tmp_path / name)
+    bare = run([sys.executable, "-S", "stages/check_params.py"], cwd=tmp_path, check=False)  # -S: no site-packages
+    assert bare.returncode == 2 and bare.stdout == "", bare
+    (line,) = bare.stderr.splitlines()
+    assert line.startswith(f"error: {sys.executable} lacks torch, torchvision, diffusers,") and "bash .ci/setup" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pyproject.toml", "src", "stages"]  # nothing written

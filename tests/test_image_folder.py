@@ -198,7 +198,9 @@ def test_an_unlabelled_folder_says_what_compare_cannot_measure_and_refuses_class
 def test_check_params_names_a_truncated_image_and_writes_nothing(tmp_path):
     """The stage as DVC runs it: a truncated image stops it with one line, and neither of its outputs is written."""
     project = tmp_path / "project"
-    shutil.copytree(REPO / "stages", project / "stages")
+    for name in ("stages", "src"):
+        shutil.copytree(REPO / name, project / name)
+    shutil.copy(REPO / "pyproject.toml", project)
     src = make_shapes(tmp_path / "shapes", per_class=8)
     bad = src / "square" / "0003.png"
     bad.write_bytes(bad.read_bytes()[:60])
