@@ -76,7 +76,8 @@ def main() -> None:
     classifier_file = Path("models/classifier/model.safetensors")
     classifier_accuracy = _read_json("metrics/classifier.json", "train-classifier")["test_accuracy"]  # None: none
     test_images, test_labels = load_split("data/dataset", train=False)
-    classes = describe("data/dataset").classes  # the names the report gives the classes asked for
+    data = describe("data/dataset")  # its class names (the report's) and split sizes (the champion's scale)
+    classes = data.classes
     if 2 * n > len(test_images):
         raise StageError(
             f"sample.n: got {n}; compare needs 2 * n real test images (allowed: n <= {len(test_images) // 2})"
@@ -246,7 +247,6 @@ def main() -> None:
             }
             interval = (headline["best_fid_lo_unet2d"], headline["best_fid_hi_unet2d"])
             # tracking.SCALE_RULE: this measurement's scale against the one params.yaml's defaults give on this data.
-            data = describe("data/dataset")
             judge_images = images_seen(params.classifier, data.name, data.n_train)
             default_scale = (SampleParams().size(data.n_test), images_seen(ClassifierParams(), data.name, data.n_train))
             said = tracking.promote_champion(
