@@ -107,8 +107,8 @@ def model_card(meta: dict, unet_config, prediction_type: str) -> str:
     )
     num_classes = (unet_config.num_class_embeds or 1) - 1
     # The dataset's names for the classes, in label order (older folders record none: their indices stand in).
-    names = list(meta.get("classes") or []) if len(meta.get("classes") or []) == num_classes else []
-    names = names or [str(c) for c in range(num_classes)]
+    recorded = list(meta.get("classes") or [])
+    names = recorded if len(recorded) == num_classes else [str(c) for c in range(num_classes)]
     if conditional:
         listed = ", ".join(f"{i} `{name}`" for i, name in enumerate(names))
         recipe += f", class-conditional (labels {listed}; label {num_classes} = no label)"
