@@ -127,7 +127,14 @@ def _set_experiment(name: str, local_store: bool) -> None:
         except Exception as e:  # another process created it first
             if "already exists" not in str(e).lower() and "unique" not in str(e).lower():
                 raise
-    mlflow.set_experiment(name)
+    experiment = mlflow.set_experiment(name)
+    # The MLflow UI opens an experiment of unknown kind in its GenAI view (traces, judges), not the runs table: say
+    # what kind this one is.
+    if experiment.tags.get(_EXPERIMENT_KIND) != "custom_model_development":
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, _EXPERIMENT_KIND, "custom_model_development")
+
+
+_EXPERIMENT_KIND = "mlflow.experimentKind"
 
 
 def _refuse_deleted(experiment, local_store: bool) -> None:
