@@ -125,8 +125,11 @@ def test_runs_loss_and_sample_grid_are_shown(server, tmp_path):
             page = browser.new_page(viewport={"width": 1400, "height": 1100})
             expect.set_options(timeout=45_000)  # a 2-core machine renders the UI slowly
 
-            # The experiment's runs table lists one run per stage.
+            # MLflow 3's UI opens in its GenAI view (traces, judges); as the README says, a person picks "Model
+            # training" in the sidebar once (the UI keeps the choice)...
             page.goto(f"{url}/#/experiments/{experiment.experiment_id}/runs")
+            page.get_by_role("button", name="Model training").click()
+            # ... and the experiment's runs table lists one run per stage.
             for name in ("train-basic", "train-unet2d"):
                 expect(page.get_by_text(name, exact=True).first).to_be_visible()
             page.screenshot(path=tmp_path / "experiment.png", full_page=True)

@@ -128,8 +128,7 @@ def _set_experiment(name: str, local_store: bool) -> None:
             if "already exists" not in str(e).lower() and "unique" not in str(e).lower():
                 raise
     experiment = mlflow.set_experiment(name)
-    # The MLflow UI opens an experiment of unknown kind in its GenAI view (traces, judges), not the runs table: say
-    # what kind this one is.
+    # The MLflow UI lays an experiment out by its kind (model training or a GenAI app): say which this one is.
     if experiment.tags.get(_EXPERIMENT_KIND) != "custom_model_development":
         mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, _EXPERIMENT_KIND, "custom_model_development")
 
