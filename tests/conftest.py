@@ -45,6 +45,18 @@ PROJECT_FILES = [
 ]
 
 
+def pytest_collection_modifyitems(config, items):
+    """xdist hands whole modules to its workers (`--dist loadfile`, in this order: pyproject.toml turns off its own
+    reordering by test count, which queued the few-test end-to-end modules last, each then running alone while the
+    other worker idled). Modules with end-to-end (slow) tests go first, the most first; the many quick modules fill
+    the gaps at the end."""
+    from collections import Counter
+
+    size = Counter(item.module.__name__ for item in items)
+    slow = Counter(item.module.__name__ for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: (-slow[item.module.__name__], -size[item.module.__name__]))  # stable within a module
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _tuning_cache(tmp_path_factory):
     """The timings that `auto` caches go to a folder of this session's, never the user's cache (stages started

@@ -126,22 +126,25 @@ def test_runs_loss_and_sample_grid_are_shown(server, tmp_path):
             expect.set_options(timeout=45_000)  # a 2-core machine renders the UI slowly
 
             # MLflow 3's UI opens in its GenAI view (traces, judges); as the README says, a person picks "Model
-            # training" in the sidebar once (the UI keeps the choice)...
-            page.goto(f"{url}/#/experiments/{experiment.experiment_id}/runs")
-            page.get_by_role("button", name="Model training").click()
-            # ... and the experiment's runs table lists one run per stage.
+            # training" in the sidebar, which sets `workflowType` (asked for in the URL here: no GenAI page loads
+            # first) and the experiment's runs table lists one run per stage.
+            ml = "workflowType=machine_learning"
+            page.goto(f"{url}/#/experiments/{experiment.experiment_id}/runs?{ml}")
+            expect(page.get_by_role("button", name="Model training")).to_be_visible()
             for name in ("train-basic", "train-unet2d"):
                 expect(page.get_by_text(name, exact=True).first).to_be_visible()
             page.screenshot(path=tmp_path / "experiment.png", full_page=True)
 
             # One training run: its params, its loss metric...
-            page.goto(f"{url}/#/experiments/{experiment.experiment_id}/runs/{basic}")
+            page.goto(f"{url}/#/experiments/{experiment.experiment_id}/runs/{basic}?{ml}")
             expect(page.get_by_text("basic.batch_size", exact=True)).to_be_visible()
             expect(page.get_by_role("link", name="loss", exact=True)).to_be_visible()
             # ... and, under Model metrics, the loss chart and the sample grid, fetched from the run's artifacts.
             page.get_by_role("tab", name="Model metrics").click()
             expect(page.get_by_text("loss", exact=True).first).to_be_visible()
-            grid = page.locator("img[src*='get-artifact'][src*='samples']").first
+            # The card's image (rc-image, as MLflow's image cards draw it; its source is fetched from the run's
+            # artifacts into a blob URL).
+            grid = page.locator("img.rc-image-img").first
             expect(grid).to_be_visible()
             page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=grid.element_handle())
             # The card shows a thumbnail (at most 225 pixels, under the run's params); a click opens the image view
@@ -153,10 +156,11 @@ def test_runs_loss_and_sample_grid_are_shown(server, tmp_path):
             page.mouse.down()
             page.mouse.move(thumb["x"] + 300, thumb["y"] + 7, steps=10)
             page.mouse.up()
-            grid = page.locator(f"img[src*='get-artifact'][src*='samples%2Bstep%2B{last}%2B']").first
+            expect(page.get_by_role("spinbutton").last).to_have_value(last)  # the card's step box
+            grid = page.locator("img.rc-image-img").first
             expect(grid).to_be_visible()
             grid.click()
-            full = page.locator("img[src*='get-artifact'][src*='samples'][src*='.png']").last
+            full = page.locator("img.rc-image-preview-img").last
             expect(full).to_be_visible()
             page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=full.element_handle())
             page.wait_for_timeout(500)  # the opening animation

@@ -330,15 +330,18 @@ def test_a_refused_value_stops_the_experiment_before_any_stage(baseline):
     assert (project / "metrics/compare.json").read_text() == before
 
 
-def test_queued_experiments_land_in_one_store_and_the_ablation_table(baseline, client):
-    """Queued experiments, two at a time in temporary copies: both complete, both land in the same MLflow store.
-    One is queued by the ablation script (its `full` budget adds nothing to the axis's -S values); its table is
-    built from `dvc exp show --json`: the params diff against the baseline and the numbers compare logged."""
+def test_queued_experiments_land_in_one_store_and_the_ablation_table(baseline):
+    """Queued experiments, two at a time in temporary copies, on a fresh store (no mlflow.db yet: both workers
+    create its schema at once): both complete, both land in the same MLflow store, the workspace's. One is queued by
+    the ablation script (its `full` budget adds nothing to the axis's -S values); its table is built from `dvc exp
+    show --json`: the params diff against the baseline and the numbers compare logged."""
     project = baseline
+    (project / "mlflow.db").rename(project / "mlflow-before.db")
     run([sys.executable, "ablations/run.py", "queue", "--budget", "full", "--only", "objective v"], cwd=project)
     run(["dvc", "exp", "run", "--queue", "-S", "unet2d.lr=2e-3", "-n", "q-lr"], cwd=project)
     status = run_queue(project, jobs=2)
-    assert status.count("Success") == 2, status
+    assert status.count("Success") == 2 and "Failed" not in status, status
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     shown = run(["dvc", "exp", "show", "--json"], cwd=project).stdout
     assert '"abl-full-objective-v"' in shown and '"q-lr"' in shown
     for name in ("abl-full-objective-v", "q-lr"):

@@ -1,15 +1,14 @@
-"""The store under concurrency: racing processes and the real DVC queue (the alias `champion`: test_champion.py)."""
+"""The store under concurrency: racing processes (the real DVC queue on a fresh store: test_pipeline.py; the alias
+`champion`: test_champion.py)."""
 
 import os
 import subprocess
 import sys
 
 import mlflow
-import pytest
 from mlflow import MlflowClient
 
 from scratch_diffusion import tracking
-from tests.conftest import run, run_queue
 
 RACER = """
 from scratch_diffusion import tracking
@@ -31,37 +30,6 @@ def test_processes_racing_on_a_fresh_store_all_log(tmp_path):
     assert [p.returncode for p in procs] == [0, 0, 0, 0], errors
     client = mlflow.MlflowClient(tracking_uri=uri)
     assert len(client.search_runs([client.get_experiment_by_name("race").experiment_id])) == 4
-
-
-@pytest.mark.slow
-def test_two_queued_experiments_on_a_fresh_store_both_log(project):
-    """The real queue: `dvc queue start -j 2` with no mlflow.db yet, both workers opening the store at once."""
-    run(["dvc", "repro", "download"], cwd=project)  # in the cache, where the queued copies check it out from
-    run(["git", "add", "-A"], cwd=project)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "data"], cwd=project)
-    assert not (project / "mlflow.db").exists()
-    for seed in (1, 2):
-        run(
-            [
-                "dvc",
-                "exp",
-                "run",
-                "--queue",
-                "-n",
-                f"race-{seed}",
-                "-S",
-                f"classifier.seed={seed}",
-                "-S",
-                "classifier.max_steps=2",
-                "train-classifier",
-            ],
-            cwd=project,
-        )
-    status = run_queue(project, jobs=2)
-    assert status.count("Success") == 2 and "Failed" not in status, status
-    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("scratch-diffusion").experiment_id])
-    assert sorted(r.data.params["classifier.seed"] for r in runs) == ["1", "2"]
 
 
 def test_a_moved_or_copied_project_keeps_its_registry_and_logs_where_it_is(tmp_path, monkeypatch, capfd):

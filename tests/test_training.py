@@ -1,14 +1,16 @@
 """The Accelerate loop itself: EMA and lr schedule survive a crash and a resume, in process, bit for bit."""
 
 import json
+import math
 
 import pytest
 import torch
 from accelerate import Accelerator
 
+from scratch_diffusion.choices import MIXED_PRECISIONS
 from scratch_diffusion.models import BasicUNet
 from scratch_diffusion.objectives import toy_loss
-from scratch_diffusion.training import EMA, Checkpointing, find_checkpoints, fit
+from scratch_diffusion.training import EMA, Checkpointing, find_checkpoints, fit, make_accelerator
 
 
 class Crash(Exception):
@@ -152,3 +154,27 @@ def test_the_budget_line_says_the_steps_and_the_time_the_timed_rate_gives():
     )
     timed = Choice("fp32", False, detect("cpu"), chosen_by="timed", timings=(("fp32 NCHW", 5.0), ("fp32 NHWC", 3.0)))
     assert budget_line("train-basic", section, 3, 95, choice=timed).endswith("; about 60 s at the timed 5 img/s")
+
+
+def test_one_process_trains_two_networks_in_different_precisions():
+    """A benchmark or an ablation trains the BasicUNet and the UNet2DModel in one process, each in the precision
+    `auto` chose for it; Accelerate keeps one precision per process and would refuse the second."""
+    images = torch.rand(8, 1, 28, 28)
+    for precision in ("fp32", "bf16", "fp32"):
+        torch.manual_seed(0)
+        accelerator = make_accelerator(precision)
+        assert accelerator.mixed_precision == MIXED_PRECISIONS[precision]
+        losses = []
+        fit(
+            BasicUNet(1, 1, 28),
+            toy_loss,
+            images,
+            accelerator,
+            batch_size=4,
+            lr=1e-3,
+            epochs=1,
+            seed=0,
+            log_every=1,
+            on_log=lambda step, loss, seen=losses: seen.append(loss),
+        )
+        assert len(losses) == 2 and all(math.isfinite(x) for x in losses), (precision, losses)

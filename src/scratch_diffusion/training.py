@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, set_seed
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
@@ -47,6 +48,12 @@ def make_accelerator(mixed_precision: str = "fp32") -> Accelerator:
     explicitly, so it wins over what `accelerate config` saved (Accelerate reads that only when given None)."""
     if mixed_precision not in MIXED_PRECISIONS:
         raise ValueError(f"unknown mixed precision {mixed_precision!r}; allowed: {', '.join(MIXED_PRECISIONS)}")
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != MIXED_PRECISIONS[mixed_precision]:
+        # One process that trains a second network in another precision (a benchmark, an ablation, the tests):
+        # Accelerate keeps one precision per process and refuses a change, so its state is started afresh, keeping
+        # the processes' group (PartialState), as transformers' Trainer does for each of its runs.
+        AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision=MIXED_PRECISIONS[mixed_precision], cpu=_joined_on_cpu())
 
 
