@@ -28,6 +28,9 @@ KEY = {"device": "cpu: test", "threads": 2, "processes": 1, "torch": "2.x", "net
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv(tuning.CACHE_ENV, str(tmp_path))
     monkeypatch.setattr(tuning, "CANDIDATE_S", 0.05)  # keep the timed part of each candidate short
+    # Sleeping steps on a machine the other test worker keeps busy: what distrusts a timing is tested on its own.
+    monkeypatch.setattr(tuning, "cpu_use", lambda: None)
+    monkeypatch.setattr(tuning, "NOISY_SPREAD", math.inf)
     return tmp_path / "tuning.json"
 
 
@@ -213,3 +216,78 @@ def test_sampling_times_each_model_evaluation(cache):
     assert sampling_choice(model, "auto", "auto", "cpu", batch=4, evaluations=10**6).chosen_by == "cached"
     explicit = sampling_choice(model, "fp32", True, "cpu", batch=4, evaluations=10**6)
     assert (explicit.precision, explicit.channels_last, explicit.chosen_by) == ("fp32", True, "params")
+
+
+def test_the_candidates_are_timed_in_turns(cache):
+    """One step of each per round, the first of a round rotating: a burst of other work slows every candidate."""
+    steps = []
+
+    def setup(candidate):
+        def step():
+            steps.append(candidate)
+            time.sleep(0.001)
+            return 1.0
+
+        return step
+
+    resolve(run_step=setup)
+    timed = steps[2 * tuning.WARMUP :]
+    assert len(timed) >= 2 * tuning.MIN_TIMED
+    rounds = [timed[i : i + 2] for i in range(0, len(timed) - 1, 2)]
+    assert all(set(r) == {FP32_NCHW, FP32_NHWC} for r in rounds), rounds
+    assert rounds[0] != rounds[1]  # the order rotates
+
+
+def test_a_busy_or_noisy_timing_is_used_but_not_kept(cache, monkeypatch):
+    seconds = {FP32_NCHW: 0.004, FP32_NHWC: 0.001}
+    monkeypatch.setattr(tuning, "cpu_use", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setattr(tuning, "busy_share", lambda before, after: 0.45)
+    busy = resolve(run_step=sleeper(seconds))
+    assert (busy.channels_last, busy.chosen_by) == (True, "timed") and not cache.exists()
+    assert "chose fp32 NHWC (not cached: other processes used 45% of its CPUs while timing; timed again next run)" in (
+        busy.line("train-unet2d", 2)
+    )
+    assert resolve(run_step=sleeper(seconds)).chosen_by == "timed"  # timed again
+
+    monkeypatch.setattr(tuning, "busy_share", lambda before, after: 0.0)
+    monkeypatch.setattr(tuning, "NOISY_SPREAD", 1.3)
+    jumpy = iter([0.001, 0.02] * 100)
+
+    def noisy(candidate):
+        def step():
+            time.sleep(next(jumpy))
+            return 1.0
+
+        return step
+
+    choice = resolve(run_step=noisy)
+    assert "not cached: its step times spread" in choice.why and not cache.exists()
+    steady = resolve(run_step=sleeper(dict.fromkeys(seconds, 0.002)))  # sleeps the OS keeps alike enough
+    assert steady.chosen_by == "timed" and (not steady.why) == cache.exists()
+
+
+def test_busy_share_is_what_other_processes_took_of_this_processs_cpus(monkeypatch):
+    monkeypatch.setattr(tuning.os, "sched_getaffinity", lambda pid: {0, 1})
+    # 2 s of wall clock on 2 CPUs: 3 CPU seconds busy, 1 of them ours: the others took half of the 4 available.
+    assert tuning.busy_share((10.0, 5.0, 100.0), (12.0, 6.0, 103.0)) == pytest.approx(0.5)
+    assert tuning.busy_share((10.0, 5.0, 100.0), (12.0, 9.0, 103.0)) == 0.0  # ours alone (counted apart)
+    assert tuning.busy_share(None, (12.0, 6.0, 103.0)) == 0.0  # unknown (not Linux): not busy
+    reading = tuning.cpu_use()
+    assert reading is None or (len(reading) == 3 and all(x >= 0 for x in reading))
+
+
+def test_a_run_far_slower_than_its_timing_drops_the_cache_entry(cache, capsys):
+    seconds = {FP32_NCHW: 0.004, FP32_NHWC: 0.001}
+    choice = resolve(run_step=sleeper(seconds))
+    rate = dict(choice.timings)["fp32 NHWC"]
+    tuning.check_rate("train-unet2d", choice, 0.8 * rate)  # overheads a run has and a timing does not
+    assert resolve(run_step=sleeper(seconds)).chosen_by == "cached" and not capsys.readouterr().out
+    cached = resolve(run_step=sleeper(seconds))
+    tuning.check_rate("train-unet2d", cached, 0.3 * rate)
+    out = capsys.readouterr().out
+    assert f"below 50% of the {rate:.0f} img/s that fp32 NHWC was timed at" in out and "timing again next run" in out
+    assert resolve(run_step=sleeper(seconds)).chosen_by == "timed"
+    # A choice the rule or the params made has no timing to fall short of.
+    explicit = resolve("fp32", True, run_step=sleeper(seconds))
+    tuning.check_rate("train-unet2d", explicit, 1.0)
+    assert not capsys.readouterr().out

@@ -14,7 +14,7 @@ import math
 import os
 import platform
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from scratch_diffusion.choices import TRAIN_PRECISIONS
@@ -93,7 +93,8 @@ class Choice:
     warning: str = ""
     chosen_by: str = "rule"  # params (as given) | rule (choose) | timed | cached (tuning.resolve)
     timings: tuple[tuple[str, float], ...] = ()  # (candidate, images/s; nan: its loss was not finite)
-    why: str = ""  # why the rule decided (e.g. a run too short to pay for timing)
+    why: str = ""  # why the rule decided (e.g. a run too short to pay for timing), or why a timing was not cached
+    cache_parts: dict | None = field(default=None, compare=False)  # tuning's cache key of a kept timing
 
     @property
     def label(self) -> str:
@@ -114,7 +115,7 @@ class Choice:
         chose fp32 NHWC (cached) (CPU: AVX512, no native bf16), 2 threads'."""
         where = f"({self.hardware.describe()}), {threads} threads"
         if self.chosen_by in ("timed", "cached"):
-            cached = " (cached)" if self.chosen_by == "cached" else ""
+            cached = " (cached)" if self.chosen_by == "cached" else f" ({self.why})" if self.why else ""
             return f"{stage}: timed {self.timed()}; chose {self.label}{cached} {where}"
         if self.chosen_by == "params":
             return f"{stage}: {self.label} as params say {where}"

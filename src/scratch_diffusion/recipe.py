@@ -354,6 +354,8 @@ def train_model(
             **extra,
             **hooks,
         )
+        if main and accelerator.num_processes == 1:  # the timing was of one process's steps
+            tuning.check_rate(desc, choice, result.images_per_s)
         final = averaged(model).eval()
         trained = Trained(
             final, scheduler, info, result, accelerator.device, choice, active.info.run_id if active else None

@@ -10,6 +10,12 @@ machine times once; explicit values are never timed, and a run too short to pay 
 
 The choice changes speed only: candidates run on a copy of the model under a forked RNG, so a seed gives the
 weights of the chosen precision and layout, the same as naming them in params.yaml would.
+
+A timing is kept only when it can be trusted. The candidates are timed in turns (one step each, round after round),
+so a burst of other work slows them all alike; a timing during which other processes took a share of this
+process's CPUs (Linux: /proc/stat) or whose steps spread widely is used for this run only, said so in the stage's
+first line, and timed again next run. A run that trains far slower than its cached choice was timed at says so and
+drops the entry: the machine changed, or the timing was wrong.
 """
 
 from __future__ import annotations
@@ -37,6 +43,9 @@ MAX_TIMED = 20
 CANDIDATE_S = 3.0  # timed seconds per candidate at most (after its warm-up)
 SHARE = 0.05  # of a run's steps at most spent timing: a run shorter than that takes the rule
 MAX_ENTRIES = 200  # cache entries kept (the newest)
+BUSY_SHARE = 0.25  # of this process's CPUs taken by other processes while timing, above which a timing is not kept
+NOISY_SPREAD = 1.3  # a candidate's upper / lower quartile step time above which a timing is not kept
+SLOW_RUN = 0.5  # a run slower than this share of its cached choice's timed rate drops the entry
 
 
 @dataclass(frozen=True)
@@ -90,6 +99,22 @@ def worth_timing(n_candidates: int, steps: int) -> bool:
     return n_candidates > 1 and n_candidates * (WARMUP + MIN_TIMED) <= SHARE * steps
 
 
+@dataclass(frozen=True)
+class Measurement:
+    timings: list[Timing]
+    busy: float = 0.0  # share of this process's CPUs that other processes used while timing (0 where unknown)
+    spread: float = 1.0  # the widest upper / lower quartile ratio of a candidate's step times
+
+    @property
+    def distrust(self) -> str:
+        """Why this timing must not be kept ('' when it may)."""
+        if self.busy > BUSY_SHARE:
+            return f"other processes used {self.busy:.0%} of its CPUs while timing"
+        if self.spread > NOISY_SPREAD:
+            return f"its step times spread {self.spread:.1f}x while timing"
+        return ""
+
+
 def measure(
     run_step: Callable[[Candidate], Callable[[], float]],
     options: Sequence[Candidate],
@@ -97,36 +122,93 @@ def measure(
     batch: int,
     steps: int,
     device: torch.device | str = "cpu",
-) -> list[Timing]:
+) -> Measurement:
     """Time each candidate: `run_step(candidate)` sets it up and returns a function that runs one step and
-    returns its loss (any number; it must stay finite). After WARMUP steps, steps are timed until CANDIDATE_S
-    seconds (or SHARE of the run's estimated time, split over the candidates) are spent, at least MIN_TIMED and at
-    most MAX_TIMED; the median step gives images/s. The global RNG is left as it was."""
+    returns its loss (any number; it must stay finite). After WARMUP steps each, the candidates take turns, one
+    timed step each per round (the first of a round rotates), until each has CANDIDATE_S seconds (or SHARE of the
+    run's estimated time, split over the candidates), at least MIN_TIMED and at most MAX_TIMED steps; the median
+    step gives images/s. Also measured: how busy the CPUs were and how widely the steps spread. The global RNG is
+    left as it was."""
     device = torch.device(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    timings: list[Timing] = []
-    budget = CANDIDATE_S
+    times: dict[Candidate, list[float]] = {c: [] for c in options}
+    finite = dict.fromkeys(options, True)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        live: dict[Candidate, Callable[[], float]] = {}
         for candidate in options:
-            times: list[float] = []
             try:
                 step = run_step(candidate)
-                finite = all(math.isfinite(step()) for _ in range(WARMUP))
-                while finite and len(times) < MAX_TIMED and (len(times) < MIN_TIMED or sum(times) < budget):
-                    start = time.perf_counter()
-                    loss = step()
-                    sync()
-                    times.append(time.perf_counter() - start)
-                    finite = math.isfinite(loss)
-                    if not timings and len(times) == MIN_TIMED:  # the first candidate's pace bounds everyone's
-                        budget = min(CANDIDATE_S, SHARE * statistics.median(times) * steps / len(options))
-                del step
+                if all(math.isfinite(step()) for _ in range(WARMUP)):
+                    live[candidate] = step
+                else:
+                    finite[candidate] = False
             except RuntimeError as e:  # an op this precision or layout lacks here, or memory it does not fit in
                 print(f"warning: {candidate.label} does not run here ({e}); not a candidate", file=sys.stderr)
-                finite = False
-            rate = batch / statistics.median(times) if finite else math.nan
-            timings.append(Timing(candidate, rate, finite))
-    return timings
+                finite[candidate] = False
+        sync()
+        before = cpu_use()
+        budget, rounds = CANDIDATE_S, 0
+        while live and rounds < MAX_TIMED:
+            order = list(live)
+            for candidate in order[rounds % len(order) :] + order[: rounds % len(order)]:
+                try:
+                    start = time.perf_counter()
+                    loss = live[candidate]()
+                    sync()
+                except RuntimeError as e:
+                    print(f"warning: {candidate.label} does not run here ({e}); not a candidate", file=sys.stderr)
+                    loss = math.nan
+                times[candidate].append(time.perf_counter() - start)
+                if not math.isfinite(loss):
+                    finite[candidate] = False
+                    del live[candidate]
+            rounds += 1
+            if rounds == MIN_TIMED and live:  # the first candidate's pace bounds everyone's
+                first = statistics.median(times[next(iter(live))])
+                budget = min(CANDIDATE_S, SHARE * first * steps / len(options))
+            if rounds >= MIN_TIMED and all(sum(times[c]) >= budget for c in live):
+                break
+        busy = busy_share(before, cpu_use()) if device.type == "cpu" else 0.0
+        del live
+    timings = [
+        Timing(c, batch / statistics.median(times[c]) if finite[c] and times[c] else math.nan, finite[c])
+        for c in options
+    ]
+    spreads = [_spread(times[c]) for c in options if finite[c] and len(times[c]) >= 2]
+    return Measurement(timings, busy, max(spreads, default=1.0))
+
+
+def _spread(times: Sequence[float]) -> float:
+    """Upper over lower quartile of step times: near 1 when every step took as long."""
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return q3 / q1 if q1 > 0 else math.inf
+
+
+def cpu_use() -> tuple[float, float, float] | None:
+    """(wall clock, CPU seconds this process used, CPU seconds the CPUs it may run on were busy), or None where the
+    kernel does not say (no /proc/stat: not Linux)."""
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+        mine = {f"cpu{i}" for i in os.sched_getaffinity(0)}
+    except (OSError, AttributeError):
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    busy = 0
+    for line in lines:
+        name, *fields = line.split()
+        if name in mine:  # user nice system idle iowait irq softirq steal ...: busy is all but idle and iowait
+            values = [int(v) for v in fields[:8]]
+            busy += sum(values) - values[3] - values[4]
+    own = os.times()
+    return time.monotonic(), own.user + own.system, busy / tick
+
+
+def busy_share(before, after) -> float:
+    """The share of this process's CPUs that other processes kept busy between two `cpu_use()` readings."""
+    if before is None or after is None or after[0] <= before[0]:
+        return 0.0
+    wall, own, busy = (b - a for a, b in zip(before, after, strict=True))
+    return max(0.0, busy - own) / (wall * len(os.sched_getaffinity(0)))
 
 
 # --- the cache ----------------------------------------------------------------------------------------------------
@@ -177,6 +259,22 @@ def cached(parts: dict) -> dict | None:
         return None
     entry = entries.get(_key(parts)) if isinstance(entries, dict) else None
     return entry if isinstance(entry, dict) and entry.get("parts") == json.loads(json.dumps(parts)) else None
+
+
+def forget(parts: dict) -> None:
+    """Drop the entry for `parts`: the next run times again."""
+
+    def drop(entries: dict | None) -> dict:
+        entries = dict(entries) if isinstance(entries, dict) else {}
+        entries.pop(_key(parts), None)
+        return entries
+
+    path = cache_file()
+    if path.exists():
+        try:
+            update_json(path, drop)
+        except (OSError, ValueError) as e:
+            print(f"warning: {path}: cannot drop a timing ({e})", file=sys.stderr)
 
 
 def store(parts: dict, timings: Sequence[Timing], chosen: Candidate) -> None:
@@ -245,9 +343,37 @@ def resolve(
             entry = None
         else:
             how = "cached"
+    why = ""
     if entry is None:
-        timings = measure(run_step, options, batch=batch, steps=steps, device=device)
-        chosen, how = pick(timings).candidate, "timed"
-        store(parts, timings, chosen)
+        measured = measure(run_step, options, batch=batch, steps=steps, device=device)
+        timings = measured.timings
+        chosen, how, why = pick(timings).candidate, "timed", measured.distrust
+        if why:
+            why = f"not cached: {why}; timed again next run"
+        else:
+            store(parts, timings, chosen)
     found = tuple((t.candidate.label, t.images_per_s) for t in timings)
-    return replace(rule, precision=chosen.precision, channels_last=chosen.channels_last, chosen_by=how, timings=found)
+    return replace(
+        rule,
+        precision=chosen.precision,
+        channels_last=chosen.channels_last,
+        chosen_by=how,
+        timings=found,
+        why=why,
+        cache_parts=parts if how == "cached" or not why else None,
+    )
+
+
+def check_rate(stage: str, choice: Choice, images_per_s: float) -> None:
+    """After a run: when it went far slower than its timed or cached choice was timed at (SLOW_RUN), say so and drop
+    the cache entry, so that the next run times again rather than trusting a timing the machine no longer gives."""
+    if choice.cache_parts is None or not math.isfinite(images_per_s):
+        return
+    timed = dict(choice.timings).get(choice.label, math.nan)
+    if math.isfinite(timed) and images_per_s < SLOW_RUN * timed:
+        print(
+            f"{stage}: trained at {images_per_s:.0f} img/s, below {SLOW_RUN:.0%} of the {timed:.0f} img/s that "
+            f"{choice.label} was timed at: the machine was busy or has changed; timing again next run",
+            flush=True,
+        )
+        forget(choice.cache_parts)
