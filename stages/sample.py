@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from scratch_diffusion import files, serving, tracking
+from scratch_diffusion import files, serving, tracking, tuning
 from scratch_diffusion.choices import DIFFUSERS_SAMPLERS
 from scratch_diffusion.config import flatten, load_params
 from scratch_diffusion.data import describe
@@ -103,6 +103,7 @@ def main() -> None:
         )
         choices[name].announce(f"sample {name}")
     timings = {}
+    evaluated = {name: [0, 0.0] for name in choices}  # images through each model, seconds: its evaluation rate
     bar = tqdm(total=sp.n * len(jobs), desc="sample", unit="img", disable=not sys.stderr.isatty())
     resolved = {k: v for name, c in choices.items() for k, v in c.as_params(f"resolved.{name}.").items()}
     logged_params = {**flatten(used), **resolved}
@@ -129,6 +130,8 @@ def main() -> None:
                 **guidance,
             )
             seconds = time.perf_counter() - start
+            evaluated[s.model][0] += sp.n * nfe * (2 if scale not in (None, 0, 1) else 1)  # guided: a double batch
+            evaluated[s.model][1] += seconds
             arrays = {"images": images} if scale is None else {"images": images, "labels": labels.numpy()}
             with files.atomic_path(f"samples/{name}.npz") as tmp, open(tmp, "wb") as f:
                 np.savez_compressed(f, **arrays)
@@ -149,6 +152,9 @@ def main() -> None:
             tracking.log_metrics({f"{key}.seconds_per_image": seconds / sp.n, f"{key}.nfe": nfe})
             print(f"sample: {name}: {sp.n} images, NFE {nfe}, {seconds / sp.n * 1000:.1f} ms/image", flush=True)
         bar.close()
+        for name, (images_through, seconds) in evaluated.items():
+            if seconds > 0:
+                tuning.check_rate(f"sample {name}", choices[name], images_through / seconds)
         files.write_json("metrics/sample.json", timings)
         files.write_json("samples/run.json", {"run_id": active.info.run_id})
     return {k: v for name, c in choices.items() for k, v in c.as_params(f"{name}.").items()}

@@ -365,14 +365,15 @@ def resolve(
 
 
 def check_rate(stage: str, choice: Choice, images_per_s: float) -> None:
-    """After a run: when it went far slower than its timed or cached choice was timed at (SLOW_RUN), say so and drop
-    the cache entry, so that the next run times again rather than trusting a timing the machine no longer gives."""
+    """After a run (a training, or a model's evaluations while sampling): when it went far slower than its choice
+    was timed at (below SLOW_RUN of that rate), say so and drop the cache entry, so that the next run times again
+    rather than trusting a timing the machine no longer gives."""
     if choice.cache_parts is None or not math.isfinite(images_per_s):
         return
     timed = dict(choice.timings).get(choice.label, math.nan)
     if math.isfinite(timed) and images_per_s < SLOW_RUN * timed:
         print(
-            f"{stage}: trained at {images_per_s:.0f} img/s, below {SLOW_RUN:.0%} of the {timed:.0f} img/s that "
+            f"{stage}: ran at {images_per_s:.0f} img/s, below {SLOW_RUN:.0%} of the {timed:.0f} img/s that "
             f"{choice.label} was timed at: the machine was busy or has changed; timing again next run",
             flush=True,
         )
