@@ -41,9 +41,9 @@ from scratch_diffusion.corruption import corrupt, ddpm_scheduler
 from scratch_diffusion.data import describe
 from scratch_diffusion.files import write_text
 from scratch_diffusion.hardware import cpu_class, cpu_flags, cpu_name, detect
-from scratch_diffusion.models import BasicUNet
+from scratch_diffusion.models import BasicUNet, build_network
 from scratch_diffusion.models.unet2d import build_unet
-from scratch_diffusion.recipe import build_network, stage_choice, train_model
+from scratch_diffusion.recipe import stage_choice, train_model
 from scratch_diffusion.samplers import evaluation_step, expected_evaluations, generate, sampling_choice
 from scratch_diffusion.stage import peak_rss_kib
 from scratch_diffusion.tuning import candidates
@@ -193,7 +193,7 @@ def bench_sampling(repeats: int) -> None:
     bs = sp.batch_size
     print(f"\n## Sampling: one batch of {bs} per default setting (untrained weights)")
     torch.manual_seed(0)
-    nets = {name: build_network(name, params, CHANNELS, SIDE, 0).eval() for name in ("basic", "unet2d")}
+    nets = {name: build_network(name, u, CHANNELS, SIDE).eval() for name in ("basic", "unet2d")}
     nets = {name: net.to(DEVICE) for name, net in nets.items()}
     # Each model's precision and layout as the sample stage chooses them for its default settings (timed or cached).
     batches = -(-sp.n // bs)

@@ -3,7 +3,7 @@
 config.py checks each value's type and range and the rules between values; some faults show only when the real
 objects are built: a block list diffusers refuses, a noise schedule whose alpha_bar reaches 0 (every sample black),
 a sampler that draws NaN. `check_runnable` builds what the stages will build, with the functions they call:
-- the networks: the BasicUNet and the UNet2DModel (recipe.build_network, which the training stages build them with)
+- the networks: the BasicUNet and the UNet2DModel (models.build_network, which recipe trains them from)
   and the classifier, on the meta device (shapes without memory), each called once;
 - the noise schedule (corruption.ddpm_scheduler), whose betas must lie in (0, 1) and whose alpha_bar must fall
   strictly within (0, 1) (Ho et al. 2020: x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps);
@@ -30,6 +30,7 @@ from scratch_diffusion.choices import DIFFUSERS_SAMPLERS, PREDICTION_TYPES
 from scratch_diffusion.config import DEFAULT_SAMPLE_N, NAMED_DATASETS, Params, ParamsError, SampleSetting
 from scratch_diffusion.corruption import ddpm_scheduler
 from scratch_diffusion.metrics import InceptionFeatures
+from scratch_diffusion.models import build_network
 from scratch_diffusion.models.classifier import Classifier
 from scratch_diffusion.samplers import fixed_noise, sample_images
 
@@ -141,21 +142,19 @@ def check_inception_weights(weights: str) -> None:
 
 
 def check_networks(params: Params, data: DataFacts) -> None:
-    """Build and call each network the training stages build (recipe.build_network, and the judge); a diffusers
+    """Build and call each network the training stages build (models.build_network, and the judge); a diffusers
     refusal becomes one ParamsError."""
-    from scratch_diffusion.recipe import build_network
-
     u = params.unet2d
-    shape = (data.channels, data.resolution, data.num_classes)
+    shape = (u, data.channels, data.resolution, data.num_classes)
     with torch.device("meta"):  # parameters and activations without storage: the lesson's UNet in milliseconds
         x, t = torch.zeros(2, data.channels, data.resolution, data.resolution), torch.zeros(2)  # (B, C, H, W), (B,)
-        build_network("basic", params, *shape)(x, t)
+        build_network("basic", *shape)(x, t)
         if data.num_classes:  # an unlabelled dataset has no classifier; shapes only: mean 0, std 1 stand in
             c = data.channels
             Classifier(c, data.resolution, data.num_classes, [0.0] * c, [1.0] * c)(x)
         try:
             y = torch.zeros(2, dtype=torch.long) if u.class_conditional else None
-            out = build_network("unet2d", params, *shape)(x, t, y)
+            out = build_network("unet2d", *shape)(x, t, y)
             if out.shape != x.shape:
                 raise ValueError(f"it maps {tuple(x.shape)} to {tuple(out.shape)}")
         except Exception as e:  # diffusers' own errors: ValueError, RuntimeError (shapes), ...

@@ -30,7 +30,7 @@ from scratch_diffusion.hardware import Choice, choose, detect
 from scratch_diffusion.identity import digest, run_identity
 from scratch_diffusion.images import grid, to_uint8
 from scratch_diffusion.model_files import save_basic, save_unet2d
-from scratch_diffusion.models import BasicUNet, Guided, UNet2DDenoiser, build_unet
+from scratch_diffusion.models import Guided, build_network
 from scratch_diffusion.objectives import ddpm_loss, toy_loss
 from scratch_diffusion.samplers import fixed_noise, sample_images
 from scratch_diffusion.training import (
@@ -130,38 +130,19 @@ def dataset_meta(info: DatasetInfo) -> dict:
     }
 
 
-def build_network(network: str, params: Params, channels: int, resolution: int, num_classes: int):
-    """The network a training stage trains, as params describe it, shaped for images of `channels` x `resolution` x
-    `resolution` (and `num_classes` classes, for a class-conditional UNet2DModel). preflight builds the same to
-    check params before any stage runs."""
-    if network == "basic":
-        return BasicUNet(channels, channels, sample_size=resolution)
-    p = params.unet2d
-    unet = build_unet(
-        p.block_out_channels,
-        p.layers_per_block,
-        p.down_block_types,
-        p.up_block_types,
-        sample_size=resolution,
-        channels=channels,
-        num_classes=num_classes if p.class_conditional else 0,
-    )
-    return UNet2DDenoiser(unet, p.conditioning)
-
-
 def _parts(network: str, params: Params, info: DatasetInfo):
     """(model, noise schedule or None, loss_fn, EMA or None, fit's per-network arguments), the initial weights drawn
     from `params.seed`, the networks shaped for the dataset `info` describes."""
     torch.manual_seed(params.seed)
     if network == "basic":
-        return build_network(network, params, info.channels, info.resolution, 0), None, toy_loss, None, {}
+        return build_network(network, params.unet2d, info.channels, info.resolution), None, toy_loss, None, {}
     p = params.unet2d
     if p.class_conditional and not info.num_classes:  # preflight says so before any stage; this is for the others
         raise ParamsError(
             f"unet2d.class_conditional: got true, but the {info.name} dataset is unlabelled (no class folders); "
             "allowed: false, or a folder with one subfolder per class"
         )
-    model = build_network(network, params, info.channels, info.resolution, info.num_classes)
+    model = build_network(network, p, info.channels, info.resolution, info.num_classes)
     scheduler = noise_schedule(params)
     if p.corruption == "toy":
         loss_fn = toy_loss
