@@ -28,6 +28,7 @@ from scratch_diffusion.choices import DIFFUSERS_SAMPLERS
 from scratch_diffusion.config import flatten, load_params
 from scratch_diffusion.data import describe
 from scratch_diffusion.images import class_columns, grid, save_png
+from scratch_diffusion.models import Guided
 from scratch_diffusion.samplers import expected_evaluations, generate, sampling_choice
 from scratch_diffusion.stage import StageError, duration, run_stage
 
@@ -130,7 +131,7 @@ def main() -> None:
                 **guidance,
             )
             seconds = time.perf_counter() - start
-            evaluated[s.model][0] += sp.n * nfe * (2 if scale not in (None, 0, 1) else 1)  # guided: a double batch
+            evaluated[s.model][0] += sp.n * nfe * (1 if scale is None else Guided.batch_multiple(scale))
             evaluated[s.model][1] += seconds
             arrays = {"images": images} if scale is None else {"images": images, "labels": labels.numpy()}
             with files.atomic_path(f"samples/{name}.npz") as tmp, open(tmp, "wb") as f:

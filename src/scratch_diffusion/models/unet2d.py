@@ -141,13 +141,16 @@ class Guided(nn.Module):
     def image_shape(self) -> tuple[int, int, int]:
         return self.model.image_shape
 
+    @staticmethod
+    def batch_multiple(scale: float) -> int:
+        """Images the network evaluates per image asked for at `scale`: 1 at scale 0 or 1, else 2."""
+        return 1 if scale in (0, 1) else 2
+
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         labels = self.labels.to(x_t.device)
-        if self.scale == 1:
-            return self.model(x_t, t, labels)
         null = torch.full_like(labels, self.model.null_label)
-        if self.scale == 0:
-            return self.model(x_t, t, null)
+        if self.batch_multiple(self.scale) == 1:
+            return self.model(x_t, t, labels if self.scale == 1 else null)
         both = self.model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, null]))
         cond, uncond = both.float().chunk(2)
         return uncond + self.scale * (cond - uncond)
