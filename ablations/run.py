@@ -50,6 +50,9 @@ AXES: list[tuple[str, dict]] = [
     ("default", {}),
     ("objective eps", {"objective": "eps"}),
     ("objective v", {"objective": "v"}),
+    # Flow matching (rectified flow): the straight path and its velocity, its times uniform or logit-normal (SD3).
+    ("objective flow", {"objective": "flow"}),
+    ("flow, logit-normal t", {"objective": "flow", "unet2d.time_sampling": "logit_normal"}),
     ("min-SNR weighting", {"unet2d.loss_weighting": "min_snr"}),
     ("EMA off", {"unet2d.ema_decay": 0}),
     ("EMA 0.999", {"unet2d.ema_decay": 0.999}),

@@ -258,6 +258,7 @@ def main() -> None:
                 classifier_accuracy,
                 judge_images=judge_images,
                 default_scale=default_scale,
+                run_id=registered.get("run_id"),
             )
             print(f"compare: {said}", flush=True)
         tracking.log_metrics({k: v for k, v in headline.items() if k not in ("n", "fid_features") and v is not None})

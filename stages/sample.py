@@ -24,12 +24,11 @@ import torch
 from tqdm.auto import tqdm
 
 from scratch_diffusion import files, serving, tracking, tuning
-from scratch_diffusion.choices import DIFFUSERS_SAMPLERS
 from scratch_diffusion.config import flatten, load_params
 from scratch_diffusion.data import describe
 from scratch_diffusion.images import class_columns, grid, save_png
 from scratch_diffusion.models import Guided
-from scratch_diffusion.samplers import expected_evaluations, generate, sampling_choice
+from scratch_diffusion.samplers import expected_evaluations, generate, samplers_for, sampling_choice, trained_with
 from scratch_diffusion.stage import StageError, duration, run_stage
 
 DATA_ROOT = "data/dataset"
@@ -71,11 +70,11 @@ def main() -> None:
                 f"{MODEL_DIRS[s.model]}: trained on the classes {list(mine)!r}, but {DATA_ROOT} has "
                 f"{list(data.classes)!r}; retrain it (`dvc repro -f train-{s.model}`)"
             )
-        if (s.sampler == "toy") != (corruption == "toy"):
-            allowed = "'toy'" if corruption == "toy" else ", ".join(DIFFUSERS_SAMPLERS)
+        config = models[s.model][2]
+        if s.sampler not in (allowed := samplers_for(corruption, config)):
             raise StageError(
-                f"sample.settings[{i}].sampler: got {s.sampler!r} for {s.model}, which was trained with the "
-                f"{corruption} corruption; allowed: {allowed}"
+                f"sample.settings[{i}].sampler: got {s.sampler!r} for {s.model}, which was trained with "
+                f"{trained_with(corruption, config)}; allowed: {', '.join(allowed)}"
             )
 
     used = {"sample": params.section("sample"), "mlflow.experiment": params.mlflow.experiment}
@@ -125,6 +124,7 @@ def main() -> None:
                 trained_config=config,
                 device=device,
                 eta=s.eta,
+                shift=s.shift,
                 precision=choices[s.model].precision,
                 channels_last=choices[s.model].channels_last,
                 progress=progress_reporter(name, sp.n, start, bar),

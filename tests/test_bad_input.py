@@ -15,7 +15,7 @@ CASES = [
     ("train_basic", {"basic": {"mixed_precision": False}}, "basic.mixed_precision: got False, expected a string"),
     ("train_basic", {"basic": {"checkpoint_every": -5}}, "basic.checkpoint_every: got -5, allowed range [0, inf]"),
     ("train_basic", {"bsaic": {"lr": 0.1}}, "bsaic: unknown key"),
-    ("train_unet2d", {"objective": "epsilon"}, "objective: got 'epsilon', allowed: 'x0', 'eps', 'v'"),
+    ("train_unet2d", {"objective": "epsilon"}, "objective: got 'epsilon', allowed: 'x0', 'eps', 'v', 'flow'"),
     ("train_unet2d", {"unet2d": {"corruption": "gauss"}}, "unet2d.corruption: got 'gauss', allowed: 'ddpm', 'toy'"),
     (
         "train_unet2d",
@@ -78,7 +78,7 @@ CASES = [
     (
         "check_params",
         {"objective": "noise"},
-        "objective: got 'noise', allowed: 'x0', 'eps', 'v' (nothing else ran; "
+        "objective: got 'noise', allowed: 'x0', 'eps', 'v', 'flow' (nothing else ran; "
         "back to the last good state: git checkout params.yaml && dvc checkout)",
     ),
     # Accepted once, then failed late (some after training): refused up front now.

@@ -70,6 +70,18 @@ def store(tmp_path, monkeypatch) -> str:
     return uri
 
 
+def test_a_version_from_another_store_is_never_measured_or_promoted(store, tmp_path):
+    """run.json names the version its training registered in the store it trained with: in another store (a clone
+    without its mlflow.db) that version is missing or another model's, and compare records nothing on it."""
+    register(tmp_path, {"m": 1})
+    made_by = mlflow.MlflowClient().get_model_version("m", "1").run_id
+    for version, run_id, here in (("1", "0" * 32, f"holds one made by run {made_by}"), ("2", made_by, "has none")):
+        said = promote_champion("m", version, 50.0, (48.0, 52.0), JUDGE, 0.99, run_id=run_id)
+        assert said.startswith(f"version {version} not promoted, nothing recorded") and here in said, said
+    assert champion() is None and "compare.fid" not in mlflow.MlflowClient().get_model_version("m", "1").tags
+    assert "is now version 1" in promote_champion("m", "1", 50.0, (48.0, 52.0), JUDGE, 0.99, run_id=made_by)
+
+
 def test_the_champion_moves_only_to_a_better_fid_by_the_same_judge(store, tmp_path):
     register(tmp_path, {"m": 5})
     assert "is now version 1" in promote("1", 60.0) and champion() == "1"  # nothing to beat

@@ -16,7 +16,7 @@ from scratch_diffusion.config import Params
 from scratch_diffusion.corruption import ddpm_scheduler
 from scratch_diffusion.hardware import choose, detect, for_sampling
 from scratch_diffusion.models.unet2d import UNet2DDenoiser, build_unet
-from scratch_diffusion.objectives import ddpm_loss, target
+from scratch_diffusion.objectives import ddpm_loss, flow_times, target
 from scratch_diffusion.training import lr_factor
 from tests.conftest import REPO
 
@@ -38,7 +38,8 @@ def test_config_validates_against_the_vocabulary():
     assert set(unet2d["loss_weighting"]) == set(choices.LOSS_WEIGHTINGS)
     assert set(unet2d["lr_schedule"]) == set(choices.LR_SCHEDULES)
     assert set(unet2d["mixed_precision"]) == set(choices.TRAIN_PRECISIONS)
-    assert set(top["objective"]) == set(choices.PREDICTION_TYPES)
+    assert set(unet2d["time_sampling"]) == set(choices.TIME_SAMPLINGS)
+    assert set(top["objective"]) == set(choices.OBJECTIVES) == {*choices.PREDICTION_TYPES, "flow"}
 
 
 def test_every_dataset_is_a_torchvision_dataset():
@@ -68,6 +69,12 @@ def test_every_objective_has_a_target_and_a_diffusers_prediction_type(objective)
     scheduler = ddpm_scheduler(prediction_type=choices.PREDICTION_TYPES[objective])
     x_t = torch.randn(1, 1, 2, 2)
     scheduler.step(torch.zeros_like(x_t), 10, x_t)  # diffusers raises on a prediction_type it does not know
+
+
+@pytest.mark.parametrize("time_sampling", choices.TIME_SAMPLINGS)
+def test_every_time_sampling_is_implemented(time_sampling):
+    t = flow_times(100, time_sampling)
+    assert t.shape == (100,) and bool(((t > 0) & (t < 1)).all())
 
 
 @pytest.mark.parametrize("weighting", choices.LOSS_WEIGHTINGS)

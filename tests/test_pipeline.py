@@ -257,32 +257,28 @@ def test_ema_horizons_retrace_the_stage(project):
     assert bad.returncode != 0 and "--seed: got [-1]" in bad.stderr
 
 
-def test_the_sweep_retraces_the_stage(project):
-    """The wide screen: its defaults row retraces the stage on a CPU, so its samples score exactly what compare
-    reported for the same sampler; another setting gives another model. The budget run measures every epoch."""
+def test_the_sweep_retraces_the_stage_and_gives_each_setting_over_seeds(project):
+    """The wide screen, each setting once per training seed: its defaults row at params.yaml's own seed retraces the
+    stage on a CPU, so its samples score exactly what compare reported for the same sampler; another setting gives
+    another model; the seed table summarises each setting as mean and spread with a noise-aware verdict."""
     compare = json.loads((project / "metrics/compare.json").read_text())
-    run([sys.executable, "ablations/sweep.py", "run", "--setting", "", "--setting", "unet2d.lr=5e-4"], cwd=project)
-    rows = json.loads((project / "ablations/sweep.json").read_text())["rows"]
-    assert [r["setting"] for r in rows] == ["", "unet2d.lr=5e-4"]
+    settings = ["--setting", "", "--setting", "unet2d.lr=5e-4"]
+    run([sys.executable, "ablations/sweep.py", "run", "--seeds", "42", "1", *settings], cwd=project)
+    rows = json.loads((project / "ablations/seeds.json").read_text())["rows"]
+    assert [r["setting"] for r in rows] == ["seed=42", "seed=1", "unet2d.lr=5e-4 seed=42", "unet2d.lr=5e-4 seed=1"]
     for name, row in rows[0]["samplers"].items():
         assert row["fid"] == pytest.approx(compare["settings"][f"unet2d/{name}"]["fid"], rel=1e-6), name
-    assert rows[1]["samplers"]["ddim-3"]["fid"] != rows[0]["samplers"]["ddim-3"]["fid"]
-    setting = "unet2d.max_steps=0 unet2d.epochs=2"
+    assert rows[2]["samplers"]["ddim-3"]["fid"] != rows[0]["samplers"]["ddim-3"]["fid"]
+    bad = run([sys.executable, "ablations/sweep.py", "run", "--setting", "unet2d.lr=0"], cwd=project, check=False)
+    assert bad.returncode != 0 and "unet2d.lr: got 0" in bad.stderr
+
+    setting = "unet2d.max_steps=0 unet2d.epochs=2"  # the budget run measures every epoch
     run([sys.executable, "ablations/sweep.py", "budget", "--every", "1", "--setting", setting], cwd=project)
     # Added to the runs already in the file (the repository's own), or replacing its own.
     runs = json.loads((project / "ablations/budget.json").read_text())["runs"]
     (budget_run,) = [r for r in runs if r["setting"] == setting]
     assert [(r["epochs"], r["steps"]) for r in budget_run["rows"]] == [(1, 16), (2, 32)]  # 256 images, batch 16
-    bad = run([sys.executable, "ablations/sweep.py", "run", "--setting", "unet2d.lr=0"], cwd=project, check=False)
-    assert bad.returncode != 0 and "unet2d.lr: got 0" in bad.stderr
 
-
-def test_the_seed_table_gives_mean_spread_and_verdict(project):
-    """Training-seed spread: each setting once per seed, summarised as mean and spread with a noise-aware verdict."""
-    settings = ["--setting", "", "--setting", "unet2d.lr=5e-4"]
-    run([sys.executable, "ablations/sweep.py", "run", "--seeds", "1", "2", *settings], cwd=project)
-    seeded = json.loads((project / "ablations/seeds.json").read_text())["rows"]
-    assert [r["setting"] for r in seeded] == ["seed=1", "seed=2", "unet2d.lr=5e-4 seed=1", "unet2d.lr=5e-4 seed=2"]
     run([sys.executable, "ablations/sweep.py", "table"], cwd=project)
     assert (project / "docs/ablation/budget.png").is_file()  # the budget runs' quality curve
     seeds_md = (project / "docs/ablation/seeds.md").read_text()
@@ -299,23 +295,6 @@ def test_the_training_seed_changes_the_models_never_the_judge(project):
     assert {"train-basic", "train-unet2d"} <= set(changed) and "train-classifier" not in changed
 
 
-def test_an_experiment_reruns_only_what_depends_on_its_change(baseline, client):
-    """Changing the objective reruns train-unet2d, sample and compare: neither download nor train-basic. The run
-    lands in the same store, tagged with its DVC experiment name."""
-    project = baseline
-    exp = run(["dvc", "exp", "run", "-S", "objective=eps", "-n", "eps-exp"], cwd=project).stdout
-    assert all(f"Running stage '{s}'" in exp for s in ["train-unet2d", "sample", "compare"])
-    for untouched in ["download", "train-basic", "visualize-schedule", "train-classifier"]:
-        assert f"Running stage '{untouched}'" not in exp
-    shown = json.loads(run(["dvc", "exp", "show", "--json"], cwd=project).stdout)
-    names = [e.get("name") for rev in shown for e in (rev.get("experiments") or []) for e in e["revs"]]
-    assert "eps-exp" in names
-    assert "best_fid_unet2d" in run(["dvc", "exp", "show", "--md"], cwd=project).stdout
-    runs = runs_named(client, "tags.dvc_exp_name = 'eps-exp'")
-    assert sorted(r.info.run_name for r in runs) == ["compare", "sample", "train-unet2d"]
-    assert [r.data.params["objective"] for r in runs if r.info.run_name == "train-unet2d"] == ["eps"]
-
-
 def test_a_refused_value_stops_the_experiment_before_any_stage(baseline):
     """A value refused under `dvc exp run -S` stops the pipeline at check-params: every stage keeps its outputs."""
     project = baseline
@@ -324,7 +303,9 @@ def test_a_refused_value_stops_the_experiment_before_any_stage(baseline):
         bad = run(["dvc", "exp", "run", "-S", "objective=noise"], cwd=project, check=False)
     finally:
         (project / "params.yaml").write_text(params)
-    assert bad.returncode != 0 and "objective: got 'noise', allowed: 'x0', 'eps', 'v'" in bad.stdout + bad.stderr
+    assert (
+        bad.returncode != 0 and "objective: got 'noise', allowed: 'x0', 'eps', 'v', 'flow'" in bad.stdout + bad.stderr
+    )
     assert "git checkout params.yaml && dvc checkout" in bad.stdout + bad.stderr
     assert (project / "models/unet2d/model_index.json").is_file() and (project / "samples/unet2d/ddim-3.npz").is_file()
     assert (project / "metrics/compare.json").read_text() == before
@@ -332,34 +313,48 @@ def test_a_refused_value_stops_the_experiment_before_any_stage(baseline):
 
 def test_queued_experiments_land_in_one_store_and_the_ablation_table(baseline):
     """Queued experiments, two at a time in temporary copies, on a fresh store (no mlflow.db yet: both workers
-    create its schema at once): both complete, both land in the same MLflow store, the workspace's. One is queued by
-    the ablation script (its `full` budget adds nothing to the axis's -S values); its table is built from `dvc exp
-    show --json`: the params diff against the baseline and the numbers compare logged."""
+    create its schema at once): both complete, each reruns only what depends on its change (flow matching as the
+    objective:
+    train-unet2d, sample and compare; the sampling seed: sample and compare), and both land in the same MLflow store,
+    the workspace's, tagged with their DVC experiment names. One is queued by the ablation script (its `full` budget
+    adds nothing to the axis's -S values); its table is built from `dvc exp show --json`: the params diff against the
+    baseline and the numbers compare logged."""
     project = baseline
     (project / "mlflow.db").rename(project / "mlflow-before.db")
-    run([sys.executable, "ablations/run.py", "queue", "--budget", "full", "--only", "objective v"], cwd=project)
-    run(["dvc", "exp", "run", "--queue", "-S", "unet2d.lr=2e-3", "-n", "q-lr"], cwd=project)
+    run([sys.executable, "ablations/run.py", "queue", "--budget", "full", "--only", "objective flow"], cwd=project)
+    run(["dvc", "exp", "run", "--queue", "-S", "sample.seed=1", "-n", "q-seed"], cwd=project)  # sample, compare
     status = run_queue(project, jobs=2)
     assert status.count("Success") == 2 and "Failed" not in status, status
     # The same file spelt another way: MLflow keeps one store per URI in this process, and the module's client's
     # open connection still reads the store renamed above.
     client = MlflowClient(tracking_uri=f"sqlite:///{project}/./mlflow.db")
     shown = run(["dvc", "exp", "show", "--json"], cwd=project).stdout
-    assert '"abl-full-objective-v"' in shown and '"q-lr"' in shown
-    for name in ("abl-full-objective-v", "q-lr"):
+    assert '"abl-full-objective-flow"' in shown and '"q-seed"' in shown
+    for name, stages in (
+        ("abl-full-objective-flow", ["compare", "sample", "train-unet2d"]),
+        ("q-seed", ["compare", "sample"]),
+    ):
         runs = runs_named(client, f"tags.dvc_exp_name = '{name}'")
-        assert sorted(r.info.run_name for r in runs) == ["compare", "sample", "train-unet2d"], name
+        assert sorted(r.info.run_name for r in runs) == stages, name
         assert all(r.info.status == "FINISHED" for r in runs)
+        logs = run(["dvc", "queue", "logs", name], cwd=project).stdout
+        ran = set(re.findall(r"Running stage '([\w-]+)'", logs))
+        assert ran == {"check-params", *stages}, (name, logs[-3000:])
+    (trained,) = runs_named(
+        client, "tags.dvc_exp_name = 'abl-full-objective-flow' and tags.mlflow.runName = 'train-unet2d'"
+    )
+    assert trained.data.params["objective"] == "flow"
+    assert "best_fid_unet2d" in run(["dvc", "exp", "show", "--md"], cwd=project).stdout
     assert not list((project / ".dvc/tmp/exps").rglob("mlflow.db"))  # no store left inside a temp copy
 
     run([sys.executable, "ablations/run.py", "collect"], cwd=project)
-    row = json.loads((project / "ablations/results.json").read_text())["rows"]["abl-full-objective-v"]
-    assert row["params_diff"] == {"objective": "v"} and row["change"] == "objective=v" and row["budget"] == "full"
+    row = json.loads((project / "ablations/results.json").read_text())["rows"]["abl-full-objective-flow"]
+    assert row["params_diff"] == {"objective": "flow"} and row["change"] == "objective=flow" and row["budget"] == "full"
     (compare_run,) = runs_named(
-        client, "tags.dvc_exp_name = 'abl-full-objective-v' and tags.mlflow.runName = 'compare'"
+        client, "tags.dvc_exp_name = 'abl-full-objective-flow' and tags.mlflow.runName = 'compare'"
     )
     assert row["fid"] == pytest.approx(compare_run.data.metrics["best_fid_unet2d"])
     assert row["recognised"] == pytest.approx(compare_run.data.metrics["best_recognised_unet2d"])
     assert row["train_wall_s"] > 0 and row["best_sampler"] in ("ddim-3", "heun-2", "dpmsolver++-3")
     table = (project / "docs/ablation/table.md").read_text()
-    assert "| full | objective v | `objective=v` |" in table and (project / "docs/ablation.png").is_file()
+    assert "| full | objective flow | `objective=flow` |" in table and (project / "docs/ablation.png").is_file()

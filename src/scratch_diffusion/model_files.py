@@ -28,17 +28,21 @@ from scratch_diffusion.models import UNet2DDenoiser
 # diffusers is imported where a UNet2DModel is saved or loaded: importing it takes seconds, and the BasicUNet's
 # stage needs none of it.
 if TYPE_CHECKING:
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel
 
 META = "scratch_diffusion.json"
 
 
-def save_unet2d(path: str | Path, denoiser: UNet2DDenoiser, scheduler: DDPMScheduler, meta: dict) -> None:
+def save_unet2d(
+    path: str | Path, denoiser: UNet2DDenoiser, scheduler: DDPMScheduler | FlowMatchEulerDiscreteScheduler, meta: dict
+) -> None:
     """Write the model folder atomically (built beside `path`, then renamed onto it), with a model card (README.md)
     that says how to sample it.
 
     What plain diffusers makes of the folder is decided here, so that it never draws wrong images:
-    - DDPM noise: a DDPMPipeline folder. A `none`-conditioned net is saved time-blind (below), so the real t that
+    - DDPM noise or flow matching: a DDPMPipeline folder (a flow model's scheduler is FlowMatchEulerDiscreteScheduler,
+      which DDPMPipeline steps as it steps any scheduler: Euler along the flow). A `none`-conditioned net is saved
+      time-blind (below), so the real t that
       DDPMPipeline feeds changes nothing, as in training; a class-conditional one is refused by diffusers itself
       (DDPMPipeline passes no class labels).
     - toy corruption: no model_index.json, so `DDPMPipeline.from_pretrained` refuses it; its sampler is the lesson's.
@@ -60,7 +64,7 @@ def save_unet2d(path: str | Path, denoiser: UNet2DDenoiser, scheduler: DDPMSched
             else:
                 DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(staging)
             (staging / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-            (staging / "README.md").write_text(model_card(meta, unet.config, scheduler.config.prediction_type))
+            (staging / "README.md").write_text(model_card(meta, unet.config))
         staging.chmod(0o755)
         if path.exists():
             shutil.rmtree(path)
@@ -92,18 +96,35 @@ images = DDPMPipeline.from_pretrained("models/unet2d")(batch_size=16, num_infere
 ```"""
 
 
-def model_card(meta: dict, unet_config, prediction_type: str) -> str:
+PLAIN_DIFFUSERS_FLOW = """With plain diffusers (data in [-1, 1]; the scheduler config is diffusers'
+FlowMatchEulerDiscreteScheduler, so DDPMPipeline takes Euler steps along the flow):
+
+```python
+from diffusers import DDPMPipeline
+
+images = DDPMPipeline.from_pretrained("models/unet2d")(batch_size=16, num_inference_steps=50).images
+```"""
+
+
+def model_card(meta: dict, unet_config) -> str:
     """README.md of a model folder: what the model is and how to draw from it. The image shape and the classes come
     from the UNet's own config (what diffusers will draw), the dataset's name from `meta` where it is recorded."""
+    from scratch_diffusion.choices import PREDICTION_TYPES
+
     toy, conditional = meta["corruption"] == "toy", bool(meta.get("class_conditional"))
+    flow = meta["objective"] == "flow"
     side, channels = unet_config.sample_size, unet_config.in_channels
     height, width = (side, side) if isinstance(side, int) else side
     # Folders saved outside the training stages (the ablations, tests) may not record the dataset.
     data = f"`{meta['dataset']}` images" if "dataset" in meta else "Images"
     data += f", {height} x {width}, " + ("one channel (grey)" if channels == 1 else f"{channels} channels (RGB)")
+    if flow:
+        target = "flow matching: the velocity noise - x0 on the straight path, FlowMatchEulerDiscreteScheduler"
+    else:
+        target = f"diffusers prediction_type `{PREDICTION_TYPES[meta['objective']]}`"
     recipe = (
-        f"objective `{meta['objective']}` (diffusers prediction_type `{prediction_type}`), corruption "
-        f"`{meta['corruption']}`, timestep conditioning `{meta['conditioning']}`"
+        f"objective `{meta['objective']}` ({target}), corruption `{meta['corruption']}`, timestep conditioning "
+        f"`{meta['conditioning']}`"
     )
     num_classes = (unet_config.num_class_embeds or 1) - 1
     # The dataset's names for the classes, in label order (older folders record none: their indices stand in).
@@ -130,7 +151,7 @@ def model_card(meta: dict, unet_config, prediction_type: str) -> str:
         )
     else:
         ours = "scratch-diffusion generate --model models/unet2d --sampler ddim --steps 50 --eta 1"
-        plain = PLAIN_DIFFUSERS
+        plain = PLAIN_DIFFUSERS_FLOW if flow else PLAIN_DIFFUSERS
         if meta["conditioning"] == "none":
             plain += (
                 "\n\nIt was trained with the time embedding fixed at t = 0; the saved UNet ignores t, so any "
@@ -146,11 +167,14 @@ class ModelFileError(OSError):
     """A model folder whose files cannot be read as a trained model (truncated, corrupt, or not ours)."""
 
 
-def load_unet2d(path: str | Path, device="cpu") -> tuple[UNet2DDenoiser, DDPMScheduler, dict]:
+def load_unet2d(
+    path: str | Path, device="cpu"
+) -> tuple[UNet2DDenoiser, DDPMScheduler | FlowMatchEulerDiscreteScheduler, dict]:
     """The denoiser (conditioning applied), its training scheduler, and the metadata, from the pipeline folder that
     save_unet2d writes or from the same files side by side (as a logged MLflow model carries them in extra_files).
     Weights load from safetensors only: a folder holding pickled weights is refused rather than unpickled."""
-    from diffusers import DDPMScheduler, UNet2DModel
+    import diffusers
+    from diffusers import UNet2DModel
 
     path = Path(path)
     if not (path / META).is_file():
@@ -159,9 +183,10 @@ def load_unet2d(path: str | Path, device="cpu") -> tuple[UNet2DDenoiser, DDPMSch
     scheduler_dir = path / "scheduler" if (path / "scheduler").is_dir() else path
     try:
         meta = json.loads((path / META).read_text())
+        scheduler_class = check_scheduler_class(scheduler_dir, meta)
         with _diffusers_quiet():  # what disagrees is said in one line below, not as diffusers' list of names
             unet, loading = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True, output_loading_info=True)
-        scheduler = DDPMScheduler.from_pretrained(scheduler_dir)
+        scheduler = getattr(diffusers, scheduler_class).from_pretrained(scheduler_dir)
         check_unet2d_folder(unet_dir, scheduler_dir, unet.config, loading, scheduler.config, meta)
         return UNet2DDenoiser(unet.to(device).eval(), meta["conditioning"]).eval(), scheduler, meta
     except ModelFileError:
@@ -183,6 +208,26 @@ def _diffusers_quiet():
         yield
     finally:
         diffusers_logging.set_verbosity(level)
+
+
+def scheduler_class(objective: str) -> str:
+    """The diffusers scheduler a model folder of `objective` holds: flow matching's path, or DDPM's noise schedule."""
+    return "FlowMatchEulerDiscreteScheduler" if objective == "flow" else "DDPMScheduler"
+
+
+def check_scheduler_class(scheduler_dir: Path, meta: dict) -> str:
+    """The scheduler class the folder's scheduler_config.json names, when it is the one its objective needs;
+    ModelFileError otherwise (sampled on the other process, every image would be wrong)."""
+    config = scheduler_dir / "scheduler_config.json"
+    declared = json.loads(config.read_text()).get("_class_name")
+    objective = meta.get("objective", "x0")
+    wanted = scheduler_class(objective)
+    if declared != wanted:
+        raise ModelFileError(
+            f"{config}: _class_name {declared!r}, but {META} says objective {objective!r} ({wanted}); sampled with "
+            "it, every image would be wrong"
+        )
+    return wanted
 
 
 def check_unet2d_folder(unet_dir: Path, scheduler_dir: Path, unet_config, loading: dict, scheduler_config, meta):
@@ -229,7 +274,7 @@ def check_unet2d_folder(unet_dir: Path, scheduler_dir: Path, unet_config, loadin
                 f"{unet_dir / 'config.json'}: num_class_embeds {embeds!r}, but {META} says {conditional} with "
                 f"{len(recorded)} classes (allowed: {allowed}); the folder's files are not one model's"
             )
-    if "objective" in meta:
+    if meta.get("objective") in PREDICTION_TYPES:  # a flow model's scheduler has no prediction_type
         wanted = PREDICTION_TYPES[meta["objective"]]
         if scheduler_config.prediction_type != wanted:
             raise ModelFileError(

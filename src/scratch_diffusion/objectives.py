@@ -5,6 +5,10 @@ Notation (DDPM, Ho et al. 2020): x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar
 - eps: predict the unit-variance noise (DDPM);                                 diffusers: "epsilon"
 - v:   predict v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0
        (Salimans & Ho 2022, "Progressive Distillation for Fast Sampling");   diffusers: "v_prediction"
+
+Flow matching (Lipman et al. 2023; rectified flow, Liu et al. 2023) replaces the noise schedule by the straight path
+x_t = (1 - t) x0 + t eps, t in [0, 1], and predicts its velocity dx_t/dt = eps - x0 (`flow`). The UNet sees the time
+as t * num_train_timesteps: diffusers' flow-matching schedulers call sigma = t and timestep = sigma * T.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from scratch_diffusion.choices import LOSS_WEIGHTINGS, PREDICTION_TYPES
+from scratch_diffusion.choices import LOSS_WEIGHTINGS, PREDICTION_TYPES, TIME_SAMPLINGS
 from scratch_diffusion.corruption import corrupt, to_model_range
 
 
@@ -78,8 +82,7 @@ def ddpm_loss(
     null_label: int | None = None,
 ) -> Callable:
     """`loss_fn(model, x0_pixels[, labels])` for DDPM training: t ~ U{0..T-1}, Gaussian noise, MSE on the objective's
-    target. With labels (class-conditional nets), each is replaced by `null_label` with probability `label_dropout`,
-    so the same net also learns the unconditional prediction that classifier-free guidance needs."""
+    target; labels as _predict says."""
     _check(objective)
     if weighting not in LOSS_WEIGHTINGS:
         raise ValueError(f"unknown loss weighting {weighting!r}; allowed: {', '.join(LOSS_WEIGHTINGS)}")
@@ -91,15 +94,67 @@ def ddpm_loss(
         t = torch.randint(0, num_t, (x0.shape[0],), device=x0.device)
         alpha_bar = per_image(scheduler.alphas_cumprod.to(x0.device)[t].float(), x0)
         x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps  # = scheduler.add_noise(x0, eps, t)
-        if y is None:
-            pred = model(x_t, t).float()
-        else:
-            drop = torch.rand(y.shape[0], device=y.device) < label_dropout
-            pred = model(x_t, t, torch.where(drop, null_label, y)).float()
+        pred = _predict(model, x_t, t, y, label_dropout, null_label)
         per_img = ((pred - target(objective, x0, eps, alpha_bar)) ** 2).mean(dim=(1, 2, 3))
         if weighting == "min_snr":
             per_img = per_img * min_snr_weight(objective, snr(alpha_bar.flatten()), gamma)
         return per_img.mean()
+
+    return loss_fn
+
+
+def _predict(model, x_t, t, y, label_dropout: float, null_label: int | None) -> torch.Tensor:
+    """The model's prediction; with labels (class-conditional nets), each replaced by `null_label` with probability
+    `label_dropout`, so the same net also learns the unconditional prediction that classifier-free guidance needs."""
+    if y is None:
+        return model(x_t, t).float()
+    drop = torch.rand(y.shape[0], device=y.device) < label_dropout
+    return model(x_t, t, torch.where(drop, null_label, y)).float()
+
+
+def flow_path(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_t = (1 - t) x0 + t eps, t (B,) in [0, 1]: the data at t = 0, pure noise at t = 1."""
+    t = per_image(t, x0)
+    return (1 - t) * x0 + t * eps
+
+
+def flow_target(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """The velocity of the straight path, d x_t / dt = eps - x0 (the same at every t)."""
+    return eps - x0
+
+
+def flow_times(
+    n: int, time_sampling: str, logit_mean: float = 0.0, logit_std: float = 1.0, device=None
+) -> torch.Tensor:
+    """n training times in (0, 1): uniform, or logit-normal (sigmoid of N(logit_mean, logit_std^2)), which spends
+    the steps on the middle of the path, where the velocity is hardest to predict (Esser et al. 2024, SD3)."""
+    if time_sampling not in TIME_SAMPLINGS:
+        raise ValueError(f"unknown time sampling {time_sampling!r}; allowed: {', '.join(TIME_SAMPLINGS)}")
+    if time_sampling == "uniform":
+        return torch.rand(n, device=device)
+    return torch.sigmoid(logit_mean + logit_std * torch.randn(n, device=device))
+
+
+def flow_loss(
+    num_train_timesteps: int,
+    time_sampling: str = "uniform",
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    label_dropout: float = 0.0,
+    null_label: int | None = None,
+) -> Callable:
+    """`loss_fn(model, x0_pixels[, labels])` for flow matching: t from `time_sampling`, Gaussian noise, MSE on the
+    velocity. The model is called at timestep t * num_train_timesteps, the scale of diffusers' flow-matching
+    schedulers, so a saved model and FlowMatchEulerDiscreteScheduler agree on what a timestep means."""
+    if time_sampling not in TIME_SAMPLINGS:  # now, not at the first step
+        raise ValueError(f"unknown time sampling {time_sampling!r}; allowed: {', '.join(TIME_SAMPLINGS)}")
+
+    def loss_fn(model, x01: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        x0 = to_model_range(x01)
+        eps = torch.randn_like(x0)
+        t = flow_times(x0.shape[0], time_sampling, logit_mean, logit_std, device=x0.device)
+        pred = _predict(model, flow_path(x0, eps, t), t * num_train_timesteps, y, label_dropout, null_label)
+        return ((pred - flow_target(x0, eps)) ** 2).mean()
 
     return loss_fn
 

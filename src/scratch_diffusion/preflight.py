@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
 from scratch_diffusion.choices import DIFFUSERS_SAMPLERS, PREDICTION_TYPES
 from scratch_diffusion.config import DEFAULT_SAMPLE_N, NAMED_DATASETS, Params, ParamsError, SampleSetting
-from scratch_diffusion.corruption import ddpm_scheduler
+from scratch_diffusion.corruption import ddpm_scheduler, flow_scheduler, is_flow
 from scratch_diffusion.metrics import InceptionFeatures
 from scratch_diffusion.models import build_network
 from scratch_diffusion.models.classifier import Classifier
@@ -198,11 +198,13 @@ def _edge(passes, good: float, bad: float, steps: int = 40) -> float:
     return good
 
 
-def check_noise_schedule(params: Params) -> DDPMScheduler:
+def check_noise_schedule(params: Params) -> DDPMScheduler | FlowMatchEulerDiscreteScheduler:
     """The UNet2DModel's training schedule (as recipe.noise_schedule builds it), refused where it degenerates. The
     message blames beta_start for a fault at t = 0, else beta_end (or, for the cosine schedule, which has neither,
     num_train_timesteps), and says how far that key may go with the others as they are."""
     u = params.unet2d
+    if params.objective == "flow":  # the straight path has no betas to degenerate
+        return flow_scheduler(u.num_train_timesteps)
     fault = schedule_fault(u.num_train_timesteps, u.beta_schedule, u.beta_start, u.beta_end)
     if fault is not None and u.corruption == "ddpm":  # a toy-corruption model never uses its schedule
         what, t = fault
@@ -238,7 +240,7 @@ def _zero(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(x_t)
 
 
-def check_samplers(params: Params, trained: DDPMScheduler) -> None:
+def check_samplers(params: Params, trained: DDPMScheduler | FlowMatchEulerDiscreteScheduler) -> None:
     """Every unet2d setting of sample.settings fits the corruption, and each diffusers sampler, and the training
     grids' DDIM, runs for its steps on the `trained` schedule and draws finite images."""
     u = params.unet2d
@@ -255,12 +257,14 @@ def check_samplers(params: Params, trained: DDPMScheduler) -> None:
         return  # toy-corruption models draw with the lesson's sampler only
     with tempfile.TemporaryDirectory() as tmp:  # the config as sample and generate read it (model_files.load_unet2d)
         trained.save_config(tmp)
-        config = DDPMScheduler.from_pretrained(tmp).config
+        config = type(trained).from_pretrained(tmp).config
     runs = [(f"sample.settings[{i}]", s) for i, s in enumerate(params.sample.settings) if s.model == "unet2d"]
     runs.append(("unet2d.sample_steps", SampleSetting("unet2d", "ddim", u.sample_steps)))  # the training grids
     noise = fixed_noise(1, "ddpm", params.sample.seed, (1, 4, 4))  # the schedule's arithmetic is per pixel
     for key, s in runs:
-        options = {"eta": s.eta} if s.sampler == "ddim" else {}  # as samplers.generate passes it
+        options = {"eta": s.eta} if s.sampler == "ddim" else {}  # as samplers.generate passes them
+        if s.shift != 1:
+            options["shift"] = s.shift
         try:
             x01, _ = sample_images(_zero, s.sampler, s.steps, noise, config, **options)
         except Exception as e:
@@ -269,8 +273,10 @@ def check_samplers(params: Params, trained: DDPMScheduler) -> None:
                 "sampler or number of steps"
             ) from None
         if not torch.isfinite(x01).all():
+            schedule = "flow matching"
+            if not is_flow(config):
+                schedule = f"prediction_type {config.prediction_type}, {config.beta_schedule}"
             raise ParamsError(
-                f"{key}: {s.name} draws non-finite images on this schedule (prediction_type "
-                f"{config.prediction_type}, {config.beta_schedule}, {config.num_train_timesteps} timesteps); allowed: "
-                "another sampler or fewer steps"
+                f"{key}: {s.name} draws non-finite images on this schedule ({schedule}, {config.num_train_timesteps} "
+                "timesteps); allowed: another sampler or fewer steps"
             )

@@ -24,14 +24,14 @@ import torch
 from scratch_diffusion import files, serving, tracking, tuning
 from scratch_diffusion.choices import PREDICTION_TYPES
 from scratch_diffusion.config import Params, ParamsError, flatten, params_hash, training_epochs
-from scratch_diffusion.corruption import ddpm_scheduler
+from scratch_diffusion.corruption import ddpm_scheduler, flow_scheduler
 from scratch_diffusion.data import DatasetInfo, dataset_digest, describe, load_split
 from scratch_diffusion.hardware import Choice, choose, detect
 from scratch_diffusion.identity import digest, run_identity
 from scratch_diffusion.images import grid, to_uint8
 from scratch_diffusion.model_files import save_basic, save_unet2d
 from scratch_diffusion.models import Guided, build_network
-from scratch_diffusion.objectives import ddpm_loss, toy_loss
+from scratch_diffusion.objectives import ddpm_loss, flow_loss, toy_loss
 from scratch_diffusion.samplers import fixed_noise, sample_images
 from scratch_diffusion.training import (
     EMA,
@@ -48,7 +48,7 @@ from scratch_diffusion.training import (
 from scratch_diffusion.training_report import report_training
 
 if TYPE_CHECKING:
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
 NETWORKS = ("basic", "unet2d")
 DATA_ROOT = "data/dataset"
@@ -99,9 +99,12 @@ def training_identity(
     return run_identity(flatten(used), dataset_digest(data_root), [__file__, *scripts])
 
 
-def noise_schedule(params: Params) -> DDPMScheduler:
-    """The UNet2DModel's DDPM noise schedule, with the objective as diffusers' prediction_type."""
+def noise_schedule(params: Params) -> DDPMScheduler | FlowMatchEulerDiscreteScheduler:
+    """The UNet2DModel's noise schedule: DDPM's, with the objective as diffusers' prediction_type, or flow matching's
+    straight path."""
     u = params.unet2d
+    if params.objective == "flow":
+        return flow_scheduler(u.num_train_timesteps)
     return ddpm_scheduler(
         u.num_train_timesteps, u.beta_schedule, u.beta_start, u.beta_end, PREDICTION_TYPES[params.objective]
     )
@@ -146,6 +149,15 @@ def _parts(network: str, params: Params, info: DatasetInfo):
     scheduler = noise_schedule(params)
     if p.corruption == "toy":
         loss_fn = toy_loss
+    elif params.objective == "flow":
+        loss_fn = flow_loss(
+            p.num_train_timesteps,
+            p.time_sampling,
+            p.logit_mean,
+            p.logit_std,
+            label_dropout=p.label_dropout,
+            null_label=model.null_label,
+        )
     else:
         loss_fn = ddpm_loss(
             scheduler,

@@ -4,20 +4,24 @@ Two families:
 - `toy_sample`: the lesson's step sampler for x0-predicting toy models, in [0, 1];
 - `diffusion_sample`: any diffusers scheduler (built `from_config` of the trained model's DDPM scheduler), in
   [-1, 1], with `scale_model_input` and `init_noise_sigma` applied, as Euler/Heun need and DDPMPipeline forgets.
+  A flow model's sampler of the same name solves its own path: diffusers' flow-matching Euler and Heun, DPM-Solver++
+  and UniPC on flow sigmas, and DDIM on the straight path (FlowDDIM); DDPM's ancestral chain has no flow counterpart.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+import math
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from scratch_diffusion import tuning
-from scratch_diffusion.choices import SAMPLE_PRECISIONS
-from scratch_diffusion.corruption import to_pixel_range
+from scratch_diffusion.choices import DIFFUSERS_SAMPLERS, SAMPLE_PRECISIONS
+from scratch_diffusion.corruption import is_flow, to_pixel_range
 from scratch_diffusion.hardware import for_sampling
 from scratch_diffusion.images import to_uint8
 from scratch_diffusion.models.unet2d import Guided
@@ -62,8 +66,69 @@ def toy_sample(model, x: torch.Tensor, steps: int, record: bool = False):
     return (x, inputs, preds) if record else x
 
 
-def make_scheduler(name: str, trained_config, **options):
-    """A fresh scheduler of kind `name` built from the trained model's scheduler config (betas, prediction_type).
+class FlowDDIM:
+    """DDIM (Song et al. 2021) on flow matching's path x_s = (1 - s) x0 + s eps, s = timestep / T, called as diffusers'
+    schedulers are (set_timesteps, timesteps, step(...).prev_sample). Each step recovers x0 = x - s v, clipped to the
+    data range as the DDPM models' DDIM clips it, and eps = (x - (1 - s) x0) / s, and moves to the next s along the
+    path: with eta 0 deterministically (without the clip, exactly an Euler step of the flow ODE), with eta 1 re-noised
+    as the path's forward process's posterior q(x_s' | x_s, x0) is (the counterpart of DDPM's ancestral step)."""
+
+    init_noise_sigma = 1.0
+
+    def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0):
+        self.num_train_timesteps, self.shift = num_train_timesteps, shift
+
+    def set_timesteps(self, steps: int, device=None) -> None:
+        s = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+        s = self.shift * s / (1 + (self.shift - 1) * s)  # diffusers' shift, as FlowMatchEulerDiscreteScheduler's
+        self.sigmas = s.tolist()
+        self.timesteps = (s[:-1] * self.num_train_timesteps).float().to(device)
+        self._index = 0
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float = 0.0, generator=None):
+        s, s_next = self.sigmas[self._index], self.sigmas[self._index + 1]
+        self._index += 1
+        x0 = (sample - s * model_output).clamp(-1, 1)
+        if s_next == 0:
+            return SimpleNamespace(prev_sample=x0)
+        eps = (sample - (1 - s) * x0) / s
+        # eta times the posterior's standard deviation: for x_s = a_s x0 + s eps (a = 1 - s) it is
+        # s' sqrt(1 - (a_s s' / (a_s' s))^2); any value up to s' keeps every x_s' distributed as the path says.
+        ratio = (1 - s) * s_next / ((1 - s_next) * s)
+        c = eta * s_next * math.sqrt(max(0.0, 1 - ratio**2))
+        prev = (1 - s_next) * x0 + math.sqrt(s_next**2 - c**2) * eps
+        if c:
+            prev = prev + c * torch.randn(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+        return SimpleNamespace(prev_sample=prev)
+
+
+# A flow model's samplers: diffusers' flow-matching schedulers, its multistep solvers on flow sigmas, and FlowDDIM.
+_FLOW_SCHEDULERS = {
+    "ddim": None,
+    "dpmsolver++": "DPMSolverMultistepScheduler",
+    "euler": "FlowMatchEulerDiscreteScheduler",
+    "heun": "FlowMatchHeunDiscreteScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+
+
+def samplers_for(corruption: str, trained_config) -> tuple[str, ...]:
+    """The samplers a trained model takes: the lesson's for a toy-corruption model, a flow model's (all but ddpm), or
+    every diffusers sampler for a DDPM one."""
+    if corruption == "toy":
+        return ("toy",)
+    return tuple(_FLOW_SCHEDULERS) if is_flow(trained_config) else DIFFUSERS_SAMPLERS
+
+
+def trained_with(corruption: str, trained_config) -> str:
+    """What a model was trained on, for messages that say why a sampler is refused."""
+    return "flow matching" if corruption != "toy" and is_flow(trained_config) else f"the {corruption} corruption"
+
+
+def make_scheduler(name: str, trained_config, shift: float = 1.0, **options):
+    """A fresh scheduler of kind `name` built from the trained model's scheduler config (betas, prediction_type), or
+    for a flow model (a FlowMatchEulerDiscreteScheduler config) the flow sampler of that name, with diffusers'
+    `shift` applied to its sigmas.
 
     Fresh each call: multistep schedulers (DPM-Solver++, UniPC) keep state between `step` calls.
     """
@@ -71,8 +136,24 @@ def make_scheduler(name: str, trained_config, **options):
         raise ValueError(f"unknown sampler {name!r}; allowed: {', '.join(SCHEDULERS)}, toy")
     import diffusers
 
-    scheduler = getattr(diffusers, SCHEDULERS[name])
-    return scheduler.from_config(trained_config, **{**_OVERRIDES.get(name, {}), **options})
+    if not is_flow(trained_config):
+        if shift != 1:
+            raise ValueError(f"shift: got {shift!r} for a DDPM model; allowed: 1 (shift is for a flow model's steps)")
+        scheduler = getattr(diffusers, SCHEDULERS[name])
+        return scheduler.from_config(trained_config, **{**_OVERRIDES.get(name, {}), **options})
+    if name not in _FLOW_SCHEDULERS:
+        raise ValueError(
+            f"sampler {name!r} is DDPM's ancestral chain, which a flow model does not have; allowed: "
+            f"{', '.join(_FLOW_SCHEDULERS)} (ddim with eta 1 is its counterpart on the flow path)"
+        )
+    num_train_timesteps = trained_config["num_train_timesteps"]
+    if name == "ddim":
+        return FlowDDIM(num_train_timesteps, shift)
+    scheduler = getattr(diffusers, _FLOW_SCHEDULERS[name])
+    if name in ("euler", "heun"):
+        return scheduler.from_config(trained_config, shift=shift, **options)
+    flow = {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": shift}
+    return scheduler(num_train_timesteps=num_train_timesteps, **flow, **_OVERRIDES.get(name, {}), **options)
 
 
 @torch.inference_mode()
@@ -94,10 +175,11 @@ def diffusion_sample(model, scheduler, steps: int, noise: torch.Tensor, generato
         # the range by far, and the noise term steers every step away from the digit asked for (the oracle test in
         # tests/test_samplers.py). Deriving eps from the clipped x0 keeps the step consistent (as GLIDE does).
         step_kwargs["use_clipped_model_output"] = True
-    x = noise * scheduler.init_noise_sigma
+    x = noise * getattr(scheduler, "init_noise_sigma", 1.0)  # flow-matching schedulers start at unit noise, unsaid
+    scale = getattr(scheduler, "scale_model_input", None)
     nfe = 0
     for t in scheduler.timesteps:
-        x_in = scheduler.scale_model_input(x, t)
+        x_in = scale(x, t) if scale is not None else x
         pred = model(x_in, t.expand(x.shape[0]).to(noise.device)).float()
         nfe += 1
         x = scheduler.step(pred, t, x, **step_kwargs).prev_sample
@@ -123,7 +205,7 @@ def sample_images(
         return toy_sample(model, noise, steps).clamp(0, 1), steps
     generator = torch.Generator(device=noise.device).manual_seed(seed)
     eta = options.pop("eta", 0.0)
-    scheduler = make_scheduler(sampler, trained_config, **options)
+    scheduler = make_scheduler(sampler, trained_config, **options)  # options: a flow model's shift
     x, nfe = diffusion_sample(model, scheduler, steps, noise, generator=generator, eta=eta)
     return to_pixel_range(x), nfe
 
@@ -155,6 +237,7 @@ def generate(
     trained_config=None,
     device="cpu",
     eta: float = 0.0,
+    shift: float = 1.0,
     precision: str = "fp32",
     channels_last: bool = False,
     labels: torch.Tensor | None = None,
@@ -178,6 +261,8 @@ def generate(
     model.to(memory_format=layout)
     noise = fixed_noise(n, corruption, seed, image_shape(model))
     options = {"eta": eta} if sampler == "ddim" else {}
+    if shift != 1:  # a flow model's (make_scheduler refuses it for others)
+        options["shift"] = shift
     out, nfe = [], 0
     for i, start in enumerate(range(0, n, batch_size)):
         net = model if labels is None else Guided(model, labels[start : start + batch_size], guidance_scale)

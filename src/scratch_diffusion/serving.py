@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from scratch_diffusion import tracking
-from scratch_diffusion.choices import DIFFUSERS_SAMPLERS, class_index
+from scratch_diffusion.choices import class_index
 from scratch_diffusion.config import MAX_SEED, max_sample_steps
 from scratch_diffusion.model_files import META, load_basic, load_unet2d
-from scratch_diffusion.samplers import expected_evaluations, generate, sampling_choice
+from scratch_diffusion.samplers import expected_evaluations, generate, samplers_for, sampling_choice, trained_with
 
 # Images per model call, for generate and the logged model alike: a stochastic sampler (ddpm, ddim with eta > 0)
 # seeds each batch on its own, so the same request draws the same images only at the same batch size.
@@ -63,7 +63,7 @@ class Drawable:
         return tuple(self.net.image_shape)
 
     def samplers(self) -> tuple[str, ...]:
-        return ("toy",) if self.corruption == "toy" else DIFFUSERS_SAMPLERS
+        return samplers_for(self.corruption, self.trained_config)
 
 
 def load(path: str | Path, device="cpu", network: str | None = None) -> Drawable:
@@ -167,7 +167,7 @@ def check_request(
     samplers = model.samplers()
     sampler = value("sampler")
     if sampler not in samplers:
-        why = f" (the model was trained with the {model.corruption} corruption)"
+        why = f" (the model was trained with {trained_with(model.corruption, model.trained_config)})"
         raise RequestError("sampler", sampler, ", ".join(samplers) + why)
     if model.trained_config is None:
         steps = _integer("steps", value("steps"), 1, None)

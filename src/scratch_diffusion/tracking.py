@@ -455,9 +455,14 @@ def promote_champion(
     judge_accuracy: float,
     judge_images: int | None = None,
     default_scale: tuple[int, int] | None = None,
+    run_id: str | None = None,
 ) -> str:
     """Record compare's measurement of a registered version and move the alias `champion` to the best version
     measured by the same judge; returns one line saying what happened.
+
+    With `run_id` (the training run that made the model measured, as its run.json says), the version must be that
+    run's: a model registered in another store (a clone without its mlflow.db, an experiment's outputs restored
+    against a fresh store) names a version this store lacks or holds for another model, and nothing is recorded.
 
     `judge` names the scale: {"classifier": weights digest, "reference": dataset digest, "n": sample count}
     (JUDGE_TAGS). The version gets the judge, its accuracy and the FID with its 95% interval as tags (the registry
@@ -486,6 +491,23 @@ def promote_champion(
             "is not a finite number >= 0 (a failed measurement ranks nothing)"
         )
     version, key = str(version), tuple(str(judge[k]) for k in JUDGE_TAGS)
+    client = mlflow.MlflowClient()
+    if run_id is not None:
+        try:
+            made_by = with_retry(client.get_model_version, name, version).run_id
+        except mlflow.exceptions.MlflowException as e:
+            if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            made_by = None
+        if made_by != run_id:
+            here = "has none" if made_by is None else f"holds one made by run {made_by}"
+            store = shown_uri(mlflow.get_tracking_uri())
+            return (
+                f"version {version} not promoted, nothing recorded: the model measured is version {version} of "
+                f"{name!r} made by run {run_id}, and this store ({store}) {here}: it was "
+                "registered in another store (a clone without its mlflow.db, or one moved aside); its FIDs stay in "
+                "the report, and `dvc repro -f train-unet2d` registers a model here"
+            )
     tags = {
         **{tag: str(judge[k]) for k, tag in JUDGE_TAGS.items()},
         "compare.judge.accuracy": f"{judge_accuracy:.4f}",
@@ -497,7 +519,6 @@ def promote_champion(
     measured = f"FID {fid:.2f} [{fid_interval[0]:.2f}, {fid_interval[1]:.2f}]"
     scaled = judge_images is not None and default_scale is not None
     smaller = scaled and _below(int(judge["n"]), judge_images, default_scale)
-    client = mlflow.MlflowClient()
     with _champion_lock():
         # Tags are set one by one; without a lock (remote store) another compare may read between them. Dropping the
         # old FID first makes a half-written version read as unmeasured, never as one judge's FID under another's.
