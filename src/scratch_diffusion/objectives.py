@@ -123,13 +123,17 @@ def flow_target(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     return eps - x0
 
 
+def _check_time_sampling(time_sampling: str) -> None:
+    if time_sampling not in TIME_SAMPLINGS:
+        raise ValueError(f"unknown time sampling {time_sampling!r}; allowed: {', '.join(TIME_SAMPLINGS)}")
+
+
 def flow_times(
     n: int, time_sampling: str, logit_mean: float = 0.0, logit_std: float = 1.0, device=None
 ) -> torch.Tensor:
     """n training times in (0, 1): uniform, or logit-normal (sigmoid of N(logit_mean, logit_std^2)), which spends
     the steps on the middle of the path, where the velocity is hardest to predict (Esser et al. 2024, SD3)."""
-    if time_sampling not in TIME_SAMPLINGS:
-        raise ValueError(f"unknown time sampling {time_sampling!r}; allowed: {', '.join(TIME_SAMPLINGS)}")
+    _check_time_sampling(time_sampling)
     if time_sampling == "uniform":
         return torch.rand(n, device=device)
     return torch.sigmoid(logit_mean + logit_std * torch.randn(n, device=device))
@@ -146,8 +150,7 @@ def flow_loss(
     """`loss_fn(model, x0_pixels[, labels])` for flow matching: t from `time_sampling`, Gaussian noise, MSE on the
     velocity. The model is called at timestep t * num_train_timesteps, the scale of diffusers' flow-matching
     schedulers, so a saved model and FlowMatchEulerDiscreteScheduler agree on what a timestep means."""
-    if time_sampling not in TIME_SAMPLINGS:  # now, not at the first step
-        raise ValueError(f"unknown time sampling {time_sampling!r}; allowed: {', '.join(TIME_SAMPLINGS)}")
+    _check_time_sampling(time_sampling)  # now, not at the first step
 
     def loss_fn(model, x01: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         x0 = to_model_range(x01)
