@@ -45,13 +45,6 @@ PROJECT_FILES = [
 ]
 
 
-def pytest_xdist_auto_num_workers(config):
-    """`-n auto`: one worker more than this process may use CPUs. The end-to-end tests spend about a quarter of their
-    time waiting (a stage's interpreter starting, a server answering, a queue polled: 2 workers kept 1.5 of 2 cores
-    busy), which one more worker fills; each still computes with one thread (the share below)."""
-    return len(os.sched_getaffinity(0)) + 1 if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1) + 1
-
-
 def pytest_collection_modifyitems(config, items):
     """xdist hands whole modules to its workers (`--dist loadfile`, in this order: pyproject.toml turns off its own
     reordering by test count, which queued the few-test end-to-end modules last, each then running alone while the
