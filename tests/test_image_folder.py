@@ -5,6 +5,7 @@ import json
 import re
 import shutil
 import struct
+import sys
 import zlib
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from PIL import Image
 from scratch_diffusion import data
 from scratch_diffusion.config import ParamsError, params_from_dict
 from scratch_diffusion.preflight import DataFacts, check_data, check_runnable
-from tests.conftest import REPO, make_shapes, run
+from tests.conftest import REPO, make_shapes, run_in_process
 
 FOLDER = {"dataset": "folder", "resolution": 16, "channels": 3, "held_out": 0.25}
 
@@ -207,13 +208,14 @@ def test_check_params_names_a_truncated_image_and_writes_nothing(tmp_path):
     params = _raw(_params(src, sample={"n": 3}, basic={"batch_size": 8}, unet2d={"batch_size": 8}))
     params["classifier"] = {**params["classifier"], "batch_size": 8}
     (project / "params.yaml").write_text(json.dumps(params))
-    proc = run(["python", "stages/check_params.py"], cwd=project, check=False)
+    proc = run_in_process([sys.executable, "stages/check_params.py"], cwd=project)
     assert proc.returncode == 2  # run_stage's code for a refused value
     lines = [line for line in proc.stderr.splitlines() if str(bad) in line]
     assert len(lines) == 1 and "not a readable image" in lines[0], proc.stderr
     assert not (project / "checks").exists()
     bad.unlink()  # without the file: valid, and the listing names every image with its md5
-    proc = run(["python", "stages/check_params.py"], cwd=project)
+    proc = run_in_process([sys.executable, "stages/check_params.py"], cwd=project)
+    assert proc.returncode == 0, proc.stderr
     listing = json.loads((project / "checks/source.json").read_text())
     assert len(listing["images"]) == 23 and listing["classes"] == ["circle", "square", "triangle"]
     from scratch_diffusion.identity import library_versions  # what every computing stage depends on

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import REPO, TINY, run, run_in_process
+from tests.conftest import REPO, TINY, run, run_in_process, write_params
 
 try:
     from playwright.sync_api import expect, sync_playwright
@@ -106,6 +106,7 @@ def server(project, tmp_path):
     uri = f"sqlite:///{tmp_path / 'store.db'}"
     env = {"MLFLOW_TRACKING_URI": uri}
     assert run_in_process([sys.executable, str(REPO / "stages/download.py")], cwd=project).returncode == 0
+    write_params(project, {"mlflow": {"log_model": False}})  # the runs are what is shown; the models are not
     for stage in ("train_basic", "train_unet2d"):
         run([sys.executable, str(REPO / f"stages/{stage}.py")], cwd=project, env=env)
     with mlflow_server(uri, cwd=project) as url:

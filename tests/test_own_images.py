@@ -3,12 +3,13 @@ classes, made here, their folders named as people name them), class-conditional,
 the training stages see."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import make_project, make_shapes, run, write_params
+from tests.conftest import make_project, make_shapes, run, run_in_process, write_params
 
 pytestmark = pytest.mark.slow
 NAMES = {"circle": "Circles & dots", "square": "squares", "triangle": "tríangles"}  # sorted as the folders sort
@@ -83,8 +84,8 @@ def test_generate_draws_a_class_by_its_folders_name(reproduced):
     (npz_path,) = (project / "drawn").glob("*.npz")
     with np.load(npz_path) as npz:
         assert npz["images"].shape == (2, 32, 32, 3) and npz["labels"].tolist() == [0, 0]
-    argv = ["scratch-diffusion", "generate", "--model", "models/unet2d", "--class", "hexagons", *argv]
-    bad = run(argv, cwd=project, check=False)
+    argv = [sys.executable, "-m", "scratch_diffusion", "generate", "--model", "models/unet2d", "--class", "hexagons"]
+    bad = run_in_process([*argv, "--out", "drawn"], cwd=project)  # refused before any drawing: no new interpreter
     assert bad.returncode == 2 and bad.stderr.strip().endswith(
         "--class: got 'hexagons', allowed: a class name ('Circles & dots', 'squares', 'tríangles') or an index 0..2"
     ), bad.stderr

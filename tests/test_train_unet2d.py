@@ -14,8 +14,10 @@ import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, UNet2DModel
 from mlflow import MlflowClient
 
+from scratch_diffusion.config import load_params
 from scratch_diffusion.hardware import choose, detect
 from scratch_diffusion.model_files import load_unet2d
+from scratch_diffusion.recipe import train_model
 from scratch_diffusion.samplers import generate
 from tests.conftest import REPO, run, run_in_process, write_params
 
@@ -147,13 +149,18 @@ def test_invalid_settings_fail_before_work(project, overrides, message):
     assert not (project / "models").exists()
 
 
-def test_toy_corruption_with_amount_conditioning_trains(downloaded, tmp_path):
-    write_params(downloaded, {"unet2d": {"corruption": "toy", "conditioning": "amount", "max_steps": 4}})
-    run(
-        [sys.executable, str(REPO / "stages/train_unet2d.py")],
-        cwd=downloaded,
-        env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'store.db'}"},
-    )
+def trained_in_process(project, overrides: dict, monkeypatch) -> Path:
+    """What train-unet2d trains and saves (recipe.train_model, the stage's one entry), in this process: for the claims
+    about the model folder, which the stage writes through the same call."""
+    write_params(project, overrides)
+    monkeypatch.chdir(project)
+    train_model("unet2d", load_params(), out="models/unet2d", desc="test")
+    return project / "models/unet2d"
+
+
+def test_toy_corruption_with_amount_conditioning_trains(downloaded, monkeypatch):
+    overrides = {"unet2d": {"corruption": "toy", "conditioning": "amount", "max_steps": 4}}
+    trained_in_process(downloaded, overrides, monkeypatch)
     _, _, meta = load_unet2d(downloaded / "models/unet2d")
     assert meta["corruption"] == "toy" and meta["conditioning"] == "amount"
     # Plain diffusers would draw DDPM samples from a toy-corruption net: the folder is no DDPMPipeline, and its
@@ -164,16 +171,10 @@ def test_toy_corruption_with_amount_conditioning_trains(downloaded, tmp_path):
     assert "--sampler toy" in card and "refuses it" in card
 
 
-def test_a_timestep_blind_model_draws_the_same_in_plain_diffusers(downloaded, tmp_path):
+def test_a_timestep_blind_model_draws_the_same_in_plain_diffusers(downloaded, monkeypatch):
     """`conditioning: none` trains on t = 0 only; the saved UNet ignores t, so diffusers' own DDIMPipeline, which
     feeds the real t, draws what the project's sampler draws with t = 0."""
-    write_params(downloaded, {"unet2d": {"conditioning": "none", "max_steps": 4}})
-    run(
-        [sys.executable, str(REPO / "stages/train_unet2d.py")],
-        cwd=downloaded,
-        env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'store.db'}"},
-    )
-    folder = downloaded / "models/unet2d"
+    folder = trained_in_process(downloaded, {"unet2d": {"conditioning": "none", "max_steps": 4}}, monkeypatch)
     model, _, meta = load_unet2d(folder)
     assert meta["conditioning"] == "none" and "ignores t" in (folder / "README.md").read_text()
     assert_plain_ddim_draws_what_we_draw(folder)
