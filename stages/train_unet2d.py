@@ -1,15 +1,16 @@
-"""train-unet2d: diffusers' UNet2DModel trained the DDPM way (or the toy way), objective and schedule as params.
+"""train-unet2d: diffusers' UNet2DModel trained the DDPM way (or by flow matching, or the toy way), objective and
+schedule as params.
 
     dvc repro train-unet2d
-    dvc exp run -S objective=eps                      # or v; -S unet2d.corruption=toy; -S unet2d.conditioning=none
+    dvc exp run -S objective=eps                  # or v, flow; -S unet2d.corruption=toy; -S unet2d.conditioning=none
     python stages/train_unet2d.py
     accelerate launch stages/train_unet2d.py
 
 Reads params `seed`, `objective`, `data.n_train`, `unet2d.*`, `mlflow.*` and data/dataset. Writes models/unet2d/
-(a diffusers DDPMPipeline folder: unet + scheduler with the right prediction_type, plus scratch_diffusion.json and
-the MLflow run id), metrics/train_unet2d.json and plots/train_unet2d/. Logs one MLflow run named train-unet2d and
-registers the model under `unet2d.registered_model`. Resumes from checkpoints/train-unet2d/ only a run of the same
-params, data and code.
+(a diffusers DDPMPipeline folder: unet + scheduler, DDPMScheduler with the right prediction_type or flow matching's
+FlowMatchEulerDiscreteScheduler, plus scratch_diffusion.json and the MLflow run id), metrics/train_unet2d.json and
+plots/train_unet2d/. Logs one MLflow run named train-unet2d and registers the model under `unet2d.registered_model`.
+Resumes from checkpoints/train-unet2d/ only a run of the same params, data and code.
 """
 
 import _src  # noqa: F401 (first: this checkout's src/, see stages/_src.py)
