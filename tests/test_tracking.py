@@ -70,3 +70,25 @@ def test_a_moved_or_copied_project_keeps_its_registry_and_logs_where_it_is(tmp_p
         monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
         tracking.connect()
         assert "mlflow.db:" not in capfd.readouterr().err  # once
+
+
+def test_a_continued_run_keeps_its_params_when_auto_was_resolved_another_way(tmp_path, monkeypatch):
+    """A training resumed from its checkpoint continues its MLflow run. `auto` timed by the first process is read
+    from the cache by the next (resolved.chosen_by 'timed' then 'cached'): MLflow refuses a changed param value, so
+    the continued run keeps the values it started with and logs only what it lacks."""
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    try:
+        with tracking.start_run("e", "train", {"lr": 0.001, "resolved.chosen_by": "timed"}, {}) as first:
+            run_id = first.info.run_id
+        params = {"lr": 0.001, "resolved.chosen_by": "cached", "resolved.timings": ""}
+        with tracking.start_run("e", "train", params, {}, resume_run_id=run_id) as again:
+            assert again.info.run_id == run_id
+    finally:
+        mlflow.set_tracking_uri(None)
+        # start_run selected the experiment of this store for the whole process (a global and an env var).
+        mlflow.tracking.fluent._active_experiment_id = None
+        os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    held = MlflowClient(tracking_uri=uri).get_run(run_id)
+    assert held.data.params == {"lr": "0.001", "resolved.chosen_by": "timed", "resolved.timings": ""}
+    assert held.info.status == "FINISHED"

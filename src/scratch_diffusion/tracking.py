@@ -359,10 +359,15 @@ def start_run(
             run = with_retry(mlflow.start_run, run_id=resume_run_id, tags=clean(all_tags))
         except Exception:  # not in this store (another URI, deleted): start a new run, linked by a tag
             all_tags["resumed_from_run"] = resume_run_id
+    logged = clean(params)
     if run is None:
         run = with_retry(mlflow.start_run, run_name=run_name, tags=clean(all_tags))
+    else:
+        # A continued run keeps the params it started with (MLflow refuses a changed value): the checkpoint's
+        # identity holds the training's own equal; how `auto` was resolved may differ (timed then, cached now).
+        logged = {k: v for k, v in logged.items() if k not in run.data.params}
     try:
-        with_retry(mlflow.log_params, clean(params))
+        with_retry(mlflow.log_params, logged)
         yield run
     except BaseException as e:
         mlflow.end_run(status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
