@@ -160,10 +160,19 @@ def test_runs_loss_and_sample_grid_are_shown(server, tmp_path):
             expect(page.get_by_role("spinbutton").last).to_have_value(last)  # the card's step box
             grid = page.locator("img.rc-image-img").first
             expect(grid).to_be_visible()
+            thumb_src = grid.get_attribute("src")
             grid.click()
             full = page.locator("img.rc-image-preview-img").last
             expect(full).to_be_visible()
-            page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=full.element_handle())
+            # The view opens on the card's thumbnail and fetches the logged image only then: wait for the swap (a
+            # person sees it after a moment; a slow machine takes longer than the opening animation).
+            page.wait_for_function(
+                """thumb => {
+                    const img = [...document.querySelectorAll("img.rc-image-preview-img")].pop();
+                    return img && img.complete && img.naturalWidth > 0 && img.src !== thumb;
+                }""",
+                arg=thumb_src,
+            )
             page.wait_for_timeout(500)  # the opening animation
             natural = full.evaluate("img => [img.naturalWidth, img.naturalHeight]")
             box = full.bounding_box()
