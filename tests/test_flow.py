@@ -184,6 +184,55 @@ def test_a_flow_model_refuses_ddpms_ancestral_sampler_and_a_ddpm_model_a_shift(f
         make_scheduler("euler", ddpm_scheduler().config, shift=3.0)
 
 
+def test_a_request_moves_a_flow_models_steps_by_its_shift_and_other_models_refuse_one(flow_folder, tmp_path):
+    from scratch_diffusion.cli import generate_main
+    from scratch_diffusion.serving import draw
+
+    model, scheduler, _ = load_unet2d(flow_folder)
+    flow = Drawable(model, "ddpm", scheduler.config, ())
+    raw = {"sampler": "euler", "steps": 3, "n": 2}
+    shifted = check_request(flow, {**raw, "shift": 3}, {})
+    assert shifted.shift == 3.0 and check_request(flow, raw, {}).shift == 1.0
+    images, _, _ = draw(flow, shifted, precision="fp32", channels_last=False)
+    ours, _ = generate(model, "euler", 3, 2, batch_size=2, seed=0, corruption="ddpm", trained_config=scheduler.config)
+    theirs, _ = generate(
+        model, "euler", 3, 2, batch_size=2, seed=0, corruption="ddpm", trained_config=scheduler.config, shift=3.0
+    )
+    assert np.array_equal(images, theirs) and not np.array_equal(images, ours)
+    for bad in (0, -1, 101, True, "3"):
+        with pytest.raises(RequestError, match=r"^shift: got .*, allowed: a number > 0 and <= 100"):
+            check_request(flow, {**raw, "shift": bad}, {})
+    ddpm = Drawable(model, "ddpm", ddpm_scheduler().config, ())
+    with pytest.raises(
+        RequestError, match=r"^shift: got 3, allowed: 1 \(shift moves a flow model's steps; this one was"
+    ):
+        check_request(ddpm, {**raw, "shift": 3}, {})
+    assert check_request(ddpm, {**raw, "shift": 1}, {}).shift == 1.0
+    # generate --shift names its files as the sample stage names the setting.
+    generate_main(
+        [
+            "--model",
+            str(flow_folder),
+            "--sampler",
+            "euler",
+            "--steps",
+            "3",
+            "--n",
+            "2",
+            "--shift",
+            "3",
+            "--precision",
+            "fp32",
+            "--channels-last",
+            "false",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    with np.load(tmp_path / "euler-3-shift3-seed0.npz") as f:
+        assert np.array_equal(f["images"], theirs)
+
+
 def test_a_folder_whose_scheduler_is_not_its_objectives_is_refused(flow_folder, tmp_path):
     import shutil
 

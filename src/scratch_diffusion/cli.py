@@ -128,6 +128,13 @@ def generate_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=64, help="number of images (default: 64)")
     parser.add_argument("--seed", type=int, default=0, help="start-noise seed; same seed, same images (default: 0)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM only: 0 deterministic, 1 DDPM-like")
+    parser.add_argument(
+        "--shift",
+        type=float,
+        default=None,
+        help="flow models (objective flow) only: moves the steps toward the noise end, sigma -> shift sigma / "
+        "(1 + (shift - 1) sigma), diffusers' shift (default: 1, the trained spacing)",
+    )
     parser.add_argument("--batch-size", type=int, default=250, help="images per model call (default: 250)")
     parser.add_argument(
         "--class",
@@ -187,6 +194,7 @@ def generate_main(argv: list[str] | None = None) -> None:
     raw = {"n": args.n, "seed": args.seed, "steps": args.steps}
     raw["sampler"] = args.sampler or ("toy" if model.corruption == "toy" else "ddim")
     raw |= {"eta": args.eta} if args.eta or raw["sampler"] == "ddim" else {}
+    raw |= {"shift": args.shift} if args.shift is not None else {}
     asked = args.classes or args.digit
     raw |= {"class": asked} if asked else {}
     raw |= {"guidance_scale": args.guidance_scale} if args.guidance_scale is not None else {}
@@ -211,7 +219,8 @@ def generate_main(argv: list[str] | None = None) -> None:
         batch_size=args.batch_size,
         announce="generate",
     )
-    stem = f"{request.sampler}-{request.steps}-seed{request.seed}"
+    shift = f"-shift{request.shift:g}" if request.shift != 1 else ""  # as the sample stage names a setting
+    stem = f"{request.sampler}-{request.steps}{shift}-seed{request.seed}"
     if labels is not None:
         classes = request.classes
         # The classes asked for (MNIST: -digits0123456789); every class of a model of many is "all", so that the

@@ -50,6 +50,7 @@ class ParamsError(ValueError):
 
 
 MAX_SEED = 2**32 - 1  # accelerate.set_seed seeds numpy too, which takes 0..2**32 - 1; every seed keeps to that
+MAX_SHIFT = 100.0  # a flow sampler's `shift` (0, MAX_SHIFT]: beyond it every step sits at the noise end
 
 
 def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False) -> dict:
@@ -322,7 +323,7 @@ class SampleSetting:
     eta: float = field(default=0.0, metadata=_range(0.0, 1.0))
     # A flow model's samplers only: sigma -> shift sigma / (1 + (shift - 1) sigma), diffusers' `shift`, which moves
     # the steps toward the noise end (SD3 samples with 3).
-    shift: float = field(default=1.0, metadata=_range(0.0, 100.0, lo_open=True))
+    shift: float = field(default=1.0, metadata=_range(0.0, MAX_SHIFT, lo_open=True))
 
     @property
     def name(self) -> str:

@@ -1,10 +1,10 @@
 """Images from a trained model on request: the one loader and the one request behind `scratch-diffusion generate`,
 the sample stage and the logged MLflow model (mlflow_model.py, which `mlflow models serve` runs).
 
-A request names `n`, `seed`, `sampler`, `steps`, `eta` and, for a class-conditional model, `class` (names or
-indices, cycled over the n images) and `guidance_scale`; a field left out takes the caller's default (the logged
-model's own, set from params.yaml's `serve`). `check_request` refuses a bad field in one line (the field, the value,
-what is allowed) before anything is drawn; `draw` turns a checked request into uint8 images.
+A request names `n`, `seed`, `sampler`, `steps`, `eta`, for a flow model `shift`, and, for a class-conditional model,
+`class` (names or indices, cycled over the n images) and `guidance_scale`; a field left out takes the caller's
+default (the logged model's own, set from params.yaml's `serve`). `check_request` refuses a bad field in one line (the
+field, the value, what is allowed) before anything is drawn; `draw` turns a checked request into uint8 images.
 """
 
 from __future__ import annotations
@@ -21,14 +21,15 @@ import torch
 
 from scratch_diffusion import tracking
 from scratch_diffusion.choices import class_index
-from scratch_diffusion.config import MAX_SEED, max_sample_steps
+from scratch_diffusion.config import MAX_SEED, MAX_SHIFT, max_sample_steps
+from scratch_diffusion.corruption import is_flow
 from scratch_diffusion.model_files import META, load_basic, load_unet2d
 from scratch_diffusion.samplers import expected_evaluations, generate, samplers_for, sampling_choice, trained_with
 
 # Images per model call, for generate and the logged model alike: a stochastic sampler (ddpm, ddim with eta > 0)
 # seeds each batch on its own, so the same request draws the same images only at the same batch size.
 BATCH_SIZE = 250
-FIELDS = ("n", "seed", "sampler", "steps", "eta", "class", "guidance_scale")
+FIELDS = ("n", "seed", "sampler", "steps", "eta", "shift", "class", "guidance_scale")
 MAX_GUIDANCE = 50.0
 # The folder of a logged model that holds the trained model's files (the artifact's name in mlflow_model.py).
 ARTIFACT = "model"
@@ -107,6 +108,7 @@ class Request:
     eta: float
     classes: tuple[int, ...] | None
     guidance_scale: float | None
+    shift: float = 1.0
 
 
 def _plain(value: Any) -> Any:
@@ -180,6 +182,14 @@ def check_request(
     eta = _number("eta", value("eta", 0.0) if sampler == "ddim" else raw.get("eta", 0.0), 0.0, 1.0)
     if eta and sampler != "ddim":
         raise RequestError("eta", eta, f"0 with sampler {sampler!r} (eta is for ddim only)")
+    # The flow path's step spacing (diffusers' `shift`); a DDPM or toy model's steps have none to move.
+    shift = raw.get("shift", 1.0)
+    if model.trained_config is not None and is_flow(model.trained_config):
+        if isinstance(shift, bool) or not isinstance(shift, int | float) or not 0 < shift <= MAX_SHIFT:
+            raise RequestError("shift", shift, f"a number > 0 and <= {MAX_SHIFT:g} (1: the trained spacing)")
+    elif isinstance(shift, bool) or shift != 1:
+        why = trained_with(model.corruption, model.trained_config)
+        raise RequestError("shift", shift, f"1 (shift moves a flow model's steps; this one was trained with {why})")
     classes, guidance = None, None
     if conditional:
         asked = value("class")
@@ -187,7 +197,7 @@ def check_request(
         asked = asked if isinstance(asked, list | tuple) and asked else [asked]
         classes = tuple(_class_index(model, c) for c in asked)
         guidance = _number("guidance_scale", value("guidance_scale"), 0.0, MAX_GUIDANCE)
-    return Request(n, seed, sampler, steps, eta, classes, guidance)
+    return Request(n, seed, sampler, steps, eta, classes, guidance, float(shift))
 
 
 def draw(
@@ -224,6 +234,7 @@ def draw(
         trained_config=model.trained_config,
         device=device,
         eta=request.eta,
+        shift=request.shift,
         precision=choice.precision,
         channels_last=choice.channels_last,
         **guidance,
