@@ -79,7 +79,10 @@ def conditional(tmp_path_factory) -> serving.Drawable:
         ({"class": ["a b", 7]}, "class: got 7, allowed: a class name ('a b', 'c&d', 'été') or an index 0..2"),
         ({"guidance_scale": 51}, "guidance_scale: got 51, allowed: a number 0..50"),
         ({"guidance_scale": "high"}, "guidance_scale: got 'high', allowed: a number 0..50"),
-        ({"size": 3}, "request: got 'size', allowed: the fields n, seed, sampler, steps, eta, shift, class, guidance_scale"),
+        (
+            {"size": 3},
+            "request: got 'size', allowed: the fields n, seed, sampler, steps, eta, shift, class, guidance_scale",
+        ),
     ],
 )
 def test_each_bad_field_is_one_line_naming_it(conditional, raw, message):
