@@ -103,10 +103,12 @@ def test_the_default_objective_trains_and_its_model_loads_in_ddpm_pipeline_and_g
 
     assert_plain_ddim_draws_what_we_draw(downloaded / "models/unet2d")
 
-    # The generate command, from the DVC output and from the model registry: the same EMA weights, same images.
+    # The generate command, from the DVC output and from the model registry: the same EMA weights, same images (in
+    # this process: the console script itself is run by tests/test_pipeline.py).
     cli = [sys.executable, "-m", "scratch_diffusion", "generate", "--sampler", "ddim", "--steps", "3", "--n", "4"]
-    run([*cli, "--model", "models/unet2d", "--out", "from_dvc"], cwd=downloaded, env=env)
-    run([*cli, "--model", "models:/scratch-diffusion-unet2d/1", "--out", "from_registry"], cwd=downloaded, env=env)
+    for model, out in (("models/unet2d", "from_dvc"), ("models:/scratch-diffusion-unet2d/1", "from_registry")):
+        done = run_in_process([*cli, "--model", model, "--out", out], cwd=downloaded, env=env)
+        assert done.returncode == 0, done.stderr
     a = np.load(downloaded / "from_dvc/ddim-3-seed0.npz")["images"]
     b = np.load(downloaded / "from_registry/ddim-3-seed0.npz")["images"]
     assert a.shape == (4, 28, 28) and (downloaded / "from_dvc/ddim-3-seed0.png").is_file()
@@ -119,7 +121,7 @@ def test_the_default_objective_trains_and_its_model_loads_in_ddpm_pipeline_and_g
     for package in ("torch", "diffusers", "numpy", "safetensors"):
         assert f"{package}=={metadata.version(package)}" in requirements, requirements
 
-    bad = run([*cli, "--model", "models:/no-such-model/1"], cwd=downloaded, env=env, check=False)
+    bad = run_in_process([*cli, "--model", "models:/no-such-model/1"], cwd=downloaded, env=env)
     assert bad.returncode == 2 and "--model: cannot load 'models:/no-such-model/1'" in bad.stderr
     bad = run_in_process([*cli[:-4], "--sampler", "toy", "--model", "models/unet2d"], cwd=downloaded, env=env)
     assert bad.returncode == 2 and "--sampler: got 'toy'" in bad.stderr
