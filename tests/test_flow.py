@@ -16,7 +16,7 @@ from scratch_diffusion.config import ParamsError, params_from_dict
 from scratch_diffusion.corruption import ddpm_scheduler, flow_scheduler
 from scratch_diffusion.model_files import ModelFileError, load_unet2d
 from scratch_diffusion.objectives import flow_loss, flow_path, flow_times
-from scratch_diffusion.recipe import train_model
+from scratch_diffusion.recipe import train_model, training_identity
 from scratch_diffusion.samplers import diffusion_sample, generate, make_scheduler, samplers_for
 from scratch_diffusion.serving import Drawable, RequestError, check_request
 from tests.conftest import REPO, TINY, merge
@@ -281,6 +281,29 @@ def test_each_refusal_is_one_line_naming_the_key(overrides, message):
     with pytest.raises(ParamsError) as e:
         params_from_dict(raw)
     assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_a_flow_runs_identity_holds_no_betas_and_a_ddpm_runs_no_flow_times(mnist_raw):
+    """Keys a training never reads are no part of its identity or logged params: changing them resumes the finished
+    run (DVC reruns the stage) rather than training the same weights again."""
+    root = mnist_raw.parents[1]
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+
+    def identity(objective, unet2d):
+        params = params_from_dict(merge(base, {"objective": objective, "unet2d": unet2d}))
+        return training_identity("unet2d", params, root)
+
+    flow = identity("flow", {})
+    assert not {"unet2d.beta_schedule", "unet2d.beta_end", "unet2d.min_snr_gamma"} & set(flow["params"])
+    assert identity("flow", {"beta_end": 0.03, "beta_schedule": "linear"}) == flow
+    assert identity("flow", {"logit_std": 2.0}) != flow  # flow's own time sampling is read
+    x0 = identity("x0", {})
+    assert not {"unet2d.time_sampling", "unet2d.logit_std", "unet2d.label_dropout"} & set(x0["params"])
+    assert identity("x0", {"logit_std": 2.0, "min_snr_gamma": 3.0, "label_dropout": 0.2}) == x0
+    assert identity("x0", {"beta_end": 0.03}) != x0
+    assert identity("x0", {"loss_weighting": "min_snr", "min_snr_gamma": 3.0}) != identity(
+        "x0", {"loss_weighting": "min_snr"}
+    )
 
 
 def test_a_shifted_setting_is_named_by_its_shift():

@@ -257,6 +257,19 @@ class Unet2dParams:
     logit_mean: float = field(default=0.0, metadata=_range(-10.0, 10.0))
     logit_std: float = field(default=1.0, metadata=_range(0.0, 10.0, lo_open=True))
 
+    def unused(self, objective: str) -> frozenset[str]:
+        """The keys that a training of this configuration never reads: a change of them changes no weight, so they
+        are no part of a run's identity or its logged params (DVC, whose params are listed per stage, still reruns
+        train-unet2d, which then finds its own finished run and resumes it)."""
+        flow_times = {"time_sampling", "logit_mean", "logit_std"}
+        if self.corruption == "toy":
+            unused = flow_times | {"loss_weighting", "min_snr_gamma"}
+        elif objective == "flow":  # the straight path has no betas; its model folder's scheduler holds none
+            unused = {"beta_schedule", "beta_start", "beta_end", "min_snr_gamma"}
+        else:
+            unused = flow_times | ({"min_snr_gamma"} if self.loss_weighting != "min_snr" else set())
+        return frozenset(unused | ({"label_dropout"} if not self.class_conditional else set()))
+
     def validate(self, key: str = "") -> None:
         n = len(self.block_out_channels)
         odd = [c for c in self.block_out_channels if c % UNET_NORM_GROUPS]

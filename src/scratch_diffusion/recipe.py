@@ -69,8 +69,8 @@ class Trained:
 
 
 def used_params(network: str, params: Params) -> dict:
-    """The params a training of `network` reads: what its stage lists in dvc.yaml, its MLflow params and the params
-    part of its identity."""
+    """The params a training of `network` reads: its MLflow params and the params part of its identity, from the
+    sections its stage lists in dvc.yaml, less the keys its configuration never reads (Unet2dParams.unused)."""
     if network not in NETWORKS:
         raise ValueError(f"unknown network {network!r}; allowed: {', '.join(NETWORKS)}")
     used = {"seed": params.seed}
@@ -80,10 +80,13 @@ def used_params(network: str, params: Params) -> dict:
     serve = params.section("serve")
     if network == "basic":
         serve = {k: serve[k] for k in ("max_images", "n", "toy_steps")}
+    section = params.section(network)
+    if network == "unet2d":
+        section = {k: v for k, v in section.items() if k not in params.unet2d.unused(params.objective)}
     return {
         **used,
         "data.n_train": params.data.n_train,
-        network: params.section(network),
+        network: section,
         "mlflow": params.section("mlflow"),
         "serve": serve,
     }
