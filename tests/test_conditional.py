@@ -10,10 +10,10 @@ from scratch_diffusion.choices import PREDICTION_TYPES
 from scratch_diffusion.config import ParamsError, params_from_dict
 from scratch_diffusion.corruption import ddpm_scheduler
 from scratch_diffusion.data import load_split
-from scratch_diffusion.metrics import accuracy, classifier_loss, predict_proba
+from scratch_diffusion.metrics import accuracy, predict_proba
 from scratch_diffusion.models import Guided, UNet2DDenoiser, build_unet
 from scratch_diffusion.models.classifier import Classifier, channel_stats
-from scratch_diffusion.objectives import ddpm_loss, per_image, target
+from scratch_diffusion.objectives import classifier_loss, ddpm_loss, per_image, target
 from scratch_diffusion.recipe import train_model
 from scratch_diffusion.samplers import generate
 from scratch_diffusion.training import fit, make_accelerator

@@ -178,3 +178,37 @@ def test_an_unlabelled_dataset_has_no_judge_and_compare_still_measures_memorisat
     assert "No setting is named best" in report and "figures/montage.png" in report and "fid_vs_nfe" not in report
     assert (project / "plots/compare/fid_vs_nfe.tsv").read_text().count("\n") == 1  # the header alone
     assert calls.count("compare") == 1
+
+
+def test_the_judge_trains_through_the_one_owner_and_a_rerun_resumes_its_own_run(tmp_path, monkeypatch, capsys):
+    """train-classifier is recipe.train_model's run, as the diffusion models' are: checkpoints of its own identity,
+    which a rerun resumes (the same MLflow run, the same weights), and weights that do not depend on having been
+    checkpointed."""
+    from mlflow import MlflowClient
+    from safetensors.torch import load_file
+
+    from scratch_diffusion.config import load_params
+    from scratch_diffusion.recipe import train_model
+
+    project = project_with(tmp_path, ("circle", "square"))
+    write_params(project, {"classifier": {"checkpoint_every": 2}})
+    assert run_stage_main("train_classifier", project, monkeypatch) == ["train-classifier"]
+    weights = project / "models/classifier/model.safetensors"
+    first, run_id = load_file(weights), json.loads((project / "models/classifier/run.json").read_text())["run_id"]
+    assert list((project / "checkpoints/train-classifier").glob("*/step-*/complete.json"))
+    params = MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_run(run_id).data.params
+    assert params["classifier.checkpoint_every"] == "2" and params["resolved.precision"] == "fp32"
+
+    weights.unlink()
+    capsys.readouterr()
+    assert run_stage_main("train_classifier", project, monkeypatch) == ["train-classifier"]  # continued, not new
+    assert "resumed from" in capsys.readouterr().out
+    assert json.loads((project / "models/classifier/run.json").read_text())["run_id"] == run_id
+    again = load_file(weights)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+
+    write_params(project, {"classifier": {"checkpoint_every": 0}})
+    plain = train_model("classifier", load_params(project / "params.yaml"), data_root=project / "data/dataset")
+    held = plain.model.state_dict()
+    assert all(torch.equal(first[k], held[k].cpu()) for k in first)
+    assert Judge.from_files(weights, project / "data/dataset", n=4).classifier is not None

@@ -16,7 +16,6 @@ from scratch_diffusion.metrics import (
     _interval,
     accuracy,
     class_coverage,
-    classifier_loss,
     features,
     kid_subsets,
     memorisation_threshold,
@@ -26,6 +25,7 @@ from scratch_diffusion.metrics import (
     verdict,
 )
 from scratch_diffusion.models.classifier import Classifier, FeatureExtractor
+from scratch_diffusion.objectives import classifier_loss
 from scratch_diffusion.training import fit
 
 N = 400

@@ -17,6 +17,7 @@ from tests.conftest import REPO, run_in_process
 TRAINERS = [
     "stages/train_basic.py",
     "stages/train_unet2d.py",
+    "stages/train_classifier.py",
     "ablations/sweep.py",
     "ablations/ema_horizons.py",
     "benchmarks/speed.py",
@@ -38,9 +39,29 @@ def test_every_trainer_calls_the_one_entry_and_none_of_its_steps(path):
     assert not (imported | called) & INSIDE, f"{path} retraces the entry: {sorted((imported | called) & INSIDE)}"
 
 
+def test_no_module_but_the_owner_reaches_the_training_loop():
+    """fit, the stage's accelerator and the EMA are recipe.train_model's (training.py holds them): no other module of
+    the library, no stage and no benchmark imports or calls them."""
+    owner = {"src/scratch_diffusion/recipe.py", "src/scratch_diffusion/training.py"}
+    loop = {"fit", "make_accelerator", "stage_accelerator", "EMA", "Checkpointing"}
+    for path in sorted(p for d in ("src", "stages", "benchmarks") for p in (REPO / d).rglob("*.py")):
+        name = str(path.relative_to(REPO))
+        if name in owner:
+            continue
+        tree = ast.parse(path.read_text())
+        imported = {
+            a.name
+            for n in ast.walk(tree)
+            if isinstance(n, ast.ImportFrom) and (n.module or "").endswith("training")
+            for a in n.names
+        }
+        called = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+        assert not (imported | called) & loop, f"{name} reaches the training loop: {sorted((imported | called) & loop)}"
+
+
 def test_an_unknown_network_is_refused():
-    with pytest.raises(ValueError, match="unknown network 'classifier'; allowed: basic, unet2d"):
-        used_params("classifier", load_params(REPO / "params.yaml"))
+    with pytest.raises(ValueError, match="unknown network 'judge'; allowed: basic, unet2d, classifier"):
+        used_params("judge", load_params(REPO / "params.yaml"))
 
 
 @pytest.fixture

@@ -323,6 +323,9 @@ class ClassifierParams:
     batch_size: int = field(default=128, metadata=_range(1))
     lr: float = field(default=2e-3, metadata=_range(0.0, 1.0, lo_open=True))
     max_steps: int = field(default=0, metadata=_range(0))
+    log_every: int = field(default=10, metadata=_range(1))
+    checkpoint_every: int = field(default=200, metadata=_range(0))
+    checkpoints_keep: int = field(default=2, metadata=_range(1, 100))
     # Unlabelled data only (no classes, no classifier): compare's FID and KID on Inception-v3 features from this file.
     # Checked by preflight.py, where the data's classes are known: it must exist and load into torchmetrics' network.
     inception_weights: str = ""

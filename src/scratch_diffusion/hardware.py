@@ -25,8 +25,9 @@ LAYOUTS = ("auto", True, False)  # channels_last: auto, or true (NHWC) / false (
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 # The layout of a run that is not timed (too short to pay for it): the BasicUNet's convolutions gain from NHWC on
-# every CPU class measured; for the UNet2DModel it depends on the machine, so PyTorch's default NCHW.
-CHANNELS_LAST = {"basic": True, "unet2d": False}
+# every CPU class measured; for the UNet2DModel it depends on the machine, so PyTorch's default NCHW. The classifier
+# is never timed (recipe.train_model trains the judge in fp32 NCHW everywhere).
+CHANNELS_LAST = {"basic": True, "unet2d": False, "classifier": False}
 
 
 def cpu_name() -> str:

@@ -35,7 +35,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from scratch_diffusion.data import DataError, dataset_digest, describe, load_split, sha256_file
@@ -98,10 +97,6 @@ def lower_is_better(key: str) -> bool:
         allowed = [m.key for m in METRICS if m.lower_is_better is not None]
         raise ValueError(f"no verdict on {key!r}: it has no better direction (allowed: {allowed})")
     return direction
-
-
-def classifier_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(model(x), y)
 
 
 def as_nchw(images: np.ndarray | torch.Tensor) -> torch.Tensor:

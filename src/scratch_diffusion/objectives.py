@@ -162,6 +162,11 @@ def flow_loss(
     return loss_fn
 
 
+def classifier_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The judge's objective (models.classifier): cross-entropy of its logits against the images' classes."""
+    return F.cross_entropy(model(x), y)
+
+
 def toy_loss(model, x0: torch.Tensor) -> torch.Tensor:
     """The lesson's objective: corrupt x0 (in [0, 1]) by amount ~ U(0, 1) per image, predict x0, MSE.
 

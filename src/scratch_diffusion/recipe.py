@@ -1,7 +1,8 @@
 """One owner of a training run: from params to a trained model.
 
-`train_model(network, params, stage=...)` is everything a training stage does: it loads the training split,
-builds the network (and, for the UNet2DModel, its noise schedule, loss and EMA) from the params, derives the run's
+`train_model(network, params, stage=...)` is everything a training stage does, for each of the three networks (the
+BasicUNet, the UNet2DModel and the classifier that judges their samples): it loads the training split, builds the
+network (and, for the UNet2DModel, its noise schedule, loss and EMA) from the params, derives the run's
 identity (params, data, code: identity.py) so that a checkpoint is resumed only by the run that made it, opens the
 MLflow run (or continues the one its checkpoint belongs to), trains through `training.fit`, and saves the model
 folder, the DVC metrics and plots and the MLflow model. The stages are a few lines around it; the ablation scripts
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors.torch import save_file
 
 from scratch_diffusion import files, serving, tracking, tuning
 from scratch_diffusion.choices import PREDICTION_TYPES
@@ -31,7 +33,8 @@ from scratch_diffusion.identity import digest, run_identity
 from scratch_diffusion.images import grid, to_uint8
 from scratch_diffusion.model_files import save_basic, save_unet2d
 from scratch_diffusion.models import Guided, build_network
-from scratch_diffusion.objectives import ddpm_loss, flow_loss, toy_loss
+from scratch_diffusion.models.classifier import CONFIG, Classifier, channel_stats
+from scratch_diffusion.objectives import classifier_loss, ddpm_loss, flow_loss, toy_loss
 from scratch_diffusion.samplers import fixed_noise, sample_images
 from scratch_diffusion.training import (
     EMA,
@@ -50,7 +53,7 @@ from scratch_diffusion.training_report import report_training
 if TYPE_CHECKING:
     from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-NETWORKS = ("basic", "unet2d")
+NETWORKS = ("basic", "unet2d", "classifier")
 DATA_ROOT = "data/dataset"
 
 
@@ -66,6 +69,7 @@ class Trained:
     device: torch.device
     choice: Choice  # the precision and layout it trained with
     run_id: str | None  # the MLflow run (with a stage, on the main process)
+    metrics: dict[str, float]  # what `evaluate` measured of the trained model (empty without it)
 
 
 def used_params(network: str, params: Params) -> dict:
@@ -73,6 +77,11 @@ def used_params(network: str, params: Params) -> dict:
     sections its stage lists in dvc.yaml, less the keys its configuration never reads (Unet2dParams.unused)."""
     if network not in NETWORKS:
         raise ValueError(f"unknown network {network!r}; allowed: {', '.join(NETWORKS)}")
+    if network == "classifier":
+        # Its own seed and the whole training split, so that `-S seed=...` or `data.n_train` change the models
+        # judged, never the judge; inception_weights is compare's (for unlabelled data), never the training's.
+        judge = {k: v for k, v in params.section("classifier").items() if k != "inception_weights"}
+        return {"classifier": judge, "mlflow": {"experiment": params.mlflow.experiment}}
     used = {"seed": params.seed}
     if network == "unet2d":
         used["objective"] = params.objective
@@ -136,9 +145,22 @@ def dataset_meta(info: DatasetInfo) -> dict:
     }
 
 
-def _parts(network: str, params: Params, info: DatasetInfo):
+def seed_of(network: str, params: Params) -> int:
+    """The seed of a training of `network`: the classifier's own, else params' `seed`."""
+    return params.classifier.seed if network == "classifier" else params.seed
+
+
+def _parts(network: str, params: Params, info: DatasetInfo, images: torch.Tensor | None = None):
     """(model, noise schedule or None, loss_fn, EMA or None, fit's per-network arguments), the initial weights drawn
-    from `params.seed`, the networks shaped for the dataset `info` describes."""
+    from the training's seed, the networks shaped for the dataset `info` describes (the classifier standardises its
+    input by the training split `images`' channel statistics)."""
+    if network == "classifier":
+        if images is None:
+            raise ValueError("_parts: the classifier needs its training split's images (their channel statistics)")
+        mean, std = channel_stats(images)  # the whole training split's: on MNIST exactly 0.1307 and 0.3081
+        torch.manual_seed(params.classifier.seed)
+        model = Classifier(info.channels, info.resolution, info.num_classes, mean, std)
+        return model, None, classifier_loss, None, {"lr_schedule": "cosine", "labelled": True}
     torch.manual_seed(params.seed)
     if network == "basic":
         return build_network(network, params.unet2d, info.channels, info.resolution), None, toy_loss, None, {}
@@ -175,7 +197,7 @@ def _parts(network: str, params: Params, info: DatasetInfo):
         "grad_clip": p.grad_clip,
         "lr_schedule": p.lr_schedule,
         "warmup_steps": p.lr_warmup_steps,
-        "conditional": p.class_conditional,
+        "labelled": p.class_conditional,
     }
     return model, scheduler, loss_fn, ema, extra
 
@@ -217,8 +239,8 @@ def stage_choice(network: str, params: Params, data_root: str | Path = DATA_ROOT
     section = getattr(params, network)
     images, labels = load_split(data_root, train=True, n=params.data.n_train)
     info = describe(data_root)
-    model, _, loss_fn, _, extra = _parts(network, params, info)
-    tune = _tuner(network, params, model, loss_fn, images, labels if extra.get("conditional") else None, info)
+    model, _, loss_fn, _, extra = _parts(network, params, info, images)
+    tune = _tuner(network, params, model, loss_fn, images, labels if extra.get("labelled") else None, info)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return tune(choose(network, section.mixed_precision, section.channels_last, detect(device.type)), device, 1)
 
@@ -256,9 +278,10 @@ def train_model(
     ema: Callable[[torch.nn.Module], object] | None = None,
     on_sample: Callable[[int, torch.nn.Module], None] | None = None,
     sample_every: int = 0,
+    evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
     desc: str | None = None,
 ) -> Trained:
-    """Train `network` ('basic' or 'unet2d') as params say.
+    """Train `network` ('basic', 'unet2d' or 'classifier') as params say.
 
     With `stage` (e.g. 'train-unet2d'), the run is that stage's: an MLflow run of that name with the params, loss
     and sample grids; checkpoints in checkpoints/<stage>/ resumed only by a run of the same identity (others are
@@ -266,18 +289,29 @@ def train_model(
     registered) MLflow model. Without a stage, only training, and the model files in `out` if given.
     `ema(model)` replaces the run's own EMA (several averages of one run); `on_sample(step, model)` is called every
     `sample_every` steps (with a stage: at its grids, every `sample_every` of its params) with the averaged weights.
+    `evaluate(model)` measures the trained model (the classifier's test accuracy) on the main process; its metrics
+    are logged to the run and returned in `Trained.metrics`.
+
+    The classifier (the judge) trains on the whole training split in fp32 NCHW on every machine, never timed: its
+    features are FID's scale, which must not move with the machine's fastest arithmetic. It has no sample grids, no
+    DVC plots and no logged MLflow model; its stage writes its metrics file.
     """
     if stage is not None and out is None:
         raise ValueError(f"stage {stage!r}: `out`, the model folder, is needed")
     used = used_params(network, params)  # refuses an unknown network
     section, desc = getattr(params, network), desc or stage or network
-    images, labels = load_split(data_root, train=True, n=params.data.n_train)  # (N, C, H, W) uint8
+    judge = network == "classifier"
+    n_train = None if judge else params.data.n_train
+    images, labels = load_split(data_root, train=True, n=n_train)  # (N, C, H, W) uint8
     info = describe(data_root)
-    model, scheduler, loss_fn, own_ema, extra = _parts(network, params, info)
-    conditional = extra.pop("conditional", False)
+    model, scheduler, loss_fn, own_ema, extra = _parts(network, params, info, images)
+    labelled = extra.pop("labelled", False)
 
-    tune = _tuner(network, params, model, loss_fn, images, labels if conditional else None, info)
-    accelerator, choice = stage_accelerator(desc, network, section.mixed_precision, section.channels_last, tune)
+    if judge:
+        accelerator, choice = stage_accelerator(desc, network, "fp32", False)
+    else:
+        tune = _tuner(network, params, model, loss_fn, images, labels if labelled else None, info)
+        accelerator, choice = stage_accelerator(desc, network, section.mixed_precision, section.channels_last, tune)
     epochs = training_epochs(section.epochs, info.name, len(images))
     if stage is not None and accelerator.is_main_process:
         print(budget_line(stage, section, epochs, len(images), accelerator.num_processes, choice), flush=True)
@@ -290,7 +324,7 @@ def train_model(
     ckpt, run, resume_id, sample_grid = None, None, None, None
     held = ExitStack()  # the checkpoint folder's lock, for the whole run
     if stage is not None:
-        sample_grid = _grid_maker(network, params, scheduler, accelerator.device, info)
+        sample_grid = None if judge else _grid_maker(network, params, scheduler, accelerator.device, info)
         script = sys.argv[0]  # the stage's own file, as Python was asked to run it
         identity = training_identity(
             network, params, data_root, (script,) if script.endswith(".py") and Path(script).is_file() else ()
@@ -336,11 +370,9 @@ def train_model(
                 if on_sample is not None:
                     on_sample(step, net)
 
-            hooks = {
-                "on_log": lambda s, v: s > logged and tracking.log_metrics({"loss": v}, step=s),
-                "on_sample": log_grid,
-                "sample_every": section.sample_every,
-            }
+            hooks = {"on_log": lambda s, v: s > logged and tracking.log_metrics({"loss": v}, step=s)}
+            if sample_grid is not None:
+                hooks |= {"on_sample": log_grid, "sample_every": section.sample_every}
         result = fit(
             model,
             loss_fn,
@@ -349,11 +381,11 @@ def train_model(
             batch_size=section.batch_size,
             lr=section.lr,
             epochs=epochs,
-            seed=params.seed,
+            seed=seed_of(network, params),
             max_steps=section.max_steps,
             ema=averaging,
             log_every=section.log_every,
-            labels=labels if conditional else None,
+            labels=labels if labelled else None,
             checkpointing=ckpt,
             channels_last=choice.channels_last,
             desc=desc,
@@ -363,20 +395,54 @@ def train_model(
         if main and accelerator.num_processes == 1:  # the timing was of one process's steps
             tuning.check_rate(desc, choice, result.images_per_s)
         final = averaged(model).eval()
-        trained = Trained(
-            final, scheduler, info, result, accelerator.device, choice, active.info.run_id if active else None
-        )
+        run_id = active.info.run_id if active else None
+        trained = Trained(final, scheduler, info, result, accelerator.device, choice, run_id, {})
+        if evaluate is not None and main:
+            trained.metrics = evaluate(final)
+            if active is not None:
+                tracking.log_metrics({**trained.metrics, "final_loss": result.final_loss, "wall_s": result.wall_s})
         if out is not None and main:
-            _save(network, params, trained, Path(out), run=active, sample_grid=sample_grid, stage=stage, used=used)
+            _save(
+                network,
+                params,
+                trained,
+                Path(out),
+                run=active,
+                sample_grid=sample_grid,
+                stage=stage,
+                used=used,
+                data_root=data_root,
+            )
     return trained
 
 
-_MODEL_TAG = {"basic": "basic_unet", "unet2d": "unet2d"}
+def judged_data(info: DatasetInfo, data_root: str | Path) -> dict:
+    """What models/classifier/config.json records of the data a judge is for (metrics.read_config refuses any
+    other): the dataset, its digest, the images' shape and the number of classes."""
+    return {
+        "dataset": info.name,
+        "dataset_digest": dataset_digest(data_root),
+        "channels": info.channels,
+        "resolution": info.resolution,
+        "num_classes": info.num_classes,
+    }
 
 
-def _save(network: str, params: Params, trained: Trained, out: Path, *, run, sample_grid, stage, used) -> None:
+_MODEL_TAG = {"basic": "basic_unet", "unet2d": "unet2d", "classifier": "classifier"}
+
+
+def _save(
+    network: str, params: Params, trained: Trained, out: Path, *, run, sample_grid, stage, used, data_root
+) -> None:
     """The model folder; with a stage's run, also its DVC metrics and plots, the MLflow model and run.json."""
     net = trained.model
+    if network == "classifier":  # its weights and what rebuilds it for the data it judges (Judge.from_files)
+        with files.atomic_path(out / "model.safetensors") as tmp:
+            save_file({k: v.contiguous() for k, v in net.cpu().state_dict().items()}, str(tmp))
+        files.write_json(out / CONFIG, {"judge": True, **judged_data(trained.info, data_root), **net.config()})
+        if run is not None:
+            files.write_json(out / "run.json", {"run_id": run.info.run_id})
+        return
     if network == "basic":
         corruption, conditional = "toy", False
         save_basic(out, net, dataset_meta(trained.info))
