@@ -43,7 +43,6 @@ from scratch_diffusion.metrics import Judge, seed_verdict
 from scratch_diffusion.model_files import META, load_unet2d, save_unet2d
 from scratch_diffusion.recipe import train_model, training_identity, unet2d_meta
 from scratch_diffusion.samplers import expected_evaluations, generate, sampling_choice
-from scratch_diffusion.training import EMA
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "checkpoints" / "ema-horizons"
@@ -51,24 +50,6 @@ RESULTS = ROOT / "ablations" / "ema_horizons.json"
 TABLE = ROOT / "docs" / "ablation" / "ema.md"  # the whole file is generated; docs/ablation.md explains it
 CAP = 0.99999  # the largest unet2d.ema_decay allowed: out of reach, so ema_warmup alone sets the horizon
 DATA = ROOT / "data" / "dataset"
-
-
-class Horizons:
-    """Several EMAs of one run behind the interface that `fit` drives (update, model, updates)."""
-
-    def __init__(self, model: torch.nn.Module, decay: float, warmups: list[int]):
-        self.emas = {w: EMA(model, decay, w) for w in warmups}
-        self.model = self.emas[warmups[0]].model  # what fit moves to the device; the rest follow at the first update
-        self.updates = 0
-
-    def update(self, model: torch.nn.Module) -> None:
-        if self.updates == 0:
-            device = next(model.parameters()).device
-            for ema in self.emas.values():
-                ema.model.to(device)
-        self.updates += 1
-        for ema in self.emas.values():
-            ema.update(model)
 
 
 def seed_dir(seed: int) -> Path:
@@ -82,30 +63,24 @@ def seed_params(seed: int | None):
 
 def train(warmups: list[int], seed: int | None) -> None:
     params = seed_params(seed)
-    made: list[Horizons] = []
-    trained = train_model(
-        "unet2d",
-        params,
-        data_root=DATA,
-        ema=lambda model: made.append(Horizons(model, CAP, warmups)) or made[0],
-        desc="ema-horizons",
-    )
-    (horizons,) = made
+    capped = dataclasses.replace(params, unet2d=dataclasses.replace(params.unet2d, ema_decay=CAP))
+    trained = train_model("unet2d", capped, data_root=DATA, ema_warmups=tuple(warmups), desc="ema-horizons")
+    steps = trained.result.steps
     out = seed_dir(params.seed)
     shutil.rmtree(out, ignore_errors=True)  # copies of an earlier run would be measured as if of this one
     # What the copies were trained on: `measure` refuses copies of other inputs (code, data, params).
     trained_on = training_identity("unet2d", params, DATA, (__file__,))
-    for w, ema in horizons.emas.items():
+    for w, average in trained.averages.items():
         meta = {
             **unet2d_meta(params),
             "ema_decay": CAP,
             "ema_warmup": w,
-            "steps": horizons.updates,
+            "steps": steps,
             "run_id": "",
             "trained_on": trained_on,
         }
-        save_unet2d(out / f"w{w}", ema.model.cpu(), trained.scheduler, meta)
-    print(f"saved {len(warmups)} EMA copies after {horizons.updates} steps to {out.relative_to(ROOT)}")
+        save_unet2d(out / f"w{w}", average.cpu(), trained.scheduler, meta)
+    print(f"saved {len(warmups)} EMA copies after {steps} steps to {out.relative_to(ROOT)}")
 
 
 def same_weights(a: Path, b: Path) -> bool:

@@ -41,10 +41,10 @@ def test_every_trainer_calls_the_one_entry_and_none_of_its_steps(path):
 
 def test_no_module_but_the_owner_reaches_the_training_loop():
     """fit, the stage's accelerator and the EMA are recipe.train_model's (training.py holds them): no other module of
-    the library, no stage and no benchmark imports or calls them."""
+    the library, no stage, no benchmark and no ablation script imports or calls them."""
     owner = {"src/scratch_diffusion/recipe.py", "src/scratch_diffusion/training.py"}
     loop = {"fit", "make_accelerator", "stage_accelerator", "EMA", "Checkpointing"}
-    for path in sorted(p for d in ("src", "stages", "benchmarks") for p in (REPO / d).rglob("*.py")):
+    for path in sorted(p for d in ("src", "stages", "benchmarks", "ablations") for p in (REPO / d).rglob("*.py")):
         name = str(path.relative_to(REPO))
         if name in owner:
             continue
@@ -93,3 +93,19 @@ def test_without_a_stage_it_trains_and_saves_the_stages_model_folder(downloaded,
     assert model.image_shape == (1, 28, 28)
     saved, held = model.state_dict(), trained.model.state_dict()
     assert all(torch.equal(saved[k], held[k].cpu()) for k in saved)
+
+
+def test_ema_horizons_of_one_run_are_the_averages_of_runs_with_each_warmup(downloaded, tmp_path, monkeypatch):
+    """The EMA never feeds back into training: the average at each warm-up kept beside the others is, bit for bit,
+    the average a run with that warm-up keeps (what ablations/ema_horizons.py rests on)."""
+    monkeypatch.chdir(downloaded)
+    params = load_params()
+    params = dataclasses.replace(params, unet2d=dataclasses.replace(params.unet2d, max_steps=3, mixed_precision="fp32"))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    both = train_model("unet2d", params, ema_warmups=(10, 4), desc="test")
+    assert sorted(both.averages) == [4, 10] and both.model is both.averages[10]
+    alone = train_model("unet2d", dataclasses.replace(params, unet2d=dataclasses.replace(params.unet2d, ema_warmup=4)))
+    held, kept = alone.model.state_dict(), both.averages[4].state_dict()
+    assert all(torch.equal(held[k], kept[k]) for k in held)
+    with pytest.raises(ValueError, match="ema_warmups: the UNet2DModel's, without a stage"):
+        train_model("unet2d", params, stage="train-unet2d", out=tmp_path / "m", ema_warmups=(4,))

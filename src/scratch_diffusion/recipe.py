@@ -39,6 +39,7 @@ from scratch_diffusion.samplers import fixed_noise, sample_images
 from scratch_diffusion.training import (
     EMA,
     Checkpointing,
+    Horizons,
     TrainResult,
     budget_line,
     claim_checkpoints,
@@ -70,6 +71,7 @@ class Trained:
     choice: Choice  # the precision and layout it trained with
     run_id: str | None  # the MLflow run (with a stage, on the main process)
     metrics: dict[str, float]  # what `evaluate` measured of the trained model (empty without it)
+    averages: dict[int, torch.nn.Module]  # ema_warmups' averages by warm-up (empty without them)
 
 
 def used_params(network: str, params: Params) -> dict:
@@ -275,7 +277,7 @@ def train_model(
     stage: str | None = None,
     out: str | Path | None = None,
     data_root: str | Path = DATA_ROOT,
-    ema: Callable[[torch.nn.Module], object] | None = None,
+    ema_warmups: tuple[int, ...] = (),
     on_sample: Callable[[int, torch.nn.Module], None] | None = None,
     sample_every: int = 0,
     evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
@@ -287,8 +289,10 @@ def train_model(
     and sample grids; checkpoints in checkpoints/<stage>/ resumed only by a run of the same identity (others are
     cleared); model files in `out`, metrics/<stage>.json, plots/<stage>/ and the logged (for the UNet2DModel,
     registered) MLflow model. Without a stage, only training, and the model files in `out` if given.
-    `ema(model)` replaces the run's own EMA (several averages of one run); `on_sample(step, model)` is called every
-    `sample_every` steps (with a stage: at its grids, every `sample_every` of its params) with the averaged weights.
+    `ema_warmups` keeps, in place of the run's own EMA, one average per warm-up at the run's ema_decay (EMA horizons
+    compared from one training; without a stage), returned in `Trained.averages`. `on_sample(step, model)` is
+    called every `sample_every` steps (with a stage: at its grids, every `sample_every` of its params) with the
+    averaged weights.
     `evaluate(model)` measures the trained model (the classifier's test accuracy) on the main process; its metrics
     are logged to the run and returned in `Trained.metrics`.
 
@@ -298,6 +302,8 @@ def train_model(
     """
     if stage is not None and out is None:
         raise ValueError(f"stage {stage!r}: `out`, the model folder, is needed")
+    if ema_warmups and (stage is not None or network != "unet2d"):
+        raise ValueError("ema_warmups: the UNet2DModel's, without a stage (a stage's run keeps its params' one EMA)")
     used = used_params(network, params)  # refuses an unknown network
     section, desc = getattr(params, network), desc or stage or network
     judge = network == "classifier"
@@ -315,7 +321,7 @@ def train_model(
     epochs = training_epochs(section.epochs, info.name, len(images))
     if stage is not None and accelerator.is_main_process:
         print(budget_line(stage, section, epochs, len(images), accelerator.num_processes, choice), flush=True)
-    averaging = ema(model) if ema is not None else own_ema
+    averaging = Horizons(model, params.unet2d.ema_decay, ema_warmups) if ema_warmups else own_ema
     main = accelerator.is_main_process
 
     def averaged(m: torch.nn.Module) -> torch.nn.Module:
@@ -396,7 +402,8 @@ def train_model(
             tuning.check_rate(desc, choice, result.images_per_s)
         final = averaged(model).eval()
         run_id = active.info.run_id if active else None
-        trained = Trained(final, scheduler, info, result, accelerator.device, choice, run_id, {})
+        averages = {w: e.model.eval() for w, e in averaging.emas.items()} if ema_warmups else {}
+        trained = Trained(final, scheduler, info, result, accelerator.device, choice, run_id, {}, averages)
         if evaluate is not None and main:
             trained.metrics = evaluate(final)
             if active is not None:

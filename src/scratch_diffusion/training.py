@@ -16,7 +16,7 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -165,6 +165,27 @@ class EMA:
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.updates = int(state["updates"])
+
+
+class Horizons:
+    """Several EMAs of one run (one per warm-up, the same cap `decay`) behind the interface that `fit` drives
+    (update, model, updates): the EMA never feeds back into training, so K horizons cost one training."""
+
+    def __init__(self, model: torch.nn.Module, decay: float, warmups: Sequence[int]):
+        if not warmups:
+            raise ValueError("Horizons: got no warm-ups; allowed: one or more")
+        self.emas = {w: EMA(model, decay, w) for w in warmups}
+        self.model = self.emas[warmups[0]].model  # what fit moves to the device; the rest follow at the first update
+        self.updates = 0
+
+    def update(self, model: torch.nn.Module) -> None:
+        if self.updates == 0:
+            device = next(model.parameters()).device
+            for ema in self.emas.values():
+                ema.model.to(device)
+        self.updates += 1
+        for ema in self.emas.values():
+            ema.update(model)
 
 
 @dataclass
